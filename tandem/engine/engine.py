@@ -1,0 +1,249 @@
+"""`LLMEngine`: requests in, one scheduled step at a time, outputs back.
+
+Lifecycle of a request: waiting -> running (prefill chunks, then decode) -> finished.
+Split by phase for disaggregation:
+- prefill engine: `add_request(..., prefill_only=True)` -> one step output with the first
+  token -> `export_kv` (or per-layer KV via `on_layer_kv` while it computes) -> `release`;
+- decode engine: `import_request(prompt, [first token], kv)` -> running -> finished.
+A request can also start from KV loaded for a prefix (`prefix_kv`), e.g. from the KV store.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from tandem.engine.attention import LayerKVCallback
+from tandem.engine.block_manager import BlockManager
+from tandem.engine.config import EngineConfig
+from tandem.engine.errors import EngineError, UnsupportedModelError
+from tandem.engine.kv_cache import DTYPES, KVBlocks, KVCache, KVSpec
+from tandem.engine.loader import LoadedModel, load_model
+from tandem.engine.model_runner import ModelRunner
+from tandem.engine.outputs import EngineStats, RequestOutput
+from tandem.engine.sampler import sample
+from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.scheduler import ScheduledChunk, Scheduler
+from tandem.engine.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    """One model with its own KV block pool; `loaded` lets engines in a process share weights."""
+
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        want_cuda = config.device == "cuda" or (
+            config.device == "auto" and torch.cuda.is_available())
+        if want_cuda and not torch.cuda.is_available():
+            raise EngineError("device='cuda' requested but CUDA is not available")
+        self.device = torch.device("cuda" if want_cuda else "cpu")
+        if loaded is None:
+            loaded = load_model(config.model, DTYPES[config.dtype], self.device)
+        self.loaded = loaded
+        self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
+        self.fingerprint = loaded.fingerprint
+        self.max_model_len = self._max_model_len()
+        self.kv_spec = KVSpec(
+            num_layers=self.model_config.num_layers, num_kv_heads=self.model_config.num_kv_heads,
+            head_dim=self.model_config.head_dim, dtype=config.dtype, block_size=config.block_size)
+        num_blocks = config.num_kv_blocks or max(
+            1, int(config.kv_cache_gb * 2**30) // self.kv_spec.bytes_per_block)
+        self.cache = KVCache(self.kv_spec, num_blocks, self.device)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.blocks)
+        self.runner = ModelRunner(loaded.model, self.cache, self.device)
+        self.eos_token_id = self.tokenizer.eos_token_id
+        self.seqs: dict[str, Sequence] = {}
+        logger.info("engine ready: %d KV blocks of %d tokens (%.2f GiB), max_model_len %d",
+                    num_blocks, config.block_size,
+                    num_blocks * self.kv_spec.bytes_per_block / 2**30, self.max_model_len)
+
+    def _max_model_len(self) -> int:
+        limit = self.model_config.max_position_embeddings
+        wanted = self.config.max_model_len or limit
+        if wanted > limit:
+            raise ValueError(f"max_model_len={wanted} exceeds the model's context of {limit}")
+        window = self.model_config.sliding_window
+        if window is not None and window < wanted:
+            raise UnsupportedModelError(
+                f"sliding-window attention (window {window}) is not supported; "
+                f"set max_model_len <= {window} to serve this model with full attention")
+        return wanted
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+        prefill_only: bool = False, on_layer_kv: LayerKVCallback | None = None,
+        prefix_kv: KVBlocks | None = None,
+    ) -> None:
+        """Queue a request. `prefix_kv` holds KV already computed for its first tokens."""
+        seq = self._new_sequence(request_id, list(prompt_token_ids), params)
+        seq.prefill_only, seq.on_layer_kv = prefill_only, on_layer_kv
+        if prefix_kv is not None:
+            if prefix_kv.num_tokens >= seq.num_tokens:
+                raise ValueError(
+                    f"prefix_kv covers {prefix_kv.num_tokens} tokens; it must leave at least "
+                    f"one of the {seq.num_tokens} prompt tokens to compute")
+            self._load_kv(seq, prefix_kv)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def import_request(
+        self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
+        params: SamplingParams, kv: KVBlocks,
+    ) -> None:
+        """Continue decoding a request prefilled elsewhere: `kv` covers its prompt."""
+        if not output_token_ids:
+            raise ValueError("output_token_ids: need the first generated token to continue")
+        if kv.num_tokens != len(prompt_token_ids):
+            raise ValueError(f"kv covers {kv.num_tokens} tokens, the prompt has "
+                             f"{len(prompt_token_ids)}")
+        seq = self._new_sequence(request_id, list(prompt_token_ids), params)
+        seq.token_ids.extend(output_token_ids)
+        self._load_kv(seq, kv)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _new_sequence(self, request_id: str, prompt: list[int], params: SamplingParams) \
+            -> Sequence:
+        if request_id in self.seqs:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if not prompt:
+            raise ValueError("prompt: is empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt: token id {bad!r} is outside the vocabulary [0, {vocab})")
+        if len(prompt) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(prompt)} tokens leave no room to generate within "
+                             f"max_model_len={self.max_model_len}")
+        longest = min(len(prompt) + params.max_tokens, self.max_model_len)
+        if self.kv_spec.num_blocks_for(longest) > self.blocks.num_blocks:
+            raise ValueError(
+                f"max_tokens: prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) needs "
+                f"more KV blocks than the engine has ({self.blocks.num_blocks}); "
+                "lower max_tokens or raise kv_cache_gb")
+        return Sequence(request_id, prompt, len(prompt), params)
+
+    def _load_kv(self, seq: Sequence, kv: KVBlocks) -> None:
+        if not self.blocks.grow(seq, kv.num_tokens):
+            raise EngineError(f"request {seq.request_id}: not enough free KV blocks to load "
+                              f"{kv.num_tokens} tokens of KV")
+        self.cache.load(seq.block_table, kv)
+        seq.num_computed_tokens = seq.num_cached_tokens = kv.num_tokens
+        self.blocks.register_full_blocks(seq)
+
+    # -- stepping ------------------------------------------------------------------------------
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; outputs for the requests that produced a token (or finished)."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits = self.runner.run(batch)
+        sampled = [c.seq for c in batch if c.completes]
+        tokens = sample(logits, sampled) if sampled else []
+        for chunk in batch:
+            chunk.seq.num_computed_tokens += chunk.num_tokens
+            self.blocks.register_full_blocks(chunk.seq)
+        outputs = []
+        for seq, token in zip(sampled, tokens, strict=True):
+            seq.token_ids.append(token)
+            self._check_stop(seq)
+            if seq.finish_reason is not None or seq.prefill_only:
+                self._retire(seq)
+            outputs.append(self._output(seq))
+        return outputs
+
+    def score(self, token_ids: list[int], prefix_kv: KVBlocks | None = None) -> torch.Tensor:
+        """Teacher-forced float32 logits [n, vocab] predicting each token after the first
+        `prefix_kv.num_tokens` (or all tokens), computed in one pass outside the batch."""
+        seq = self._new_sequence(f"score-{id(token_ids)}", list(token_ids), SamplingParams())
+        try:
+            if prefix_kv is not None:
+                self._load_kv(seq, prefix_kv)
+            n = seq.num_uncomputed_tokens
+            if not self.blocks.grow(seq, seq.num_tokens):
+                raise EngineError("not enough free KV blocks to score the sequence")
+            return self.runner.run([ScheduledChunk(seq, n)], all_logits=True)
+        finally:
+            self.blocks.free_blocks(seq)
+
+    def _check_stop(self, seq: Sequence) -> None:
+        p, token = seq.params, seq.token_ids[-1]
+        if (token == self.eos_token_id and not p.ignore_eos) or token in (p.stop_token_ids or ()):
+            seq.finish_reason = "stop"
+        elif p.stop:
+            text = self.tokenizer.decode(seq.output_token_ids)
+            cuts = [i for i in (text.find(s) for s in p.stop) if i >= 0]
+            if cuts:
+                seq.text, seq.finish_reason = text[:min(cuts)], "stop"
+        if seq.finish_reason is None and (
+                seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
+            seq.finish_reason = "length"
+
+    def _retire(self, seq: Sequence) -> None:
+        """Take a sequence out of the batch; prefill-only ones keep their blocks for export."""
+        self.scheduler.remove(seq)
+        if seq.prefill_only:
+            seq.status = SequenceStatus.PREFILLED
+            return
+        seq.status = SequenceStatus.FINISHED
+        self.blocks.free_blocks(seq)
+        del self.seqs[seq.request_id]
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        text = seq.text
+        if text is None:
+            text = self.tokenizer.decode(seq.output_token_ids) if seq.finish_reason else ""
+        return RequestOutput(seq.request_id, seq.token_ids[:seq.num_prompt_tokens],
+                             seq.output_token_ids, text, seq.finish_reason, seq.num_cached_tokens)
+
+    # -- phase handoff and control -------------------------------------------------------------
+
+    def export_kv(self, request_id: str) -> KVBlocks:
+        """The prompt KV of a prefilled prefill-only request (a copy; blocks stay held)."""
+        seq = self._get(request_id)
+        if seq.status != SequenceStatus.PREFILLED:
+            raise EngineError(f"request {request_id} is {seq.status.name}, not prefilled")
+        return self.cache.export(seq.block_table, seq.num_computed_tokens)
+
+    def release(self, request_id: str) -> None:
+        """Free a prefilled request's blocks once its KV has been handed off."""
+        seq = self._get(request_id)
+        self.scheduler.remove(seq)
+        self.blocks.free_blocks(seq)
+        del self.seqs[request_id]
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request wherever it is and free its blocks; None if it is unknown."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        seq.finish_reason = "abort"
+        self.release(request_id)
+        seq.status = SequenceStatus.FINISHED
+        return self._output(seq)
+
+    def _get(self, request_id: str) -> Sequence:
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            raise EngineError(f"unknown request {request_id!r}")
+        return seq
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_waiting=len(self.scheduler.waiting), num_running=len(self.scheduler.running),
+            num_prefilled=sum(s.status == SequenceStatus.PREFILLED for s in self.seqs.values()),
+            num_blocks=self.blocks.num_blocks, num_free_blocks=self.blocks.num_free_blocks,
+            num_prefix_hit_blocks=self.blocks.num_prefix_hits,
+            num_preemptions=self.scheduler.num_preemptions)

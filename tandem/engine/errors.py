@@ -1,0 +1,13 @@
+"""Errors raised by the engine. Bad request parameters raise plain `ValueError`."""
+
+
+class EngineError(Exception):
+    """Base class of engine errors."""
+
+
+class ModelLoadError(EngineError):
+    """The model could not be found or read (bad path, missing files, corrupt weights)."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The checkpoint is readable but uses an architecture or feature the engine lacks."""

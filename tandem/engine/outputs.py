@@ -1,0 +1,36 @@
+"""What the engine reports back for a request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class RequestOutput:
+    """A request's state after a step: the generated tokens so far and, at the end, why it ended.
+
+    `finish_reason` is "stop" (EOS, a stop token or a stop string; `text` is cut before the stop
+    string), "length" (max_tokens or the context length) or "abort"; None while running.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    num_prefilled: int  # prefill-only requests holding blocks until exported and released
+    num_blocks: int
+    num_free_blocks: int
+    num_prefix_hit_blocks: int
+    num_preemptions: int

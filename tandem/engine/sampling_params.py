@@ -1,0 +1,53 @@
+"""Per-request generation settings, validated at construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop. `temperature=0` is greedy; `top_k=0` disables top-k."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", [self.stop])
+        _check(_is_int(self.max_tokens) and self.max_tokens > 0,
+               "max_tokens", self.max_tokens, "must be an integer > 0")
+        _check(isinstance(self.temperature, int | float) and not isinstance(self.temperature, bool)
+               and math.isfinite(self.temperature) and self.temperature >= 0,
+               "temperature", self.temperature, "must be a finite number >= 0")
+        _check(isinstance(self.top_p, int | float) and 0 < self.top_p <= 1,
+               "top_p", self.top_p, "must be in (0, 1]")
+        _check(_is_int(self.top_k) and self.top_k >= 0,
+               "top_k", self.top_k, "must be an integer >= 0 (0 disables top-k)")
+        _check(self.seed is None or _is_int(self.seed), "seed", self.seed, "must be an integer")
+        _check(self.stop is None or (isinstance(self.stop, list | tuple) and all(
+            isinstance(s, str) and s for s in self.stop)),
+            "stop", self.stop, "must be a list of non-empty strings")
+        _check(self.stop_token_ids is None or (isinstance(self.stop_token_ids, list | tuple)
+               and all(_is_int(t) and t >= 0 for t in self.stop_token_ids)),
+               "stop_token_ids", self.stop_token_ids, "must be a list of token ids >= 0")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check(ok: bool, name: str, value: object, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} {rule}")

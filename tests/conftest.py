@@ -1,0 +1,81 @@
+"""Shared fixtures: the shipped model is loaded once per session (fp32 and bf16)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", message=".*not writable.*")
+
+torch = pytest.importorskip("torch")
+
+from tandem.engine.config import EngineConfig  # noqa: E402
+from tandem.engine.engine import LLMEngine  # noqa: E402
+from tandem.engine.loader import LoadedModel, load_model, resolve_model_path  # noqa: E402
+from tandem.engine.sampling_params import SamplingParams  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    return resolve_model_path(None)
+
+
+@pytest.fixture(scope="session")
+def loaded_fp32() -> LoadedModel:
+    return load_model(None, torch.float32, torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def loaded_bf16() -> LoadedModel:
+    return load_model(None, torch.bfloat16, torch.device("cpu"))
+
+
+@pytest.fixture
+def make_engine(loaded_fp32: LoadedModel):
+    """Build fp32 engines over the shared weights; config fields as keyword arguments."""
+
+    def make(**overrides) -> LLMEngine:
+        settings = {"dtype": "float32", "kv_cache_gb": 0.1} | overrides
+        return LLMEngine(EngineConfig(**settings), loaded=loaded_fp32)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_path: Path):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        model_path.parent, gguf_file=model_path.name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(model_path: Path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(model_path.parent, gguf_file=model_path.name)
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+def run_to_completion(engine: LLMEngine, prompts: list[list[int]], params) -> list[list[int]]:
+    """Generate for every prompt in one engine (batched); output token ids in prompt order."""
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    ids = [f"r{i}" for i in range(len(prompts))]
+    for rid, prompt, p in zip(ids, prompts, params, strict=True):
+        engine.add_request(rid, prompt, p)
+    done: dict[str, list[int]] = {}
+    for _ in range(10_000):
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+        if len(done) == len(ids):
+            return [done[rid] for rid in ids]
+    raise AssertionError("engine did not finish")
