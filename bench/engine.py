@@ -7,12 +7,15 @@ first, then it is freed before transformers loads, so they never compete for mem
 What is measured (each timing is the best of `--repeats`):
 
 - decode tok/s at batch 1 and batch 16: prompts of `--prompt-len` deterministic token ids (16
-  different ones for batch 16). The time of generating `--decode-tokens + 1` tokens minus the
-  time of generating 1 token (prefill + first token) is the time of the decode steps alone;
-  tok/s = batch * decode_tokens / that difference. EOS is ignored so no sequence stops early.
+  different ones for batch 16). The best time of generating `--decode-tokens + 1` tokens minus
+  the best time of generating 1 token (prefill + first token) is the time of the decode steps
+  alone; tok/s = batch * decode_tokens / that difference. EOS is ignored so no sequence stops
+  early, and every sequence is checked to have exactly the requested number of tokens.
 - prefill tok/s: one prompt of `--prefill-len` tokens; Tandem runs `generate(max_tokens=1)`
   (prefix caching off, so repeats recompute), transformers runs one forward pass that keeps the
   logits of the last position only.
+- transformers loads a GGUF dequantized (dense weights in the serving dtype, like Tandem) and
+  runs `generate` greedily on the same ids; its weight bytes are reported next to Tandem's.
 - the batch-1 decode roofline: memory read bandwidth (best `.sum()` over a 1 GiB float32
   tensor) divided by the bytes of the model's weights in the serving dtype, i.e. the tok/s of a
   decoder that does nothing but stream every weight once per token.
@@ -26,7 +29,11 @@ Run from the repository root:
     python bench/engine.py --skip-hf --decode-tokens 8 --prefill-len 256 --repeats 1
 
 A table goes to stdout; progress goes to stderr; with `--json` the last stdout line is one JSON
-object with every number (transformers fields are null under `--skip-hf`).
+object with every number (transformers fields are null under `--skip-hf`; the prefill keys are
+named after `--prefill-len`, e.g. `tandem_prefill_tok_s_2048`). It also carries the tok/s of
+each repeat (`per_repeat_tok_s`) and `cpu_share`: process CPU time over wall time x threads
+while timing. Keep the machine otherwise idle: with OpenMP threads, a competing process slows
+every operator's barrier and can make the numbers several times worse (share well below 1).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -66,6 +73,7 @@ class Results:
     prefill: float | None = None
     b1_tokens: list[int] | None = None
     weight_bytes: int | None = None
+    per_repeat: dict[str, list[float]] = field(default_factory=dict)  # tok/s of each repeat
 
 
 @dataclass
@@ -153,32 +161,41 @@ def weight_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
 
 
 def decode_rate(run: Runner, batch: int, tokens: int, repeats: int,
-                label: str) -> tuple[float, list[list[int]]]:
-    """tok/s of the decode steps: best time of `tokens + 1` minus best time of 1 new token."""
+                label: str) -> tuple[float, list[float], list[list[int]]]:
+    """tok/s of the decode steps: best time of `tokens + 1` new tokens minus best time of 1 new
+    token; also the tok/s of each repeat on its own, and the tokens of the last long run."""
     firsts: list[float] = []
     fulls: list[float] = []
+    rates: list[float] = []
     generated: list[list[int]] = []
     for i in range(repeats):
         first, _ = run(1)
         full, generated = run(tokens + 1)
         firsts.append(first)
         fulls.append(full)
+        rates.append(batch * tokens / full_minus_first(full, first, label))
         log(f"  {label} repeat {i + 1}: first token {first * 1e3:.1f} ms, "
-            f"{tokens + 1} tokens {full * 1e3:.1f} ms, "
-            f"{batch * tokens / max(full - first, 1e-9):.1f} tok/s")
-    elapsed = min(fulls) - min(firsts)
-    if elapsed <= 0:
-        raise RuntimeError(f"{label}: decode time {elapsed:.4f} s is not positive")
-    return batch * tokens / elapsed, generated
+            f"{tokens + 1} tokens {full * 1e3:.1f} ms, {rates[-1]:.1f} tok/s")
+    best = batch * tokens / full_minus_first(min(fulls), min(firsts), label)
+    return best, rates, generated
 
 
-def prefill_rate(run: Callable[[], float], length: int, repeats: int, label: str) -> float:
-    times: list[float] = []
+def full_minus_first(full: float, first: float, label: str) -> float:
+    if full <= first:
+        raise RuntimeError(f"{label}: the long run ({full:.3f} s) was not slower than the "
+                           f"first token alone ({first:.3f} s); use more --decode-tokens")
+    return full - first
+
+
+def prefill_rate(run: Callable[[], float], length: int, repeats: int,
+                 label: str) -> tuple[float, list[float]]:
+    """Best tok/s of a prefill of `length` tokens, and the tok/s of each repeat."""
+    rates: list[float] = []
     for i in range(repeats):
-        times.append(run())
-        log(f"  {label} repeat {i + 1}: {times[-1] * 1e3:.1f} ms, "
-            f"{length / times[-1]:.1f} tok/s")
-    return length / min(times)
+        elapsed = run()
+        rates.append(length / elapsed)
+        log(f"  {label} repeat {i + 1}: {elapsed * 1e3:.1f} ms, {rates[-1]:.1f} tok/s")
+    return max(rates), rates
 
 
 def check_lengths(label: str, generated: list[list[int]], expected: int) -> None:
@@ -217,19 +234,19 @@ def bench_tandem(args: argparse.Namespace) -> tuple[Results, int]:
     tandem_runner(llm, decode_prompts, "tandem warm-up b16")(4)
 
     log("tandem: decode batch 1")
-    results.decode_b1, b1 = decode_rate(tandem_runner(llm, decode_prompts[:1], "tandem b1"),
-                                        1, args.decode_tokens, args.repeats, "tandem b1")
+    results.decode_b1, results.per_repeat["decode_b1"], b1 = decode_rate(
+        tandem_runner(llm, decode_prompts[:1], "tandem b1"), 1, args.decode_tokens,
+        args.repeats, "tandem b1")
     results.b1_tokens = b1[0]
     log("tandem: decode batch 16")
-    results.decode_b16, _ = decode_rate(tandem_runner(llm, decode_prompts, "tandem b16"),
-                                        BATCH, args.decode_tokens, args.repeats, "tandem b16")
+    results.decode_b16, results.per_repeat[f"decode_b{BATCH}"], _ = decode_rate(
+        tandem_runner(llm, decode_prompts, "tandem b16"), BATCH, args.decode_tokens,
+        args.repeats, "tandem b16")
     log(f"tandem: prefill {args.prefill_len}")
     run_prefill = tandem_runner(llm, prefill_prompt, "tandem prefill")
-    results.prefill = prefill_rate(lambda: run_prefill(1)[0], args.prefill_len, args.repeats,
-                                   "tandem prefill")
-    del llm
-    gc.collect()
-    return results, vocab
+    results.prefill, results.per_repeat[f"prefill_{args.prefill_len}"] = prefill_rate(
+        lambda: run_prefill(1)[0], args.prefill_len, args.repeats, "tandem prefill")
+    return results, vocab  # the engine (weights, KV cache) is freed with this frame
 
 
 # -- Hugging Face transformers ---------------------------------------------------------------------
@@ -301,15 +318,17 @@ def bench_hf(args: argparse.Namespace, vocab: int) -> Results:
     hf_runner(model, decode_prompts, "hf warm-up b16")(4)
 
     log("transformers: decode batch 1")
-    results.decode_b1, b1 = decode_rate(hf_runner(model, decode_prompts[:1], "hf b1"),
-                                        1, args.decode_tokens, args.repeats, "hf b1")
+    results.decode_b1, results.per_repeat["decode_b1"], b1 = decode_rate(
+        hf_runner(model, decode_prompts[:1], "hf b1"), 1, args.decode_tokens, args.repeats,
+        "hf b1")
     results.b1_tokens = b1[0]
     log("transformers: decode batch 16")
-    results.decode_b16, _ = decode_rate(hf_runner(model, decode_prompts, "hf b16"),
-                                        BATCH, args.decode_tokens, args.repeats, "hf b16")
+    results.decode_b16, results.per_repeat[f"decode_b{BATCH}"], _ = decode_rate(
+        hf_runner(model, decode_prompts, "hf b16"), BATCH, args.decode_tokens, args.repeats,
+        "hf b16")
     log(f"transformers: prefill {args.prefill_len}")
-    results.prefill = prefill_rate(hf_prefill(model, prefill_prompt[0]), args.prefill_len,
-                                   args.repeats, "hf prefill")
+    results.prefill, results.per_repeat[f"prefill_{args.prefill_len}"] = prefill_rate(
+        hf_prefill(model, prefill_prompt[0]), args.prefill_len, args.repeats, "hf prefill")
     del model
     gc.collect()
     return results
@@ -361,6 +380,11 @@ def build_report(args: argparse.Namespace, gbps: float, tandem: Results,
         "prefill_len": n,
         "repeats": args.repeats,
         "b1_greedy_tokens_matching_hf": matching_prefix(tandem.b1_tokens, hf.b1_tokens),
+    }
+    report["per_repeat_tok_s"] = {
+        f"{system}_{name}": [round(rate, 2) for rate in rates]
+        for system, results in (("tandem", tandem), ("hf", hf))
+        for name, rates in results.per_repeat.items()
     }
     report["targets_met"] = {
         name: None if value is None else value >= target
@@ -430,6 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     gbps = memory_read_gbps()
     log(f"memory read bandwidth: {gbps:.1f} GB/s")
     tandem, vocab = bench_tandem(args)
+    gc.collect()
     hf = Results() if args.skip_hf else bench_hf(args, vocab)
     report = build_report(args, gbps, tandem, hf)
     print_table(report)

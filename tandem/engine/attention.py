@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from tandem.engine.kv_cache import KVCache
 
 LayerKVCallback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
-"""Called as (layer, first_position, keys, values) once a layer's new KV is in the cache."""
+"""Called as (layer, first_position, keys, values) once a layer's new KV is in the cache.
+keys/values are [tokens, kv_heads, head_dim] views valid only during the call: copy to keep."""
 
 
 @dataclass
