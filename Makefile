@@ -1,16 +1,17 @@
-# The two commands: `make run` (set up, then generate with the embedded model) and `make test`.
+# The two commands: `make run` (set up, then serve the embedded model) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # CPU build by default; on a GPU node: make install TORCH="torch==2.13.0 --index-url ..."
 TORCH ?= torch==2.13.0
-PROMPT ?= Explain in two sentences why prefill and decode suit different hardware.
+SERVE_FLAGS ?=
 
-.PHONY: run test lint bench install clean
+.PHONY: run test lint bench bench-serve proto install clean
 
+# Local Ray, one prefill + one decode worker, the shipped model, gateway on 127.0.0.1:50051.
 run: install
-	$(BIN)/tandem generate --chat "$(PROMPT)" --max-tokens 96
+	$(BIN)/tandem serve $(SERVE_FLAGS)
 
 test: install
 	$(BIN)/ruff check .
@@ -21,6 +22,13 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/engine.py
+
+bench-serve: install
+	$(BIN)/python bench/serve.py
+
+# Regenerate tandem/proto/v1 from proto/tandem/v1/*.proto.
+proto: install
+	$(BIN)/python -m tandem.proto.generate
 
 install: $(STAMP)
 

@@ -1,8 +1,11 @@
-"""`tandem` command line: generate (more commands arrive with the cluster)."""
+"""`tandem` command line: `serve` a cluster, or `generate` with one in-process engine."""
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -48,6 +51,74 @@ def generate(
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     sys.stdout.write(out.text + "\n")
+
+
+@app.command()
+def serve(
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="YAML file with any ServeConfig fields; flags override it.")] = None,
+    prefill_workers: Annotated[int | None, typer.Option(help="Prefill pool size.")] = None,
+    decode_workers: Annotated[int | None, typer.Option(help="Decode pool size.")] = None,
+    colocated: Annotated[bool | None, typer.Option(
+        "--colocated/--disaggregated",
+        help="Workers that run both phases (the baseline), or separate pools.")] = None,
+    grpc_host: Annotated[str | None, typer.Option(help="Gateway bind address.")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="Gateway port; 0 picks one.")] = None,
+    kv_transport: Annotated[str | None, typer.Option(help="KV handoff: grpc.")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        help="Join this Ray cluster instead of starting a local one.")] = None,
+    model: Annotated[str | None, typer.Option(help="HF directory or .gguf file.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="bfloat16 | float32 | float16.")] = None,
+    kv_cache_gb: Annotated[float | None, typer.Option(help="KV pool per worker, GiB.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads per worker.")] = None,
+) -> None:
+    """Serve the model: Ray workers for prefill and decode behind a gRPC gateway.
+
+    Prints `ready grpc=HOST:PORT` once it serves; Ctrl-C shuts down cleanly.
+    """
+    from pydantic import ValidationError
+
+    from tandem.cluster.config import ServeConfig
+
+    flags = {
+        "prefill_workers": prefill_workers, "decode_workers": decode_workers,
+        "colocated": colocated, "gateway.host": grpc_host, "gateway.port": grpc_port,
+        "worker.kv_transport": kv_transport, "ray.address": ray_address,
+        "worker.engine.model": model, "worker.engine.dtype": dtype,
+        "worker.engine.kv_cache_gb": kv_cache_gb, "worker.engine.num_threads": threads,
+    }
+    try:
+        settings = ServeConfig.load(config, {k: v for k, v in flags.items() if v is not None})
+    except (OSError, ValueError, ValidationError) as e:
+        typer.echo(f"error: invalid configuration: {e}", err=True)
+        raise typer.Exit(2) from None
+    asyncio.run(_serve(settings))
+
+
+async def _serve(settings) -> None:
+    from tandem.cluster.server import TandemServer
+
+    server = TandemServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    typer.echo("starting Ray and the workers (the model loads in each; this takes a while)",
+               err=True)
+    try:
+        start = asyncio.ensure_future(server.start())
+        await asyncio.wait({start, asyncio.ensure_future(stop.wait())},
+                           return_when=asyncio.FIRST_COMPLETED)
+        if start.done():
+            address = start.result()
+            typer.echo(f"ready grpc={address}")
+            sys.stdout.flush()
+            await stop.wait()
+        else:
+            start.cancel()
+        typer.echo("shutting down", err=True)
+    finally:
+        await server.stop()
 
 
 def main() -> None:

@@ -79,3 +79,40 @@ def run_to_completion(engine: LLMEngine, prompts: list[list[int]], params) -> li
         if len(done) == len(ids):
             return [done[rid] for rid in ids]
     raise AssertionError("engine did not finish")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the session, advertising every worker pool's resource."""
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             resources={"tandem_prefill": 8, "tandem_decode": 8, "tandem_colocated": 8})
+    yield ray
+    ray.shutdown()
+
+
+def serve_config(**overrides):
+    """A small fp32 cluster config (fp32 so outputs can be compared exactly to one engine)."""
+    from tandem.cluster.config import ServeConfig
+
+    settings = {
+        "gateway": {"port": 0},
+        "worker": {"engine": {"dtype": "float32", "kv_cache_gb": 0.05, "num_threads": 1}},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(settings.get(key), dict):
+            settings[key] = {**settings[key], **value}
+        else:
+            settings[key] = value
+    return ServeConfig.model_validate(settings)
+
+
+@pytest.fixture(scope="session")
+def server(ray_cluster):
+    """The disaggregated cluster: 1 prefill + 1 decode worker, gRPC handoff, gateway."""
+    from .serving import ServerThread
+
+    running = ServerThread(serve_config())
+    yield running
+    running.close()

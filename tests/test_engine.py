@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tandem.engine.errors import EngineError
+from tandem.engine.errors import EngineError, OutOfBlocksError
 from tandem.engine.kv_cache import KVBlocks
 from tandem.engine.sampling_params import SamplingParams
 
@@ -85,6 +85,46 @@ def test_export_then_import_continues_identically(make_engine, prompts, referenc
     assert [got[f"d{i}"] for i in range(len(prompts))] == reference
     for engine in (prefill, decode):
         assert engine.stats().num_free_blocks == engine.stats().num_blocks
+
+
+def test_reserved_blocks_adopt_the_kv_and_continue_identically(make_engine, prompts, reference):
+    prefill, decode = make_engine(), make_engine()
+    prompt = prompts[3]
+    held = decode.reserve("d", prompt, greedy(24))
+    assert len(held) == decode.kv_spec.num_blocks_for(len(prompt))
+    assert decode.stats().num_reserved == 1 and not decode.has_unfinished_requests()
+    prefill.add_request("p", prompt, greedy(24), prefill_only=True)
+    first = []
+    while not first:
+        first = prefill.step()
+    out = decode.adopt("d", prefill.export_kv("p"), first[0].token_ids)
+    assert out.token_ids == first[0].token_ids and not out.finished
+    while decode.has_unfinished_requests():
+        done = [o for o in decode.step() if o.finished]
+        if done:
+            out = done[0]
+    assert out.token_ids == reference[3]
+
+
+def test_reserve_beyond_free_blocks_is_out_of_blocks(make_engine, prompts):
+    engine = make_engine(num_kv_blocks=8)
+    engine.reserve("a", [5] * 100, greedy(8))
+    with pytest.raises(OutOfBlocksError, match="free"):
+        engine.reserve("b", [6] * 40, greedy(8))
+    engine.abort("a")  # a reserved request frees its blocks like any other
+    assert engine.stats().num_free_blocks == 8 and engine.stats().num_reserved == 0
+
+
+def test_adopting_a_finishing_token_ends_the_request_at_once(make_engine, prompts):
+    prefill, decode = make_engine(), make_engine()
+    prefill.add_request("p", prompts[0], greedy(1), prefill_only=True)
+    first = []
+    while not first:
+        first = prefill.step()
+    decode.reserve("d", prompts[0], greedy(1))
+    out = decode.adopt("d", prefill.export_kv("p"), first[0].token_ids)
+    assert out.finish_reason == "length" and out.token_ids == first[0].token_ids
+    assert decode.stats().num_free_blocks == decode.stats().num_blocks
 
 
 def test_layer_callback_streams_every_layer_before_the_first_token(make_engine, prompts):

@@ -17,7 +17,7 @@ import torch
 from tandem.engine.attention import LayerKVCallback
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import EngineConfig
-from tandem.engine.errors import EngineError, UnsupportedModelError
+from tandem.engine.errors import EngineError, OutOfBlocksError, UnsupportedModelError
 from tandem.engine.kv_cache import DTYPES, KVBlocks, KVCache, KVSpec
 from tandem.engine.loader import LoadedModel, load_model
 from tandem.engine.model_runner import ModelRunner
@@ -99,16 +99,49 @@ class LLMEngine:
         params: SamplingParams, kv: KVBlocks,
     ) -> None:
         """Continue decoding a request prefilled elsewhere: `kv` covers its prompt."""
+        self.reserve(request_id, prompt_token_ids, params)
+        try:
+            self.adopt(request_id, kv, output_token_ids)
+        except (ValueError, EngineError):
+            self.release(request_id)
+            raise
+
+    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) \
+            -> list[int]:
+        """Hold KV blocks for a prompt whose KV will arrive from elsewhere; returns block ids."""
+        seq = self._new_sequence(request_id, list(prompt_token_ids), params)
+        if not self.blocks.grow(seq, seq.num_tokens):
+            raise OutOfBlocksError(
+                f"request {request_id}: {self.kv_spec.num_blocks_for(seq.num_tokens)} KV blocks "
+                f"needed, {self.blocks.num_free_blocks} free")
+        seq.status = SequenceStatus.RESERVED
+        self.seqs[request_id] = seq
+        return list(seq.block_table)
+
+    def adopt(self, request_id: str, kv: KVBlocks, output_token_ids: list[int]) \
+            -> RequestOutput:
+        """Write a reserved request's prompt KV into its blocks and join the running batch;
+        returns its state (finished already if the handed-over tokens end it)."""
+        seq = self._get(request_id)
+        if seq.status != SequenceStatus.RESERVED:
+            raise EngineError(f"request {request_id} is {seq.status.name}, not reserved")
         if not output_token_ids:
             raise ValueError("output_token_ids: need the first generated token to continue")
-        if kv.num_tokens != len(prompt_token_ids):
-            raise ValueError(f"kv covers {kv.num_tokens} tokens, the prompt has "
-                             f"{len(prompt_token_ids)}")
-        seq = self._new_sequence(request_id, list(prompt_token_ids), params)
+        if kv.spec != self.kv_spec:
+            raise ValueError(f"KV spec mismatch: got {kv.spec}, this engine uses {self.kv_spec}")
+        if kv.num_tokens != seq.num_tokens:
+            raise ValueError(f"kv covers {kv.num_tokens} tokens, the prompt has {seq.num_tokens}")
+        self.cache.load(seq.block_table, kv)
+        seq.num_computed_tokens = kv.num_tokens
+        self.blocks.register_full_blocks(seq)
         seq.token_ids.extend(output_token_ids)
-        self._load_kv(seq, kv)
-        self.seqs[request_id] = seq
-        self.scheduler.add(seq)
+        seq.status = SequenceStatus.WAITING
+        self._check_stop(seq)
+        if seq.finish_reason is not None:
+            self._retire(seq)
+        else:
+            self.scheduler.add(seq)
+        return self._output(seq)
 
     def _new_sequence(self, request_id: str, prompt: list[int], params: SamplingParams) \
             -> Sequence:
@@ -133,8 +166,8 @@ class LLMEngine:
 
     def _load_kv(self, seq: Sequence, kv: KVBlocks) -> None:
         if not self.blocks.grow(seq, kv.num_tokens):
-            raise EngineError(f"request {seq.request_id}: not enough free KV blocks to load "
-                              f"{kv.num_tokens} tokens of KV")
+            raise OutOfBlocksError(f"request {seq.request_id}: not enough free KV blocks to "
+                                   f"load {kv.num_tokens} tokens of KV")
         self.cache.load(seq.block_table, kv)
         seq.num_computed_tokens = seq.num_cached_tokens = kv.num_tokens
         self.blocks.register_full_blocks(seq)
@@ -244,6 +277,7 @@ class LLMEngine:
         return EngineStats(
             num_waiting=len(self.scheduler.waiting), num_running=len(self.scheduler.running),
             num_prefilled=sum(s.status == SequenceStatus.PREFILLED for s in self.seqs.values()),
+            num_reserved=sum(s.status == SequenceStatus.RESERVED for s in self.seqs.values()),
             num_blocks=self.blocks.num_blocks, num_free_blocks=self.blocks.num_free_blocks,
             num_prefix_hit_blocks=self.blocks.num_prefix_hits,
             num_preemptions=self.scheduler.num_preemptions)

@@ -11,3 +11,7 @@ class ModelLoadError(EngineError):
 
 class UnsupportedModelError(ModelLoadError):
     """The checkpoint is readable but uses an architecture or feature the engine lacks."""
+
+
+class OutOfBlocksError(EngineError):
+    """Too few free KV blocks right now; retry later or on another engine."""

@@ -28,6 +28,13 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, **kwargs))
         self._ids = itertools.count()
 
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> LLM:
+        """Wrap an engine built elsewhere (e.g. one sharing already loaded weights)."""
+        llm = cls.__new__(cls)
+        llm.engine, llm._ids = engine, itertools.count()
+        return llm
+
     @property
     def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer

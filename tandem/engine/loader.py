@@ -55,6 +55,20 @@ def resolve_model_path(model: str | None) -> Path:
     return path
 
 
+def load_tokenizer(model: str | None) -> tuple[Tokenizer, ModelConfig]:
+    """Only the tokenizer and the model's shape: for processes that route, not compute."""
+    path = resolve_model_path(model)
+    if path.is_file() and path.suffix == ".gguf":
+        ckpt = GGUFCheckpoint(path)
+        return ckpt.tokenizer(), ckpt.config()
+    if path.is_dir() and (path / "config.json").is_file():
+        config = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+        return Tokenizer.from_hf_dir(path), config
+    raise ModelLoadError(
+        f"model path {str(path)!r} is neither a .gguf file nor a Hugging Face directory "
+        "with config.json")
+
+
 def load_model(
     model: str | None, dtype: torch.dtype, device: torch.device, max_positions: int | None = None
 ) -> LoadedModel:

@@ -30,6 +30,7 @@ class EngineStats:
     num_waiting: int
     num_running: int
     num_prefilled: int  # prefill-only requests holding blocks until exported and released
+    num_reserved: int  # holding blocks for KV on its way from a prefill engine
     num_blocks: int
     num_free_blocks: int
     num_prefix_hit_blocks: int

@@ -15,6 +15,7 @@ class SequenceStatus(Enum):
     WAITING = auto()  # queued; may already hold blocks with loaded KV
     RUNNING = auto()  # in the batch: prefilling chunk by chunk, then decoding
     PREFILLED = auto()  # prefill-only request done; holds its blocks until released
+    RESERVED = auto()  # holds blocks for a prompt whose KV arrives from another engine
     FINISHED = auto()
 
 

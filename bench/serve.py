@@ -1,0 +1,676 @@
+"""Disaggregated vs colocated serving under load: `tandem serve` driven by Poisson arrivals.
+
+Two modes run on the same cores, one after the other (start the server, warm it up, run the
+load, SIGINT it, wait for it to exit, then the other mode), with the same requests:
+
+- disagg: `tandem serve --prefill-workers 1 --decode-workers 1`, one prefill and one decode
+  worker; the prefill worker hands each request's KV to the decode worker.
+- coloc: `tandem serve --colocated --prefill-workers 1 --decode-workers 1`, the baseline: two
+  workers that each run both phases.
+
+Each worker runs one torch thread (`--threads 1`), so both modes use two workers on two cores.
+
+The workload (synthetic, the default): `--num-requests` requests whose arrivals are a Poisson
+process of `--rate` requests/s (exponential gaps from a seeded RNG; the first request is sent at
+t=0). Prompt lengths are uniform in [`--min-prompt`, `--max-prompt`] tokens and output lengths
+uniform in [`--min-output`, `--max-output`]. Prompts are lists of token ids drawn uniformly from
+[1000, 40000) (no special tokens), different for every request, so the prefix cache saves
+nothing. Requests use `temperature=0` and `ignore_eos=True`, so each generates exactly its output
+length (a request that does not is counted in `{mode}_wrong_length`). Everything follows from
+`--seed`, so both modes and every run see the same requests.
+
+Default workload, sized to this 2-core CPU machine, where a one-thread worker prefills ~200-250
+tok/s (1000-2000-token prompts, the other core busy) and decodes one sequence at ~10 tok/s
+(TPOT ~90-105 ms; batching raises its throughput): 20 requests at 0.12 req/s, prompts 100-2000
+tokens (mean 1050, ~125 prompt tok/s offered, 50-60% of one worker's prefill speed), outputs
+16-128 tokens (mean 72, ~9 tok/s offered). The disaggregated server's single prefill worker is
+then busy most of the time and Poisson bursts queue prefills for tens of seconds, but the backlog
+drains between bursts instead of growing for the whole run (as it does at 0.25 req/s, whose ~260
+prompt tok/s exceed one worker's prefill speed). The seed-0 draw is a bit heavier than the
+nominal load (mean prompt ~1310 tokens, 0.128 req/s: ~167 prompt tok/s). One mode takes ~3
+minutes (~20 s start-up, ~150 s of arrivals, the tail, ~2 s shutdown), both about 6 minutes.
+
+`--trace PATH` replays a real trace instead (a CSV with TIMESTAMP,ContextTokens,GeneratedTokens,
+e.g. `../shared/data/azure-llm-2023/conv.csv`). It takes the first `--num-requests` rows in file
+order and scales them to this machine:
+
+- prompt length = ContextTokens clipped to [`--min-prompt`, `--max-prompt`] (the model's context
+  is 8192 tokens but CPU prefill is slow); output length = GeneratedTokens clipped to
+  [1, `--max-output`]; the token ids are random as above.
+- arrival of row i = (TIMESTAMP_i - TIMESTAMP_0) * scale. `--trace-scale` sets the stretch
+  factor; without it, scale = trace_tok_s / target_tok_s where trace_tok_s = (mean clipped prompt
+  length) * (rows - 1) / (TIMESTAMP_last - TIMESTAMP_0) is the trace's offered prompt tokens/s
+  and target_tok_s = `--rate` * (`--min-prompt` + `--max-prompt`) / 2 is what the synthetic
+  workload offers, so the replay offers the same prompt tokens/s as the synthetic default (its
+  request rate and output load follow the trace's mix of lengths).
+
+Before the timed load each server gets `--warmup` concurrent short requests (64-token prompts, 4
+output tokens) that are not measured, so one-time costs do not land on the first request.
+
+Metrics, per mode, over the requests that succeeded:
+
+- TTFT: client-observed, from sending the request to the first chunk carrying a token (includes
+  queueing, prefill, the KV handoff in disagg, and gRPC); the gateway's own `ttft_s` is reported
+  as `{mode}_server_ttft_*`.
+- TPOT: per request with >= 2 tokens, (time of the chunk with the last token - time of the chunk
+  with the first token) / (completion_tokens - 1), timed on the client.
+- throughput: completion tokens of all successful requests / wall time from the first send to
+  the last request's end.
+- handoff_frac (disagg only): sum(handoff_s) / sum(prefill_s) from the server's timings, and
+  `handoff_frac_median`, the median of the per-request ratios. prefill_s runs from the request's
+  arrival on the prefill worker to its first token (so it includes queueing there); handoff_s is
+  the KV export and transfer until the decode worker holds it.
+- errors: failed requests are counted (by gRPC status in `{mode}_error_codes`), never fatal.
+
+Percentiles interpolate linearly between order statistics; with ~24 samples p99 is essentially
+the maximum (one slow request sets it), so read it as "worst case" rather than a stable tail.
+
+CPU caveat: both modes put two single-thread workers on two cores, and the gateway, Ray's own
+processes and this client compete with them for the same cores. The machine's CPU busy fraction
+during each run is reported (`{mode}_cpu_busy`); keep the machine otherwise idle (a warning is
+printed when it was busy before the first server started).
+
+Run from the repository root:
+
+    python bench/serve.py [--json]                         # both modes, ~6 minutes
+    python bench/serve.py --trace ../shared/data/azure-llm-2023/conv.csv --num-requests 16
+    python bench/serve.py --modes disagg --num-requests 4 --rate 1   # quick smoke run
+
+A table goes to stdout; progress and the servers' output go to stderr; with `--json` the last
+stdout line is one JSON object: `{mode}_ttft_p50_s`, `{mode}_ttft_p99_s`, `{mode}_tpot_p50_s`,
+`{mode}_tpot_p99_s`, `{mode}_throughput_tok_s`, `{mode}_errors`, ... for mode in disagg and coloc
+(null for a mode not run), `handoff_frac`, `handoff_frac_median`, `workload` and `cpu_count`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import csv
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+from tandem.client import AsyncClient, TandemError, Timings
+
+MODES = ("disagg", "coloc")
+MODE_FLAGS = {"disagg": ["--disaggregated"], "coloc": ["--colocated"]}
+MODE_LABELS = {"disagg": "disagg 1P+1D", "coloc": "coloc 2x(P+D)"}
+TOKEN_LOW, TOKEN_HIGH = 1000, 40000  # prompt ids: ordinary tokens, no special ones
+READY_PREFIX = "ready grpc="
+START_TIMEOUT_S = 600.0
+STOP_TIMEOUT_S = 120.0
+REQUEST_TIMEOUT_S = 900.0
+WARMUP_PROMPT, WARMUP_TOKENS = 64, 4
+BUSY_WARNING = 0.25  # machine CPU busy fraction before the run that triggers a warning
+
+
+@dataclass(frozen=True)
+class Request:
+    arrival_s: float  # offset from the start of the run
+    prompt: list[int]
+    max_tokens: int
+
+
+@dataclass
+class Workload:
+    requests: list[Request]
+    description: dict[str, Any]
+
+
+@dataclass
+class Result:
+    """What the client saw of one request; times are `time.perf_counter()` values."""
+
+    expected_tokens: int
+    send: float = 0.0
+    end: float = 0.0
+    first: float | None = None  # chunk with the first token
+    last: float | None = None  # chunk with the last token
+    tokens: int = 0  # completion_tokens from the server's usage (token ids counted otherwise)
+    timings: Timings | None = None
+    error: str | None = None  # "CODE: message" when the request failed
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.timings is not None
+
+
+LOG_LOCK = threading.Lock()  # the server's output is echoed from other threads
+
+
+def log(message: str) -> None:
+    with LOG_LOCK:
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Load `tandem serve` with Poisson arrivals: disaggregated vs colocated.")
+    parser.add_argument("--num-requests", type=int, default=20, help="requests per mode")
+    parser.add_argument("--rate", type=float, default=0.12,
+                        help="Poisson arrival rate, requests/s (with --trace: sets the target "
+                             "prompt tokens/s of the automatic --trace-scale)")
+    parser.add_argument("--min-prompt", type=int, default=100, help="shortest prompt, tokens")
+    parser.add_argument("--max-prompt", type=int, default=2000, help="longest prompt, tokens")
+    parser.add_argument("--min-output", type=int, default=16, help="shortest output, tokens")
+    parser.add_argument("--max-output", type=int, default=128, help="longest output, tokens")
+    parser.add_argument("--seed", type=int, default=0, help="seed of arrivals, lengths and ids")
+    parser.add_argument("--modes", default="disagg,coloc",
+                        help="comma-separated modes to run, in order: disagg, coloc")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                        default="bfloat16", help="serving dtype")
+    parser.add_argument("--kv-cache-gb", type=float, default=None,
+                        help="KV pool per worker, GiB (default: the server's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="unmeasured concurrent short requests before the load")
+    parser.add_argument("--trace", type=Path, default=None,
+                        help="replay a CSV trace (TIMESTAMP,ContextTokens,GeneratedTokens)")
+    parser.add_argument("--trace-scale", type=float, default=None,
+                        help="stretch factor of the trace's inter-arrival times (default: "
+                             "match the synthetic workload's prompt tokens/s)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the results as one JSON object on the last line")
+    args = parser.parse_args(argv)
+    for name in ("num_requests", "min_prompt", "min_output", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
+    if not args.rate > 0:
+        parser.error("--rate must be > 0")
+    if args.min_prompt > args.max_prompt or args.min_output > args.max_output:
+        parser.error("each --min-* must be <= its --max-*")
+    if args.trace_scale is not None and not args.trace_scale > 0:
+        parser.error("--trace-scale must be > 0")
+    if args.kv_cache_gb is not None and not args.kv_cache_gb > 0:
+        parser.error("--kv-cache-gb must be > 0")
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown or not args.modes or len(set(args.modes)) != len(args.modes):
+        parser.error(f"--modes must list distinct modes of {', '.join(MODES)}")
+    return args
+
+
+# -- workloads -------------------------------------------------------------------------------------
+
+
+def random_prompt(rng: random.Random, length: int) -> list[int]:
+    return [rng.randrange(TOKEN_LOW, TOKEN_HIGH) for _ in range(length)]
+
+
+def describe(requests: list[Request], source: str) -> dict[str, Any]:
+    """Lengths and offered load of a workload, whatever its source."""
+    n = len(requests)
+    span = requests[-1].arrival_s - requests[0].arrival_s
+    prompt = [len(r.prompt) for r in requests]
+    output = [r.max_tokens for r in requests]
+    rate = (n - 1) / span if n > 1 and span > 0 else None
+    return {
+        "source": source,
+        "num_requests": n,
+        "arrival_span_s": round(span, 3),
+        "offered_rate_req_s": rate,
+        "prompt_tokens_min_mean_max": [min(prompt), sum(prompt) / n, max(prompt)],
+        "output_tokens_min_mean_max": [min(output), sum(output) / n, max(output)],
+        "offered_prompt_tok_s": None if rate is None else rate * sum(prompt) / n,
+        "offered_output_tok_s": None if rate is None else rate * sum(output) / n,
+    }
+
+
+def synthetic_workload(args: argparse.Namespace) -> Workload:
+    rng = random.Random(args.seed)
+    requests: list[Request] = []
+    arrival = 0.0
+    for i in range(args.num_requests):
+        if i:
+            arrival += rng.expovariate(args.rate)
+        prompt_len = rng.randint(args.min_prompt, args.max_prompt)
+        max_tokens = rng.randint(args.min_output, args.max_output)
+        requests.append(Request(arrival, random_prompt(rng, prompt_len), max_tokens))
+    description = describe(requests, "synthetic")
+    description.update(rate_req_s=args.rate, prompt_range=[args.min_prompt, args.max_prompt],
+                       output_range=[args.min_output, args.max_output], seed=args.seed)
+    return Workload(requests, description)
+
+
+def parse_timestamp(text: str) -> float:
+    """Seconds since the epoch of e.g. '2023-11-16 18:15:46.6805900' (any fraction digits)."""
+    whole, _, fraction = text.strip().partition(".")
+    base = datetime.strptime(whole, "%Y-%m-%d %H:%M:%S").timestamp()
+    return base + (float("0." + fraction) if fraction else 0.0)
+
+
+def read_trace(path: Path, count: int) -> list[tuple[float, int, int]]:
+    """The first `count` rows of the trace as (timestamp s, context tokens, generated tokens)."""
+    rows: list[tuple[float, int, int]] = []
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            rows.append((parse_timestamp(row["TIMESTAMP"]), int(row["ContextTokens"]),
+                         int(row["GeneratedTokens"])))
+            if len(rows) == count:
+                break
+    if len(rows) < 2:
+        raise SystemExit(f"error: {path}: a replay needs at least 2 rows, found {len(rows)}")
+    if len(rows) < count:
+        log(f"warning: {path} has only {len(rows)} rows; replaying those")
+    return rows
+
+
+def trace_workload(args: argparse.Namespace) -> Workload:
+    rows = read_trace(args.trace, args.num_requests)
+    start = rows[0][0]
+    span = rows[-1][0] - start
+    if span <= 0:
+        raise SystemExit(f"error: {args.trace}: the first {len(rows)} rows span no time")
+    prompts = [min(max(ctx, args.min_prompt), args.max_prompt) for _, ctx, _ in rows]
+    outputs = [min(max(gen, 1), args.max_output) for _, _, gen in rows]
+    trace_tok_s = sum(prompts) / len(prompts) * (len(rows) - 1) / span
+    target_tok_s = args.rate * (args.min_prompt + args.max_prompt) / 2
+    auto = args.trace_scale is None
+    scale = trace_tok_s / target_tok_s if auto else args.trace_scale
+    rng = random.Random(args.seed)
+    requests = [Request((ts - start) * scale, random_prompt(rng, p), o)
+                for (ts, _, _), p, o in zip(rows, prompts, outputs, strict=True)]
+    description = describe(requests, "trace")
+    description.update(
+        trace=str(args.trace), trace_span_s=round(span, 3), trace_prompt_tok_s=trace_tok_s,
+        target_prompt_tok_s=target_tok_s, trace_scale=scale, trace_scale_auto=auto,
+        prompt_clip=[args.min_prompt, args.max_prompt], output_clip=[1, args.max_output],
+        prompts_clipped=sum(p != ctx for p, (_, ctx, _) in zip(prompts, rows, strict=True)),
+        outputs_clipped=sum(o != gen for o, (_, _, gen) in zip(outputs, rows, strict=True)),
+        seed=args.seed)
+    return Workload(requests, description)
+
+
+# -- the server process ----------------------------------------------------------------------------
+
+
+class Server:
+    """`tandem serve` in its own session; its output is echoed to stderr (and kept, for errors)."""
+
+    def __init__(self, mode: str, args: argparse.Namespace) -> None:
+        self.mode = mode
+        self.cmd = [sys.executable, "-m", "tandem.cli", "serve", *MODE_FLAGS[mode],
+                    "--prefill-workers", "1", "--decode-workers", "1", "--grpc-port", "0",
+                    "--dtype", args.dtype, "--threads", str(args.threads)]
+        if args.kv_cache_gb is not None:
+            self.cmd += ["--kv-cache-gb", str(args.kv_cache_gb)]
+        self.proc: subprocess.Popen[str] | None = None
+        self.address: str | None = None
+        self.ready = threading.Event()
+        self.tail: deque[str] = deque(maxlen=80)
+        self.pumps: list[threading.Thread] = []
+
+    def _pump(self, stream: IO[str], is_stdout: bool) -> None:
+        for raw in stream:
+            line = raw.rstrip("\n")
+            self.tail.append(line)
+            if is_stdout and self.address is None and line.startswith(READY_PREFIX):
+                self.address = line[len(READY_PREFIX):].strip()
+                self.ready.set()
+            log(f"  [serve {self.mode}] {line}")
+
+    def start(self, timeout: float = START_TIMEOUT_S) -> str:
+        """Start the server and wait for its `ready grpc=` line; its gRPC address."""
+        env = dict(os.environ, RAY_AUTH_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+        log(f"{self.mode}: starting {' '.join(self.cmd[1:])}")
+        self.proc = subprocess.Popen(
+            self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, bufsize=1, env=env, start_new_session=True)
+        for stream, is_stdout in ((self.proc.stdout, True), (self.proc.stderr, False)):
+            assert stream is not None
+            thread = threading.Thread(target=self._pump, args=(stream, is_stdout), daemon=True)
+            thread.start()
+            self.pumps.append(thread)
+        started = time.monotonic()
+        next_note = started + 15
+        while not self.ready.wait(0.5):
+            now = time.monotonic()
+            if self.proc.poll() is not None:
+                for thread in self.pumps:
+                    thread.join(5)
+                output = "\n".join(self.tail)
+                raise RuntimeError(f"{self.mode}: the server exited with code "
+                                   f"{self.proc.returncode} before it was ready; its last "
+                                   f"output:\n{output}")
+            if now - started > timeout:
+                raise RuntimeError(f"{self.mode}: the server was not ready in {timeout:.0f} s")
+            if now >= next_note:
+                log(f"{self.mode}: waiting for the server ({now - started:.0f} s)")
+                next_note = now + 15
+        assert self.address is not None
+        log(f"{self.mode}: ready at {self.address} after {time.monotonic() - started:.1f} s")
+        return self.address
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGINT, wait for a clean exit, kill its process group if it hangs; the exit code."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            log(f"{self.mode}: stopping the server (SIGINT)")
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log(f"{self.mode}: no exit {timeout:.0f} s after SIGINT; killing its group")
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for thread in self.pumps:
+            thread.join(5)
+        log(f"{self.mode}: server exited with code {proc.returncode}")
+        return proc.returncode
+
+
+# -- load ------------------------------------------------------------------------------------------
+
+
+async def send(client: AsyncClient, prompt: list[int], max_tokens: int, result: Result) -> None:
+    """Stream one request into `result`; failures are recorded, not raised."""
+    result.send = time.perf_counter()
+    try:
+        async for chunk in client.stream(prompt, max_tokens=max_tokens, temperature=0.0,
+                                         ignore_eos=True):
+            now = time.perf_counter()
+            if chunk.token_ids:
+                if result.first is None:
+                    result.first = now
+                result.last = now
+                result.tokens += len(chunk.token_ids)
+            if chunk.finish_reason is not None:
+                if chunk.usage is not None:
+                    result.tokens = chunk.usage.completion_tokens
+                result.timings = chunk.timings
+        if result.timings is None:
+            result.error = "INTERNAL: the stream ended without timings"
+    except TandemError as e:
+        result.error = f"{e.code().name}: {e}"
+    except Exception as e:  # a benchmark reports a broken request instead of crashing
+        result.error = f"{type(e).__name__}: {e}"
+    result.end = time.perf_counter()
+
+
+async def run_load(mode: str, address: str, workload: Workload,
+                   warmup: int) -> tuple[list[Result], int]:
+    """Warm the server up, then send every request at its arrival time; the results and the
+    model's context length."""
+    async with AsyncClient(address, timeout=REQUEST_TIMEOUT_S) as client:
+        models = await client.list_models(timeout=30)
+        max_len = models[0].max_model_len if models else 0
+        longest = max(len(r.prompt) + r.max_tokens for r in workload.requests)
+        if max_len and longest > max_len:
+            raise RuntimeError(f"a request needs {longest} tokens; the model holds {max_len}")
+        if warmup:
+            rng = random.Random(-1)
+            warm = [Result(WARMUP_TOKENS) for _ in range(warmup)]
+            await asyncio.gather(*(send(client, random_prompt(rng, WARMUP_PROMPT), WARMUP_TOKENS,
+                                        r) for r in warm))
+            failed = [r.error for r in warm if not r.ok]
+            if failed:
+                log(f"{mode}: warm-up failed: {failed}")
+            else:
+                log(f"{mode}: warm-up done ({warmup} requests)")
+        log(f"{mode}: sending {len(workload.requests)} requests over "
+            f"{workload.requests[-1].arrival_s:.0f} s")
+
+        results = [Result(r.max_tokens) for r in workload.requests]
+        done = 0
+        start = time.perf_counter()
+
+        async def one(index: int) -> None:
+            nonlocal done
+            request, result = workload.requests[index], results[index]
+            await asyncio.sleep(max(0.0, start + request.arrival_s - time.perf_counter()))
+            await send(client, request.prompt, request.max_tokens, result)
+            done += 1
+            if result.ok and result.first is not None:
+                detail = (f"ttft {result.first - result.send:.2f} s, {result.tokens} tokens in "
+                          f"{result.end - result.send:.2f} s")
+            else:
+                detail = f"error {result.error}"
+            log(f"  [{mode}] {done}/{len(results)} request {index} (prompt "
+                f"{len(request.prompt)}, output {request.max_tokens}) at "
+                f"{result.end - start:.1f} s: {detail}")
+
+        await asyncio.gather(*(one(i) for i in range(len(results))))
+    return results, max_len
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear interpolation between order statistics (numpy's default); None without data."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low = math.floor(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) CPU time of the whole machine from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already inside user and nice
+    return total - idle, total
+
+
+def busy_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
+def summarize(mode: str, results: list[Result], wall: dict[str, float],
+              cpu_busy: float | None, client_cpu: float) -> dict[str, Any]:
+    """The `{mode}_*` keys of the report."""
+    ok = [r for r in results if r.ok]
+    ttft = [r.first - r.send for r in ok if r.first is not None]
+    tpot = [(r.last - r.first) / (r.tokens - 1) for r in ok
+            if r.tokens >= 2 and r.first is not None and r.last is not None]
+    timings = [r.timings for r in ok if r.timings is not None]
+    tokens = sum(r.tokens for r in ok)
+    span = (max(r.end for r in results) - min(r.send for r in results)) if results else 0.0
+    codes = Counter((r.error or "").split(":")[0] for r in results if not r.ok)
+    # prefill_s and handoff_s are 0 where no prefill worker took part (colocated): not measured
+    staged = [t for t in timings if t.prefill_s > 0]
+    prefill = [t.prefill_s for t in staged]
+    handoff = [t.handoff_s for t in staged]
+    out: dict[str, Any] = {
+        "requests": len(results),
+        "ok": len(ok),
+        "errors": len(results) - len(ok),
+        "error_codes": dict(codes),
+        "wrong_length": sum(r.tokens != r.expected_tokens for r in ok),
+        "completion_tokens": tokens,
+        "ttft_p50_s": percentile(ttft, 50),
+        "ttft_p99_s": percentile(ttft, 99),
+        "ttft_mean_s": sum(ttft) / len(ttft) if ttft else None,
+        "tpot_p50_s": percentile(tpot, 50),
+        "tpot_p99_s": percentile(tpot, 99),
+        "throughput_tok_s": tokens / span if span > 0 else None,
+        "run_s": span,
+        "server_ttft_p50_s": percentile([t.ttft_s for t in timings], 50),
+        "server_ttft_p99_s": percentile([t.ttft_s for t in timings], 99),
+        "queue_p50_s": percentile([t.queue_s for t in timings], 50),
+        "prefill_p50_s": percentile(prefill, 50),
+        "handoff_p50_s": percentile(handoff, 50),
+        "handoff_frac": sum(handoff) / sum(prefill) if prefill else None,
+        "handoff_frac_median": percentile(
+            [h / p for h, p in zip(handoff, prefill, strict=True)], 50),
+        "cpu_busy": cpu_busy,
+        "client_cpu_share": client_cpu,
+        **{f"{name}_s": round(value, 2) for name, value in wall.items()},
+    }
+    return {f"{mode}_{key}": value for key, value in out.items()}
+
+
+def run_mode(mode: str, args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
+    server = Server(mode, args)
+    wall: dict[str, float] = {}
+    began = time.monotonic()
+    try:
+        address = server.start()
+        wall["startup"] = time.monotonic() - began
+        cpu_before, client_before, load_began = cpu_jiffies(), time.process_time(), \
+            time.monotonic()
+        results, _ = asyncio.run(run_load(mode, address, workload, args.warmup))
+        load_wall = time.monotonic() - load_began
+        cpu_busy = busy_fraction(cpu_before, cpu_jiffies())
+        client_cpu = (time.process_time() - client_before) / load_wall
+    finally:
+        stopping = time.monotonic()
+        exit_code = server.stop()
+        wall["shutdown"] = time.monotonic() - stopping
+    wall["mode_total"] = time.monotonic() - began
+    report = summarize(mode, results, wall, cpu_busy, client_cpu)
+    report[f"{mode}_server_exit_code"] = exit_code
+    return report
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+
+REPORT_KEYS = ("requests", "ok", "errors", "error_codes", "wrong_length", "completion_tokens",
+               "ttft_p50_s", "ttft_p99_s", "ttft_mean_s", "tpot_p50_s", "tpot_p99_s",
+               "throughput_tok_s", "run_s", "server_ttft_p50_s", "server_ttft_p99_s",
+               "queue_p50_s", "prefill_p50_s", "handoff_p50_s", "handoff_frac",
+               "handoff_frac_median", "cpu_busy", "client_cpu_share", "startup_s",
+               "shutdown_s", "mode_total_s", "server_exit_code")
+
+
+def build_report(args: argparse.Namespace, workload: Workload, per_mode: dict[str, Any],
+                 idle_busy: float | None, total_s: float) -> dict[str, Any]:
+    report: dict[str, Any] = {}
+    for mode in MODES:
+        for key in REPORT_KEYS:
+            report[f"{mode}_{key}"] = per_mode.get(f"{mode}_{key}")
+    for suffix in ("ttft_p50_s", "tpot_p50_s", "throughput_tok_s"):
+        report[f"disagg_over_coloc_{suffix}"] = ratio(report[f"disagg_{suffix}"],
+                                                      report[f"coloc_{suffix}"])
+    report["handoff_frac"] = report["disagg_handoff_frac"]
+    report["handoff_frac_median"] = report["disagg_handoff_frac_median"]
+    report["modes"] = args.modes
+    report["workload"] = workload.description
+    report["dtype"] = args.dtype
+    report["threads_per_worker"] = args.threads
+    report["kv_cache_gb"] = args.kv_cache_gb
+    report["warmup_requests"] = args.warmup
+    report["cpu_count"] = os.cpu_count()
+    report["cpu_busy_before"] = idle_busy
+    report["total_s"] = round(total_s, 1)
+    return report
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    return None if num is None or not den else num / den
+
+
+def fmt(value: float | None, spec: str = ".2f", scale: float = 1.0) -> str:
+    return "n/a" if value is None else format(value * scale, spec)
+
+
+def print_table(report: dict[str, Any]) -> None:
+    w = report["workload"]
+    p_lo, p_mean, p_hi = w["prompt_tokens_min_mean_max"]
+    o_lo, o_mean, o_hi = w["output_tokens_min_mean_max"]
+    print(f"tandem serve under load: {w['source']} workload, {w['num_requests']} requests over "
+          f"{w['arrival_span_s']:.0f} s ({fmt(w['offered_rate_req_s'], '.3f')} req/s), prompts "
+          f"{p_lo}-{p_hi} (mean {p_mean:.0f}), outputs {o_lo}-{o_hi} (mean {o_mean:.0f}) tokens; "
+          f"offered {fmt(w['offered_prompt_tok_s'], '.0f')} prompt + "
+          f"{fmt(w['offered_output_tok_s'], '.0f')} output tok/s; dtype {report['dtype']}, "
+          f"{report['threads_per_worker']} thread/worker")
+    if w["source"] == "trace":
+        how = "auto" if w["trace_scale_auto"] else "--trace-scale"
+        print(f"trace {w['trace']}: first {w['num_requests']} rows ({w['trace_span_s']:.1f} s), "
+              f"prompts clipped to {w['prompt_clip']} ({w['prompts_clipped']} clipped), outputs "
+              f"to {w['output_clip']} ({w['outputs_clipped']} clipped); gaps stretched x"
+              f"{w['trace_scale']:.2f} ({how}: trace {w['trace_prompt_tok_s']:.0f} -> target "
+              f"{w['target_prompt_tok_s']:.0f} prompt tok/s)")
+    header = (f"{'mode':<14} {'ok/sent':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'srvTTFT50':>9} "
+              f"{'TPOT p50':>9} {'TPOT p99':>9} {'tok/s':>7} {'handoff/':>9} {'CPU':>5}")
+    units = (f"{'':<14} {'':>7} {'s':>9} {'s':>9} {'s':>9} {'ms':>9} {'ms':>9} {'':>7} "
+             f"{'prefill':>9} {'busy':>5}")
+    print(header)
+    print(units)
+    print("-" * len(header))
+    for mode in report["modes"]:
+        r = {key: report[f"{mode}_{key}"] for key in REPORT_KEYS}
+        handoff = fmt(r["handoff_frac"], ".3f") if mode == "disagg" else "-"
+        sent = f"{r['ok']}/{r['requests']}"
+        print(f"{MODE_LABELS[mode]:<14} {sent:>7} "
+              f"{fmt(r['ttft_p50_s']):>9} {fmt(r['ttft_p99_s']):>9} "
+              f"{fmt(r['server_ttft_p50_s']):>9} {fmt(r['tpot_p50_s'], '.1f', 1e3):>9} "
+              f"{fmt(r['tpot_p99_s'], '.1f', 1e3):>9} {fmt(r['throughput_tok_s'], '.1f'):>7} "
+              f"{handoff:>9} {fmt(r['cpu_busy'], '.0%'):>5}")
+    for mode in report["modes"]:
+        errors = report[f"{mode}_errors"]
+        if errors:
+            print(f"{mode}: {errors} failed requests: {report[f'{mode}_error_codes']}")
+        if report[f"{mode}_wrong_length"]:
+            print(f"{mode}: {report[f'{mode}_wrong_length']} requests generated a different "
+                  f"number of tokens than asked")
+    if "disagg" in report["modes"]:
+        print(f"disagg handoff: sum(handoff_s)/sum(prefill_s) = "
+              f"{fmt(report['handoff_frac'], '.3f')}, median per request "
+              f"{fmt(report['handoff_frac_median'], '.3f')}, median handoff "
+              f"{fmt(report['disagg_handoff_p50_s'], '.1f', 1e3)} ms")
+    print("p99 of this few requests is close to the maximum. CPU caveat: both modes run 2 "
+          "single-thread workers on the same "
+          f"{report['cpu_count']} cores, competing with each other, the gateway, Ray's own "
+          "processes and this client (CPU busy = whole machine during the load)")
+    before = report["cpu_busy_before"]
+    if before is not None and before > BUSY_WARNING:
+        print(f"warning: the machine was {before:.0%} busy before the first server started; "
+              "other processes competed for the CPU, numbers are unreliable")
+
+
+def measure_idle_busy(seconds: float = 1.0) -> float | None:
+    before = cpu_jiffies()
+    time.sleep(seconds)
+    return busy_fraction(before, cpu_jiffies())
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    began = time.monotonic()
+    workload = trace_workload(args) if args.trace else synthetic_workload(args)
+    log(f"workload: {json.dumps(workload.description)}")
+    idle_busy = measure_idle_busy()
+    if idle_busy is not None and idle_busy > BUSY_WARNING:
+        log(f"warning: the machine is {idle_busy:.0%} busy before the benchmark starts")
+    per_mode: dict[str, Any] = {}
+    for mode in args.modes:
+        per_mode.update(run_mode(mode, args, workload))
+    report = build_report(args, workload, per_mode, idle_busy, time.monotonic() - began)
+    print_table(report)
+    if args.json:
+        print(json.dumps(report), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Argument validation, request building and channel options shared by Client and AsyncClient."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+
+import grpc
+
+from tandem.proto.v1 import tandem_pb2 as pb
+
+TANDEM_SERVICE = "tandem.v1.Tandem"
+HEALTH_SERVICE = "grpc.health.v1.Health"
+# Safe to repeat, so retried on UNAVAILABLE. Generate is not: a retry could run it twice.
+IDEMPOTENT_METHODS = (
+    (TANDEM_SERVICE, "Tokenize"),
+    (TANDEM_SERVICE, "ListModels"),
+    (TANDEM_SERVICE, "Abort"),
+    (HEALTH_SERVICE, "Check"),
+)
+MAX_ATTEMPTS_CAP = 5  # gRPC treats anything above 5 as 5
+HEALTH_TIMEOUT_S = 1.0  # health() should answer quickly even when nothing is listening
+
+Prompt = str | Sequence[int]
+Message = Mapping[str, str]
+
+
+def service_config(max_retries: int) -> dict:
+    """The gRPC service config: retry idempotent methods on UNAVAILABLE, up to `max_retries`."""
+    if max_retries < 0:
+        raise ValueError(f"max_retries={max_retries} must be >= 0")
+    if max_retries == 0:  # gRPC requires maxAttempts >= 2 in a retryPolicy
+        return {}
+    policy = {
+        "maxAttempts": min(max_retries + 1, MAX_ATTEMPTS_CAP),
+        "initialBackoff": "0.1s",
+        "maxBackoff": "1s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    names = [{"service": service, "method": method} for service, method in IDEMPOTENT_METHODS]
+    return {"methodConfig": [{"name": names, "retryPolicy": policy}]}
+
+
+def channel_options(max_retries: int) -> list[tuple[str, str | int]]:
+    """Options for `grpc.*_channel`: built-in retries for the idempotent methods."""
+    config = service_config(max_retries)
+    return [("grpc.enable_retries", 1 if config else 0),
+            ("grpc.service_config", json.dumps(config))]
+
+
+def channel_credentials(
+    tls: bool, root_certificates: bytes | None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials, or None for a plaintext channel."""
+    if tls:
+        return grpc.ssl_channel_credentials(root_certificates)
+    if root_certificates is not None:
+        raise ValueError("root_certificates needs tls=True")
+    return None
+
+
+def _prompt_field(request: pb.GenerateRequest, prompt: Prompt) -> None:
+    """Set the request's `text` or `token_ids` from a str or a list of token ids."""
+    if isinstance(prompt, str):
+        request.text = prompt
+        return
+    if not isinstance(prompt, Sequence) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in prompt
+    ):
+        raise TypeError("prompt must be a str or a list of int token ids")
+    if any(t < 0 for t in prompt):
+        raise ValueError("prompt token ids must be >= 0")
+    request.token_ids.ids.extend(prompt)
+
+
+def _messages_field(request: pb.GenerateRequest, messages: Sequence[Message]) -> None:
+    """Set the request's `messages` from dicts with "role" and "content"."""
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not {"role", "content"} <= message.keys():
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content'")
+        request.messages.messages.add(role=message["role"], content=message["content"])
+    if not messages:
+        request.messages.SetInParent()  # an empty list still selects the `messages` input
+
+
+def build_generate_request(
+    prompt: Prompt | None,
+    *,
+    messages: Sequence[Message] | None,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    stop: str | Sequence[str] | None,
+    request_id: str | None,
+    model: str | None,
+    ignore_eos: bool,
+) -> pb.GenerateRequest:
+    """Validate generate()/stream() arguments and build the GenerateRequest."""
+    if (prompt is None) == (messages is None):
+        raise ValueError("exactly one of `prompt` or `messages` must be given")
+    request = pb.GenerateRequest(model=model or "", request_id=request_id or "")
+    if prompt is not None:
+        _prompt_field(request, prompt)
+    else:
+        _messages_field(request, messages or [])
+    sampling = request.sampling
+    # proto3 `optional`: set explicitly so the server sees the client's values, not its defaults
+    sampling.max_tokens = max_tokens
+    sampling.temperature = temperature
+    sampling.top_p = top_p
+    sampling.top_k = top_k
+    if seed is not None:
+        sampling.seed = seed
+    sampling.stop.extend([stop] if isinstance(stop, str) else (stop or []))
+    sampling.ignore_eos = ignore_eos
+    return request
+
+
+def tokenize_request(text: str, add_special_tokens: bool, model: str | None) -> pb.TokenizeRequest:
+    """Build a TokenizeRequest."""
+    return pb.TokenizeRequest(model=model or "", text=text, add_special_tokens=add_special_tokens)
+
+
+def resolve_timeout(timeout: float | None, default: float | None) -> float | None:
+    """The per-call deadline in seconds, falling back to the client's default."""
+    return default if timeout is None else timeout

@@ -1,0 +1,162 @@
+"""The asyncio client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tandem.client._request import (
+    HEALTH_TIMEOUT_S,
+    Message,
+    Prompt,
+    build_generate_request,
+    channel_credentials,
+    channel_options,
+    resolve_timeout,
+    tokenize_request,
+)
+from tandem.client.errors import missing_finish_reason, rpc_errors
+from tandem.client.types import Chunk, Completion, ModelInfo
+from tandem.proto.v1 import tandem_pb2 as pb
+from tandem.proto.v1 import tandem_pb2_grpc as pb_grpc
+
+
+class AsyncClient:
+    """An asyncio client for a Tandem gateway at `address` ("host:port"); same API as Client."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        timeout: float | None = None,
+        max_retries: int = 3,
+    ) -> None:
+        options = channel_options(max_retries)
+        credentials = channel_credentials(tls, root_certificates)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
+        self._stub = pb_grpc.TandemStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._timeout = timeout
+
+    async def generate(
+        self,
+        prompt: Prompt | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        model: str | None = None,
+        ignore_eos: bool = False,
+    ) -> Completion:
+        """Generate a completion for a prompt (str or token ids) or chat messages."""
+        request = build_generate_request(
+            prompt, messages=messages, max_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, top_k=top_k, seed=seed, stop=stop, request_id=request_id,
+            model=model, ignore_eos=ignore_eos)
+        return Completion.from_chunks([c async for c in self._chunks(request, timeout)])
+
+    def stream(
+        self,
+        prompt: Prompt | None = None,
+        *,
+        messages: Sequence[Message] | None = None,
+        max_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+        model: str | None = None,
+        ignore_eos: bool = False,
+    ) -> AsyncIterator[Chunk]:
+        """Like generate(), but an async iterator of chunks as the server decodes them."""
+        request = build_generate_request(
+            prompt, messages=messages, max_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, top_k=top_k, seed=seed, stop=stop, request_id=request_id,
+            model=model, ignore_eos=ignore_eos)
+        return self._chunks(request, timeout)
+
+    async def _chunks(
+        self, request: pb.GenerateRequest, timeout: float | None
+    ) -> AsyncIterator[Chunk]:
+        """Run Generate and yield its chunks up to and including the final one."""
+        call = self._stub.Generate(request, timeout=resolve_timeout(timeout, self._timeout))
+        try:
+            with rpc_errors():
+                async for response in call:
+                    chunk = Chunk.from_proto(response)
+                    yield chunk
+                    if chunk.finish_reason is not None:
+                        return
+        finally:
+            call.cancel()  # no-op once finished; stops the request if the caller quits early
+        raise missing_finish_reason()
+
+    async def abort(self, request_id: str, *, timeout: float | None = None) -> bool:
+        """Stop a running request; False when no such request was running."""
+        with rpc_errors():
+            response = await self._stub.Abort(pb.AbortRequest(request_id=request_id),
+                                              timeout=resolve_timeout(timeout, self._timeout))
+        return response.found
+
+    async def tokenize(
+        self,
+        text: str,
+        add_special_tokens: bool = True,
+        model: str | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> list[int]:
+        """Tokenize text with the served model's tokenizer."""
+        with rpc_errors():
+            response = await self._stub.Tokenize(
+                tokenize_request(text, add_special_tokens, model),
+                timeout=resolve_timeout(timeout, self._timeout))
+        return list(response.token_ids)
+
+    async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+        """The models the gateway serves."""
+        with rpc_errors():
+            response = await self._stub.ListModels(
+                pb.ListModelsRequest(), timeout=resolve_timeout(timeout, self._timeout))
+        return [ModelInfo.from_proto(m) for m in response.models]
+
+    async def health(self, *, timeout: float = HEALTH_TIMEOUT_S) -> bool:
+        """True when the gateway reports SERVING; False when not serving or unreachable."""
+        try:
+            response = await self._health.Check(health_pb2.HealthCheckRequest(service=""),
+                                                timeout=timeout)
+        except grpc.RpcError:
+            return False
+        return response.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

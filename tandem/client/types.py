@@ -1,0 +1,104 @@
+"""Result types returned by the client, each built from its protobuf message."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tandem.proto.v1 import tandem_pb2 as pb
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts for one request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+
+    @classmethod
+    def from_proto(cls, msg: pb.Usage) -> Usage:
+        """Convert a `tandem.v1.Usage` message."""
+        return cls(msg.prompt_tokens, msg.completion_tokens, msg.cached_tokens)
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Server-side latencies of one request, in seconds."""
+
+    ttft_s: float
+    total_s: float
+    prefill_s: float
+    handoff_s: float
+    queue_s: float
+
+    @classmethod
+    def from_proto(cls, msg: pb.Timings) -> Timings:
+        """Convert a `tandem.v1.Timings` message."""
+        return cls(msg.ttft_s, msg.total_s, msg.prefill_s, msg.handoff_s, msg.queue_s)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model served by the gateway."""
+
+    id: str
+    max_model_len: int
+    fingerprint: str
+
+    @classmethod
+    def from_proto(cls, msg: pb.ModelInfo) -> ModelInfo:
+        """Convert a `tandem.v1.ModelInfo` message."""
+        return cls(msg.id, msg.max_model_len, msg.fingerprint)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One streamed piece of a completion; the last one carries finish_reason, usage, timings."""
+
+    text: str
+    token_ids: list[int]
+    request_id: str
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+
+    @classmethod
+    def from_proto(cls, msg: pb.GenerateResponse) -> Chunk:
+        """Convert a `tandem.v1.GenerateResponse`; only a final message gets usage and timings."""
+        if not msg.finish_reason:
+            return cls(msg.text, list(msg.token_ids), msg.request_id)
+        return cls(msg.text, list(msg.token_ids), msg.request_id, msg.finish_reason,
+                   Usage.from_proto(msg.usage), Timings.from_proto(msg.timings))
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished completion: all its text and tokens, with the server's usage and timings."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    request_id: str
+    usage: Usage
+    timings: Timings
+
+    @property
+    def ttft_s(self) -> float:
+        """Time to first token as measured by the gateway, in seconds."""
+        return self.timings.ttft_s
+
+    @classmethod
+    def from_chunks(cls, chunks: Sequence[Chunk]) -> Completion:
+        """Join a full stream of chunks whose last one is final."""
+        last = chunks[-1]
+        if last.finish_reason is None or last.usage is None or last.timings is None:
+            raise ValueError("the last chunk must carry finish_reason, usage and timings")
+        return cls(
+            text="".join(c.text for c in chunks),
+            token_ids=[t for c in chunks for t in c.token_ids],
+            finish_reason=last.finish_reason,
+            request_id=last.request_id,
+            usage=last.usage,
+            timings=last.timings,
+        )

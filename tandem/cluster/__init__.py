@@ -1,0 +1,1 @@
+"""The cluster: gateway, router, worker placement on Ray, and the serve config."""

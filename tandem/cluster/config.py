@@ -1,0 +1,78 @@
+"""`ServeConfig`: everything `tandem serve` needs, from YAML and flags (flags win)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tandem.worker_base import WorkerConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class GatewayConfig(_Strict):
+    host: str = Field("127.0.0.1", description="Address the public gRPC server binds.")
+    port: int = Field(50051, ge=0, le=65535, description="Its port; 0 picks a free one.")
+    max_queued_requests: int = Field(
+        256, gt=0, description="Requests waiting for a worker before RESOURCE_EXHAUSTED.")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="Deadline of a request when the client sets none, seconds.")
+    worker_call_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline of one control call to a worker, seconds.")
+    shutdown_grace_s: float = Field(
+        5.0, ge=0, description="Time running requests get to finish on shutdown, seconds.")
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(
+        None, description="Join this Ray cluster (e.g. 'auto' or 'HOST:6379'); None = local.")
+    num_cpus: int | None = Field(
+        None, gt=0, description="Logical CPUs of a local Ray cluster; None = all cores.")
+
+
+class ServeConfig(_Strict):
+    served_model_name: str | None = Field(
+        None, description="Model id clients use; None = derived from the model path.")
+    prefill_workers: int = Field(1, ge=1, description="Prefill pool size.")
+    decode_workers: int = Field(1, ge=1, description="Decode pool size.")
+    colocated: bool = Field(
+        False, description="Workers run both phases (prefill_workers + decode_workers of them).")
+    worker: WorkerConfig = Field(default_factory=WorkerConfig, description="Every worker.")
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _name(self) -> ServeConfig:
+        if self.served_model_name == "":
+            raise ValueError("served_model_name must not be empty")
+        return self
+
+    @property
+    def model_id(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        model = self.worker.engine.model
+        return Path(model).stem if model else "smollm2-135m-instruct"
+
+    @classmethod
+    def load(cls, path: Path | None = None, overrides: dict[str, Any] | None = None) \
+            -> ServeConfig:
+        """The YAML file at `path` (if any) with `overrides` (dotted keys) on top."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            loaded = yaml.safe_load(Path(path).read_text())
+            if loaded is not None and not isinstance(loaded, dict):
+                raise ValueError(f"{path}: expected a mapping at the top level")
+            data = loaded or {}
+        for dotted, value in (overrides or {}).items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+        return cls.model_validate(data)

@@ -1,0 +1,192 @@
+"""The gateway: the public gRPC service (`tandem.v1.Tandem`) in front of the router.
+
+It validates requests (INVALID_ARGUMENT naming the field), applies deadlines, turns token deltas
+into text, and ends each stream with usage and timings. Cluster errors map to status codes here
+and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from tandem.cluster.errors import (
+    ClusterError,
+    HandoffFailed,
+    InvalidRequest,
+    Overloaded,
+    WorkerUnavailable,
+)
+from tandem.cluster.router import RoutedRequest, Router
+from tandem.engine.detokenizer import IncrementalDetokenizer
+from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.tokenizer import Tokenizer
+from tandem.proto.v1 import tandem_pb2 as pb
+from tandem.proto.v1 import tandem_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def status_of(error: ClusterError) -> grpc.StatusCode:
+    if isinstance(error, InvalidRequest):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(error, Overloaded):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(error, WorkerUnavailable):
+        return grpc.StatusCode.UNAVAILABLE
+    if isinstance(error, HandoffFailed) and error.corrupted:
+        return grpc.StatusCode.DATA_LOSS
+    return grpc.StatusCode.INTERNAL
+
+
+class Gateway(pb_grpc.TandemServicer):
+    def __init__(self, router: Router, tokenizer: Tokenizer, model: pb.ModelInfo,
+                 vocab_size: int, request_timeout_s: float) -> None:
+        self.router, self.tokenizer, self.model = router, tokenizer, model
+        self.vocab_size, self.request_timeout_s = vocab_size, request_timeout_s
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) \
+            -> AsyncIterator[pb.GenerateResponse]:
+        received = time.perf_counter()
+        try:
+            req = self._routed(request)
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        remaining = context.time_remaining()
+        timeout = min(self.request_timeout_s, remaining if remaining is not None else math.inf)
+        deadline = received + timeout
+        detok = IncrementalDetokenizer(self.tokenizer, req.params.stop)
+        stream = self.router.generate(req)
+        ttft = None
+        num_tokens = 0
+        try:
+            while True:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    raise TimeoutError
+                try:
+                    delta = await asyncio.wait_for(anext(stream), left)
+                except StopAsyncIteration:
+                    break
+                num_tokens += len(delta.token_ids)
+                done = delta.finish_reason is not None
+                reply = pb.GenerateResponse(
+                    request_id=req.request_id, token_ids=delta.token_ids,
+                    text=detok.add(delta.token_ids, delta.text if done else None))
+                if ttft is None and delta.token_ids:
+                    ttft = time.perf_counter() - received
+                if done:
+                    reply.finish_reason = delta.finish_reason
+                    reply.usage.CopyFrom(pb.Usage(
+                        prompt_tokens=len(req.prompt_token_ids), completion_tokens=num_tokens,
+                        cached_tokens=req.num_cached_tokens))
+                    reply.timings.CopyFrom(pb.Timings(
+                        ttft_s=ttft or 0.0, total_s=time.perf_counter() - received,
+                        queue_s=req.queue_s,
+                        prefill_s=req.prefill.prefill_s if req.prefill else 0.0,
+                        handoff_s=req.prefill.handoff_s if req.prefill else 0.0))
+                yield reply
+                if done:
+                    return
+        except TimeoutError:
+            await stream.aclose()
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"request {req.request_id}: deadline of {timeout:.3g} s exceeded")
+        except ClusterError as e:
+            await stream.aclose()
+            logger.info("request %s failed: %s", req.request_id, e)
+            await context.abort(status_of(e), f"request {req.request_id}: {e}")
+        finally:
+            await stream.aclose()
+        await context.abort(grpc.StatusCode.INTERNAL, "stream ended without a finish_reason")
+
+    def _routed(self, request: pb.GenerateRequest) -> RoutedRequest:
+        self._check_model(request.model)
+        prompt = self._prompt(request)
+        s = request.sampling
+        try:
+            params = SamplingParams(
+                max_tokens=s.max_tokens if s.HasField("max_tokens") else 16,
+                temperature=s.temperature if s.HasField("temperature") else 1.0,
+                top_p=s.top_p if s.HasField("top_p") else 1.0,
+                top_k=s.top_k if s.HasField("top_k") else 0,
+                seed=s.seed if s.HasField("seed") else None,
+                stop=list(s.stop) or None, ignore_eos=s.ignore_eos)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
+        return RoutedRequest(request.request_id or uuid.uuid4().hex, prompt, params)
+
+    def _check_model(self, model: str) -> None:
+        if model and model != self.model.id:
+            raise InvalidRequest(f"model: unknown model {model!r}; this gateway serves "
+                                 f"{self.model.id!r}")
+
+    def _prompt(self, request: pb.GenerateRequest) -> list[int]:
+        kind = request.WhichOneof("input")
+        if kind is None:
+            raise InvalidRequest("prompt: missing; set text, token_ids or messages")
+        if kind == "text":
+            ids = self.tokenizer.encode(request.text) if request.text else []
+        elif kind == "token_ids":
+            ids = list(request.token_ids.ids)
+            bad = next((t for t in ids if t >= self.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequest(f"prompt: token id {bad} is outside the vocabulary "
+                                     f"[0, {self.vocab_size})")
+        else:
+            ids = self._chat(request.messages.messages)
+        if not ids:
+            raise InvalidRequest(f"prompt: {kind} is empty")
+        limit = self.model.max_model_len
+        if len(ids) >= limit:
+            raise InvalidRequest(f"prompt: {len(ids)} tokens leave no room to generate within "
+                                 f"the context of {limit} tokens")
+        return ids
+
+    def _chat(self, messages) -> list[int]:
+        if not messages:
+            return []
+        for i, m in enumerate(messages):
+            if m.role not in CHAT_ROLES:
+                raise InvalidRequest(f"messages[{i}].role: {m.role!r} is not one of "
+                                     f"{', '.join(CHAT_ROLES)}")
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in messages],
+                add_generation_prompt=True)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) \
+            -> pb.TokenizeResponse:
+        try:
+            self._check_model(request.model)
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if not request.text:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "text: is empty")
+        ids = self.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
+        return pb.TokenizeResponse(token_ids=ids)
+
+    async def ListModels(self, request: pb.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[self.model])
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) \
+            -> pb.AbortResponse:
+        if not request.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: is empty")
+        try:
+            found = await self.router.abort(request.request_id)
+        except ClusterError as e:
+            await context.abort(status_of(e), str(e))
+        return pb.AbortResponse(found=found)

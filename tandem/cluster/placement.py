@@ -1,0 +1,57 @@
+"""Placing workers on Ray: one custom resource per pool, so each pool lands on its own nodes.
+
+A node joins a pool by advertising the pool's resource (`ray start --resources
+'{"tandem_prefill": 4}'`); a local cluster started here advertises enough of each. Workers ask
+for one GPU each when the cluster has GPUs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import ray
+
+from tandem.cluster.config import ServeConfig
+from tandem.decode_worker.worker import DecodeWorker
+from tandem.faults import ENV_VAR as FAULTS_ENV
+from tandem.prefill_worker.worker import PrefillWorker
+
+logger = logging.getLogger(__name__)
+
+POOL_RESOURCES = {"prefill": "tandem_prefill", "decode": "tandem_decode",
+                  "colocated": "tandem_colocated"}
+# Passed on to worker processes: fault injection, logging, tokenizer threads.
+FORWARDED_ENV = (FAULTS_ENV, "TANDEM_LOG_LEVEL", "TOKENIZERS_PARALLELISM", "UCX_NET_DEVICES")
+
+
+def connect_ray(config: ServeConfig) -> bool:
+    """Join or start Ray; True when this call started a local cluster (and owns it)."""
+    if ray.is_initialized():
+        return False
+    if config.ray.address:
+        ray.init(address=config.ray.address, logging_level=logging.WARNING)
+        return False
+    workers = config.prefill_workers + config.decode_workers
+    ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False,
+             logging_level=logging.WARNING,
+             resources={name: workers for name in POOL_RESOURCES.values()})
+    return True
+
+
+def start_pool(pool: str, count: int, config: ServeConfig) -> list[Any]:
+    """Create `count` worker actors of `pool` (prefill, decode or colocated)."""
+    cls = PrefillWorker if pool == "prefill" else DecodeWorker
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("OMP_NUM_THREADS", str(config.worker.engine.num_threads or 1))
+    has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    actor = ray.remote(cls).options(
+        resources={POOL_RESOURCES[pool]: 1}, num_cpus=0, num_gpus=1 if has_gpu else 0,
+        max_concurrency=1000, runtime_env={"env_vars": env})
+    worker_config = config.worker
+    if has_gpu and worker_config.engine.device == "auto":
+        worker_config = worker_config.model_copy(
+            update={"engine": worker_config.engine.model_copy(update={"device": "cuda"})})
+    return [actor.remote(worker_config, config.model_id) for _ in range(count)]

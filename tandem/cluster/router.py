@@ -1,0 +1,249 @@
+"""`Router`: place each request on a prefill and a decode worker and relay its tokens.
+
+Per request: admit (bounded queue) -> reserve KV blocks on a decode worker (most free blocks,
+then smallest batch; waits while all are full) -> prefill on the prefill worker with the least
+queued prompt tokens, which pushes the KV to the decode worker -> poll the decode worker for
+token deltas until the request finishes. However it ends (finished, aborted, failed, deadline,
+client gone), both workers forget it and free its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.exceptions import GetTimeoutError, RayActorError, RaySystemError
+
+from tandem.cluster.errors import (
+    HandoffFailed,
+    InvalidRequest,
+    Overloaded,
+    WorkerFailed,
+    WorkerUnavailable,
+)
+from tandem.decode_worker.worker import TokenDelta
+from tandem.engine.errors import OutOfBlocksError
+from tandem.engine.sampling_params import SamplingParams
+from tandem.prefill_worker.worker import PrefillResult, RequestAborted
+from tandem.transfer.errors import TransferCorrupted, TransferError
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 1.0  # one long-poll of a decode worker
+RESERVE_RETRY_S = 0.05  # pause while every decode worker is full
+
+
+@dataclass
+class RoutedRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    # filled in as the request moves along
+    queue_s: float = 0.0
+    prefill: PrefillResult | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class _Placement:
+    decode: Any | None = None  # None while the request waits for KV blocks
+    prefill: Any | None = None
+    prefill_task: asyncio.Future | None = None
+    aborted: bool = False
+
+
+@dataclass
+class Router:
+    prefill_workers: list[Any]
+    decode_workers: list[Any]  # colocated workers in colocated mode
+    kv_addresses: list[str | None]  # where each decode worker receives KV
+    colocated: bool
+    max_queued_requests: int
+    call_timeout_s: float
+    num_queued: int = 0
+    queued_prompt_tokens: dict[int, int] = field(default_factory=dict)  # prefill index -> tokens
+    active: dict[str, _Placement] = field(default_factory=dict)
+    _cleanups: set[asyncio.Task] = field(default_factory=set)
+
+    async def generate(self, req: RoutedRequest) -> AsyncIterator[TokenDelta]:
+        """Run `req` and yield its token deltas; the last one has a finish_reason."""
+        if req.request_id in self.active:
+            raise InvalidRequest(f"request_id: {req.request_id!r} is already running")
+        if self.num_queued >= self.max_queued_requests:
+            raise Overloaded(f"{self.num_queued} requests are waiting for a worker "
+                             f"(max_queued_requests={self.max_queued_requests}); retry later")
+        placed = self.active[req.request_id] = _Placement()
+        finished = False
+        try:
+            await self._place(req, placed)
+            if placed.aborted:  # while it waited for blocks; `finally` frees them if it has any
+                yield TokenDelta([], "abort")
+                return
+            async for delta in self._relay(req, placed):
+                finished = delta.finish_reason is not None
+                yield delta
+        finally:
+            del self.active[req.request_id]
+            if placed.decode is not None and not finished:
+                self._clean_up_later(req.request_id, placed)
+
+    async def abort(self, request_id: str) -> bool:
+        placed = self.active.get(request_id)
+        if placed is None:
+            return False
+        placed.aborted = True
+        if placed.decode is not None:
+            await self._abort_on_workers(request_id, placed)
+        return True
+
+    # -- placement -----------------------------------------------------------------------------
+
+    async def _place(self, req: RoutedRequest, placed: _Placement) -> None:
+        started = time.perf_counter()
+        self.num_queued += 1
+        try:
+            decode = await self._reserve(req, placed)
+        finally:
+            self.num_queued -= 1
+            req.queue_s = time.perf_counter() - started
+        if decode is not None:
+            placed.decode = self.decode_workers[decode]
+        if not self.colocated and not placed.aborted:
+            index = min(range(len(self.prefill_workers)),
+                        key=lambda i: self.queued_prompt_tokens.get(i, 0))
+            placed.prefill = self.prefill_workers[index]
+            placed.prefill_task = asyncio.ensure_future(
+                self._prefill(index, req, self.kv_addresses[decode]))
+            # Its error is read in _relay; an aborted request's failed prefill is expected.
+            placed.prefill_task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def _reserve(self, req: RoutedRequest, placed: _Placement) -> int | None:
+        """Index of a decode worker holding blocks for `req` (or running it, when colocated);
+        None if the request was aborted while it waited."""
+        while not placed.aborted:
+            stats = await self._call_all([w.stats.remote() for w in self.decode_workers])
+            order = sorted(range(len(stats)), key=lambda i: (
+                -stats[i].engine.num_free_blocks, stats[i].engine.num_running))
+            for i in order:
+                worker = self.decode_workers[i]
+                method = worker.generate if self.colocated else worker.reserve
+                try:
+                    await self._call(method.remote(req.request_id, req.prompt_token_ids,
+                                                   req.params), keep=OutOfBlocksError)
+                    return i
+                except OutOfBlocksError:
+                    continue
+            await asyncio.sleep(RESERVE_RETRY_S)
+        return None
+
+    async def _prefill(self, index: int, req: RoutedRequest, kv_address: str | None) \
+            -> PrefillResult:
+        n = len(req.prompt_token_ids)
+        self.queued_prompt_tokens[index] = self.queued_prompt_tokens.get(index, 0) + n
+        try:
+            # No call timeout: a long prompt may queue; the request's deadline bounds this.
+            req.prefill = await self.prefill_workers[index].prefill.remote(
+                req.request_id, req.prompt_token_ids, req.params, kv_address)
+            req.num_cached_tokens = req.prefill.num_cached_tokens
+            return req.prefill
+        finally:
+            self.queued_prompt_tokens[index] -= n
+
+    # -- relaying tokens -----------------------------------------------------------------------
+
+    async def _relay(self, req: RoutedRequest, placed: _Placement) -> AsyncIterator[TokenDelta]:
+        while True:
+            poll = asyncio.ensure_future(placed.decode.poll.remote(req.request_id, POLL_S))
+            waiting = {poll}
+            if placed.prefill_task is not None and not placed.prefill_task.done():
+                waiting.add(placed.prefill_task)
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if placed.prefill_task is not None and placed.prefill_task.done() \
+                    and not placed.aborted:
+                self._check_prefill(placed.prefill_task)
+            deltas = await self._result(poll)
+            for delta in deltas:
+                if delta.finish_reason is not None:
+                    if self.colocated:
+                        req.num_cached_tokens = delta.num_cached_tokens
+                    elif placed.prefill_task is not None and not placed.aborted:
+                        await self._result(placed.prefill_task)  # its timings end the stream
+                yield delta
+                if delta.finish_reason is not None:
+                    return
+
+    def _check_prefill(self, task: asyncio.Future) -> None:
+        error = task.exception()
+        if error is not None:
+            raise _translate(error)
+
+    async def _result(self, future: Any) -> Any:
+        try:
+            return await future
+        except Exception as e:
+            raise _translate(e) from None
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    async def _call(self, ref: Any, keep: type[Exception] | None = None) -> Any:
+        """Await a worker call with the control-call deadline; errors become cluster errors
+        (except those of type `keep`, which the caller handles)."""
+        try:
+            return await asyncio.wait_for(ref, self.call_timeout_s)
+        except Exception as e:
+            if keep is not None and isinstance(e, keep):
+                raise
+            raise _translate(e) from None
+
+    async def _call_all(self, refs: list[Any]) -> list[Any]:
+        return await asyncio.gather(*(self._call(r) for r in refs))
+
+    async def _abort_on_workers(self, request_id: str, placed: _Placement) -> None:
+        workers = [placed.decode] + ([placed.prefill] if placed.prefill is not None else [])
+        results = await asyncio.gather(
+            *(asyncio.wait_for(w.abort.remote(request_id), self.call_timeout_s)
+              for w in workers), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                logger.warning("request %s: abort on a worker failed: %r", request_id, result)
+
+    def _clean_up_later(self, request_id: str, placed: _Placement) -> None:
+        """Abort on both workers in the background: the caller may be being cancelled."""
+        if placed.prefill_task is not None and not placed.prefill_task.done():
+            placed.prefill_task.cancel()
+        task = asyncio.get_running_loop().create_task(self._abort_on_workers(request_id, placed))
+        self._cleanups.add(task)
+        task.add_done_callback(self._cleanups.discard)
+
+    async def drain(self) -> None:
+        """Wait for background clean-ups (at shutdown)."""
+        if self._cleanups:
+            await asyncio.gather(*self._cleanups, return_exceptions=True)
+
+
+def _translate(error: BaseException) -> BaseException:
+    """Map worker and Ray errors to the cluster's errors (the gateway maps those to codes)."""
+    if isinstance(error, InvalidRequest | Overloaded | WorkerUnavailable | HandoffFailed
+                  | WorkerFailed | asyncio.CancelledError):
+        return error
+    if isinstance(error, TransferCorrupted):
+        return HandoffFailed(_message(error), corrupted=True)
+    if isinstance(error, TransferError):
+        return HandoffFailed(_message(error))
+    if isinstance(error, RequestAborted):
+        return WorkerFailed(_message(error))
+    if isinstance(error, ValueError):
+        return InvalidRequest(_message(error))
+    if isinstance(error, RayActorError | RaySystemError | GetTimeoutError | TimeoutError):
+        return WorkerUnavailable(f"a worker is unavailable: {_message(error)}")
+    return WorkerFailed(_message(error))
+
+
+def _message(error: BaseException) -> str:
+    """The original message of an error raised in a worker, without Ray's traceback."""
+    cause = getattr(error, "cause", None) or error
+    return str(cause) or type(cause).__name__

@@ -1,0 +1,107 @@
+"""`TandemServer`: start the workers on Ray, then the gateway; stop them in reverse."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+import ray
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tandem.cluster.config import ServeConfig
+from tandem.cluster.gateway import Gateway
+from tandem.cluster.placement import connect_ray, start_pool
+from tandem.cluster.router import Router
+from tandem.engine.loader import load_tokenizer
+from tandem.proto.v1 import tandem_pb2 as pb
+from tandem.proto.v1 import tandem_pb2_grpc as pb_grpc
+from tandem.worker_base import WorkerInfo
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Tandem"].full_name
+WORKER_START_TIMEOUT_S = 600.0
+
+
+class TandemServer:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.prefill_workers: list[Any] = []
+        self.decode_workers: list[Any] = []
+        self.router: Router | None = None
+        self.address: str | None = None
+        self._owns_ray = False
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+
+    async def start(self) -> str:
+        """Start everything; returns the gateway's HOST:PORT."""
+        c = self.config
+        self._owns_ray = connect_ray(c)
+        if c.colocated:
+            self.decode_workers = start_pool("colocated", c.prefill_workers + c.decode_workers, c)
+        else:
+            self.prefill_workers = start_pool("prefill", c.prefill_workers, c)
+            self.decode_workers = start_pool("decode", c.decode_workers, c)
+        workers = self.prefill_workers + self.decode_workers
+        logger.warning("loading the model on %d workers", len(workers))
+        tokenizer_task = asyncio.create_task(
+            asyncio.to_thread(load_tokenizer, c.worker.engine.model))
+        infos: list[WorkerInfo] = await asyncio.wait_for(
+            asyncio.gather(*(w.start.remote() for w in workers)), WORKER_START_TIMEOUT_S)
+        tokenizer, model_config = await tokenizer_task
+        _check_agree(infos)
+        kv_addresses = [info.kv_address for info in infos[len(self.prefill_workers):]]
+        self.router = Router(self.prefill_workers, self.decode_workers, kv_addresses, c.colocated,
+                             c.gateway.max_queued_requests, c.gateway.worker_call_timeout_s)
+        model = pb.ModelInfo(id=c.model_id, max_model_len=infos[0].max_model_len,
+                             fingerprint=infos[0].fingerprint)
+        gateway = Gateway(self.router, tokenizer, model, model_config.vocab_size,
+                          c.gateway.request_timeout_s)
+        self._server = grpc.aio.server()
+        pb_grpc.add_TandemServicer_to_server(gateway, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        port = self._server.add_insecure_port(f"{c.gateway.host}:{c.gateway.port}")
+        if port == 0:
+            raise OSError(f"cannot bind the gateway to {c.gateway.host}:{c.gateway.port}")
+        await self._server.start()
+        for service in ("", SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.address = f"{c.gateway.host}:{port}"
+        return self.address
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def stop(self) -> None:
+        """Stop taking requests, let running ones finish (grace period), then stop workers."""
+        if self._server is not None:
+            await self._health.enter_graceful_shutdown()
+            await self._server.stop(grace=self.config.gateway.shutdown_grace_s)
+            self._server = None
+        if self.router is not None:
+            await self.router.drain()
+        workers = self.prefill_workers + self.decode_workers
+        if workers:
+            await asyncio.gather(*(asyncio.wait_for(w.shutdown.remote(), 10.0) for w in workers),
+                                 return_exceptions=True)
+            for w in workers:
+                ray.kill(w)
+        self.prefill_workers, self.decode_workers = [], []
+        if self._owns_ray:
+            ray.shutdown()
+            self._owns_ray = False
+
+
+def _check_agree(infos: list[WorkerInfo]) -> None:
+    """Every worker must serve the same model with the same KV layout to swap KV."""
+    first = infos[0]
+    for info in infos[1:]:
+        if (info.fingerprint, info.kv_spec) != (first.fingerprint, first.kv_spec):
+            raise RuntimeError(f"workers disagree on the model or KV layout: {first} vs {info}")

@@ -1,0 +1,38 @@
+"""Streaming text: turn a growing list of generated tokens into text deltas."""
+
+from __future__ import annotations
+
+from tandem.engine.tokenizer import Tokenizer
+
+
+class IncrementalDetokenizer:
+    """Yields text as tokens arrive, so that the deltas concatenate to the final text.
+
+    It holds back a trailing partial UTF-8 character and, when stop strings are set, the last
+    `len(longest stop) - 1` characters: those may turn out to start a stop string, and the final
+    text is cut before it. Assumes decoding a prefix of the tokens gives a prefix of the text,
+    which holds for byte-level BPE tokenizers.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: list[str] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.holdback = max((len(s) for s in stop or ()), default=1) - 1
+        self.token_ids: list[int] = []
+        self.num_emitted_chars = 0
+
+    def add(self, token_ids: list[int], final_text: str | None = None) -> str:
+        """Take new tokens; `final_text` is the engine's text once the request has finished."""
+        self.token_ids.extend(token_ids)
+        if final_text is not None:
+            delta = final_text[self.num_emitted_chars:]
+            self.num_emitted_chars = max(self.num_emitted_chars, len(final_text))
+            return delta
+        text = self.tokenizer.decode(self.token_ids)
+        safe = len(text) - self.holdback
+        if text.endswith("\ufffd"):
+            safe = min(safe, len(text) - 1)
+        if safe <= self.num_emitted_chars:
+            return ""
+        delta = text[self.num_emitted_chars:safe]
+        self.num_emitted_chars = safe
+        return delta

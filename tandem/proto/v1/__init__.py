@@ -1,0 +1,1 @@
+"""Generated stubs; regenerate with `make proto`."""

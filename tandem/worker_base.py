@@ -1,0 +1,128 @@
+"""What every engine-backed worker actor shares: its config, start-up, info, stats and abort.
+
+Workers are plain classes; the cluster turns them into Ray actors (`ray.remote(...)`), so they
+run their async methods on the actor's event loop and the engine on its own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tandem.engine.async_engine import AsyncEngine
+from tandem.engine.config import EngineConfig
+from tandem.engine.engine import LLMEngine
+from tandem.engine.kv_cache import KVSpec
+from tandem.engine.outputs import EngineStats, RequestOutput
+from tandem.faults import Faults, active_faults
+from tandem.log import setup_logging
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    engine: EngineConfig = Field(
+        default_factory=lambda: EngineConfig(num_threads=1),
+        description="The engine each worker runs (one torch thread by default).")
+    kv_transport: Literal["grpc"] = Field(
+        "grpc", description="How prefill workers hand KV to decode workers.")
+    handoff_timeout_s: float = Field(
+        30.0, gt=0, description="Deadline for one KV handoff, seconds.")
+    host: str | None = Field(
+        None, description="Address the KV receiver binds; None = this node's IP.")
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    role: str
+    model_id: str
+    fingerprint: str
+    max_model_len: int
+    kv_spec: KVSpec
+    kv_address: str | None  # where senders push KV to this worker (decode workers only)
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    engine: EngineStats
+    num_open_requests: int  # requests this worker still tracks (streams not yet drained)
+
+
+class WorkerStepError(RuntimeError):
+    """An engine step failed on a worker; the requests in it were aborted."""
+
+
+def inject_step_faults() -> None:
+    faults = active_faults()
+    if faults.step_delay:
+        time.sleep(faults.step_delay)
+    if Faults.hit(faults.step_fail):
+        raise WorkerStepError("injected fault: step.fail")
+
+
+def node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # outside Ray (unit tests): loopback
+        return socket.gethostbyname("localhost")
+
+
+class EngineWorker:
+    role = "worker"
+
+    def __init__(self, config: WorkerConfig, model_id: str) -> None:
+        self.config, self.model_id = config, model_id
+        self.engine: AsyncEngine | None = None
+        self.kv_address: str | None = None
+
+    async def start(self) -> WorkerInfo:
+        """Load the model (seconds) and start the engine thread; returns what routers need."""
+        setup_logging()
+        engine = await asyncio.to_thread(LLMEngine, self.config.engine)
+        self.engine = AsyncEngine(engine, before_step=inject_step_faults,
+                                  on_output=self.on_output)
+        return self.info()
+
+    def on_output(self, engine: LLMEngine, output: RequestOutput) -> Any:
+        """Runs on the engine thread after each step; the result goes on the request's stream."""
+        return output
+
+    def info(self) -> WorkerInfo:
+        e = self._engine.engine
+        return WorkerInfo(self.role, self.model_id, e.fingerprint, e.max_model_len, e.kv_spec,
+                          self.kv_address)
+
+    @property
+    def _engine(self) -> AsyncEngine:
+        if self.engine is None:
+            raise RuntimeError(f"{self.role} worker used before start()")
+        return self.engine
+
+    async def stats(self) -> WorkerStats:
+        return WorkerStats(await self._engine.call(LLMEngine.stats), self.num_open_requests())
+
+    def num_open_requests(self) -> int:
+        return 0
+
+    async def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks; wakes anyone waiting on its outputs."""
+        output = await self._engine.call(lambda e: e.abort(request_id), publish_to=request_id)
+        self.forget(request_id)
+        return output is not None
+
+    def forget(self, request_id: str) -> None:
+        self._engine.close_stream(request_id)
+
+    async def shutdown(self) -> None:
+        if self.engine is not None:
+            await self.engine.close()
