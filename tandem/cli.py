@@ -101,8 +101,12 @@ async def _serve(settings) -> None:
     server = TandemServer(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+
+    def on_signals() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+
+    on_signals()
     typer.echo("starting Ray and the workers (the model loads in each; this takes a while)",
                err=True)
     try:
@@ -111,6 +115,7 @@ async def _serve(settings) -> None:
                            return_when=asyncio.FIRST_COMPLETED)
         if start.done():
             address = start.result()
+            on_signals()  # ray.init() installs its own SIGTERM handler: take it back
             typer.echo(f"ready grpc={address}")
             sys.stdout.flush()
             await stop.wait()

@@ -115,6 +115,33 @@ def test_reserve_beyond_free_blocks_is_out_of_blocks(make_engine, prompts):
     assert engine.stats().num_free_blocks == 8 and engine.stats().num_reserved == 0
 
 
+def test_adopted_request_larger_than_the_free_pool_still_runs(make_engine, prompts):
+    prefill, decode = make_engine(), make_engine(num_kv_blocks=10)
+    prompt = list(range(1000, 1100))  # 7 of the 10 blocks: more than what stays free
+    prefill.add_request("p", prompt, greedy(4), prefill_only=True)
+    first = []
+    while not first:
+        first = prefill.step()
+    decode.reserve("d", prompt, greedy(4))
+    decode.adopt("d", prefill.export_kv("p"), first[0].token_ids)
+    outs = []
+    for _ in range(20):
+        outs += [o for o in decode.step() if o.finished]
+        if outs:
+            break
+    assert outs and len(outs[0].token_ids) == 4
+
+
+def test_adopt_refuses_tokens_outside_the_vocabulary(make_engine, prompts):
+    prefill, decode = make_engine(), make_engine()
+    prefill.add_request("p", prompts[0], greedy(4), prefill_only=True)
+    while not prefill.step():
+        pass
+    decode.reserve("d", prompts[0], greedy(4))
+    with pytest.raises(ValueError, match="vocabulary"):
+        decode.adopt("d", prefill.export_kv("p"), [10**9])
+
+
 def test_adopting_a_finishing_token_ends_the_request_at_once(make_engine, prompts):
     prefill, decode = make_engine(), make_engine()
     prefill.add_request("p", prompts[0], greedy(1), prefill_only=True)

@@ -47,6 +47,7 @@ def test_truncated_payload_is_refused():
     (lambda b: b[:4] + struct.pack("<H", 99) + b[6:], "version 99"),
     (lambda b: b[:8], "too short|does not match"),
     (lambda b: b[:11] + b"#" + b[12:], "malformed"),
+    (lambda b: b.replace(b'"bfloat16"', b'"bfloat99"'), "malformed"),
 ])
 def test_bad_headers_are_refused_with_a_reason(mutate, match):
     encoded = encode_kv(kv_of(3), "model-a")[0].encode()

@@ -182,3 +182,14 @@ def test_gateway_serves_reflection_and_health(server):
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
         names = {s.name for r in replies for s in r.list_services_response.service}
     assert {"tandem.v1.Tandem", "grpc.health.v1.Health"} <= names
+
+
+def test_request_id_can_be_reused_right_after_a_deadline(server, reference):
+    text, (ids, _) = next(iter(reference.items()))
+    with Client(server.address, timeout=120) as client:
+        with pytest.raises(TandemError) as err:
+            client.generate(text, request_id="again", **greedy(max_tokens=500), timeout=0.5)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        out = client.generate(text, request_id="again", **greedy())
+    assert out.token_ids == ids and out.finish_reason == "length"
+    server.wait_idle()

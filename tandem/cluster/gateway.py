@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -60,8 +59,8 @@ class Gateway(pb_grpc.TandemServicer):
             req = self._routed(request)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        remaining = context.time_remaining()
-        timeout = min(self.request_timeout_s, remaining if remaining is not None else math.inf)
+        remaining = context.time_remaining()  # the client's deadline, when it set one
+        timeout = self.request_timeout_s if remaining is None else remaining
         deadline = received + timeout
         detok = IncrementalDetokenizer(self.tokenizer, req.params.stop)
         stream = self.router.generate(req)

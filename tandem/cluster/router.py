@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from ray.exceptions import GetTimeoutError, RayActorError, RaySystemError
 
 from tandem.cluster.errors import (
+    ClusterError,
     HandoffFailed,
     InvalidRequest,
     Overloaded,
@@ -29,7 +31,7 @@ from tandem.decode_worker.worker import TokenDelta
 from tandem.engine.errors import OutOfBlocksError
 from tandem.engine.sampling_params import SamplingParams
 from tandem.prefill_worker.worker import PrefillResult, RequestAborted
-from tandem.transfer.errors import TransferCorrupted, TransferError
+from tandem.transfer.errors import TransferCorrupted, TransferError, TransferUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,9 @@ class RoutedRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    # Workers know the request by this id, fresh per request, so a client that reuses its
+    # request_id never meets the previous request's leftovers (late aborts, streams).
+    worker_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # filled in as the request moves along
     queue_s: float = 0.0
     prefill: PrefillResult | None = None
@@ -50,6 +55,7 @@ class RoutedRequest:
 
 @dataclass
 class _Placement:
+    worker_id: str
     decode: Any | None = None  # None while the request waits for KV blocks
     prefill: Any | None = None
     prefill_task: asyncio.Future | None = None
@@ -76,7 +82,7 @@ class Router:
         if self.num_queued >= self.max_queued_requests:
             raise Overloaded(f"{self.num_queued} requests are waiting for a worker "
                              f"(max_queued_requests={self.max_queued_requests}); retry later")
-        placed = self.active[req.request_id] = _Placement()
+        placed = self.active[req.request_id] = _Placement(worker_id=req.worker_id)
         finished = False
         try:
             await self._place(req, placed)
@@ -89,7 +95,7 @@ class Router:
         finally:
             del self.active[req.request_id]
             if placed.decode is not None and not finished:
-                self._clean_up_later(req.request_id, placed)
+                self._clean_up_later(placed)
 
     async def abort(self, request_id: str) -> bool:
         placed = self.active.get(request_id)
@@ -97,7 +103,7 @@ class Router:
             return False
         placed.aborted = True
         if placed.decode is not None:
-            await self._abort_on_workers(request_id, placed)
+            await self._abort_on_workers(placed)
         return True
 
     # -- placement -----------------------------------------------------------------------------
@@ -125,20 +131,31 @@ class Router:
         """Index of a decode worker holding blocks for `req` (or running it, when colocated);
         None if the request was aborted while it waited."""
         while not placed.aborted:
-            stats = await self._call_all([w.stats.remote() for w in self.decode_workers])
-            order = sorted(range(len(stats)), key=lambda i: (
-                -stats[i].engine.num_free_blocks, stats[i].engine.num_running))
-            for i in order:
+            for i in await self._decode_order():
                 worker = self.decode_workers[i]
                 method = worker.generate if self.colocated else worker.reserve
+                # Set before the call: if we stop waiting (deadline, disconnect), the call may
+                # still succeed remotely, and the clean-up must know where to abort.
+                placed.decode = worker
                 try:
-                    await self._call(method.remote(req.request_id, req.prompt_token_ids,
+                    await self._call(method.remote(req.worker_id, req.prompt_token_ids,
                                                    req.params), keep=OutOfBlocksError)
                     return i
                 except OutOfBlocksError:
-                    continue
+                    placed.decode = None
             await asyncio.sleep(RESERVE_RETRY_S)
         return None
+
+    async def _decode_order(self) -> list[int]:
+        """Decode workers by most free KV blocks, then smallest batch; unreachable ones left
+        out (UNAVAILABLE when none answers)."""
+        stats = await asyncio.gather(*(self._call(w.stats.remote())
+                                       for w in self.decode_workers), return_exceptions=True)
+        live = [i for i, s in enumerate(stats) if not isinstance(s, BaseException)]
+        if not live:
+            raise WorkerUnavailable(f"no decode worker answers: {stats[0]}")
+        return sorted(live, key=lambda i: (-stats[i].engine.num_free_blocks,
+                                           stats[i].engine.num_running))
 
     async def _prefill(self, index: int, req: RoutedRequest, kv_address: str | None) \
             -> PrefillResult:
@@ -147,7 +164,7 @@ class Router:
         try:
             # No call timeout: a long prompt may queue; the request's deadline bounds this.
             req.prefill = await self.prefill_workers[index].prefill.remote(
-                req.request_id, req.prompt_token_ids, req.params, kv_address)
+                req.worker_id, req.prompt_token_ids, req.params, kv_address)
             req.num_cached_tokens = req.prefill.num_cached_tokens
             return req.prefill
         finally:
@@ -157,7 +174,7 @@ class Router:
 
     async def _relay(self, req: RoutedRequest, placed: _Placement) -> AsyncIterator[TokenDelta]:
         while True:
-            poll = asyncio.ensure_future(placed.decode.poll.remote(req.request_id, POLL_S))
+            poll = asyncio.ensure_future(placed.decode.poll.remote(req.worker_id, POLL_S))
             waiting = {poll}
             if placed.prefill_task is not None and not placed.prefill_task.done():
                 waiting.add(placed.prefill_task)
@@ -165,7 +182,13 @@ class Router:
             if placed.prefill_task is not None and placed.prefill_task.done() \
                     and not placed.aborted:
                 self._check_prefill(placed.prefill_task)
-            deltas = await self._result(poll)
+            try:
+                deltas = await self._result(poll)
+            except ClusterError:
+                if placed.aborted:  # the worker forgot it between two polls
+                    yield TokenDelta([], "abort")
+                    return
+                raise
             for delta in deltas:
                 if delta.finish_reason is not None:
                     if self.colocated:
@@ -199,23 +222,21 @@ class Router:
                 raise
             raise _translate(e) from None
 
-    async def _call_all(self, refs: list[Any]) -> list[Any]:
-        return await asyncio.gather(*(self._call(r) for r in refs))
-
-    async def _abort_on_workers(self, request_id: str, placed: _Placement) -> None:
-        workers = [placed.decode] + ([placed.prefill] if placed.prefill is not None else [])
+    async def _abort_on_workers(self, placed: _Placement) -> None:
+        workers = [w for w in (placed.decode, placed.prefill) if w is not None]
         results = await asyncio.gather(
-            *(asyncio.wait_for(w.abort.remote(request_id), self.call_timeout_s)
+            *(asyncio.wait_for(w.abort.remote(placed.worker_id), self.call_timeout_s)
               for w in workers), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
-                logger.warning("request %s: abort on a worker failed: %r", request_id, result)
+                logger.warning("request %s: abort on a worker failed: %r", placed.worker_id,
+                               result)
 
-    def _clean_up_later(self, request_id: str, placed: _Placement) -> None:
+    def _clean_up_later(self, placed: _Placement) -> None:
         """Abort on both workers in the background: the caller may be being cancelled."""
         if placed.prefill_task is not None and not placed.prefill_task.done():
             placed.prefill_task.cancel()
-        task = asyncio.get_running_loop().create_task(self._abort_on_workers(request_id, placed))
+        task = asyncio.get_running_loop().create_task(self._abort_on_workers(placed))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
 
@@ -232,6 +253,8 @@ def _translate(error: BaseException) -> BaseException:
         return error
     if isinstance(error, TransferCorrupted):
         return HandoffFailed(_message(error), corrupted=True)
+    if isinstance(error, TransferUnavailable):
+        return WorkerUnavailable(f"the decode worker is unreachable: {_message(error)}")
     if isinstance(error, TransferError):
         return HandoffFailed(_message(error))
     if isinstance(error, RequestAborted):

@@ -15,10 +15,12 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
+from tandem.engine.engine import LLMEngine
 from tandem.engine.errors import EngineError
 from tandem.engine.kv_cache import KVBlocks
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.sequence import SequenceStatus
 from tandem.transfer import make_transport
 from tandem.transfer.base import Handoff, KVIdentity
 from tandem.transfer.errors import TransferRejected
@@ -73,9 +75,17 @@ class DecodeWorker(EngineWorker):
     async def _accept(self, handoff: Handoff, kv: KVBlocks) -> None:
         """The transport's sink: write checked KV into the reserved blocks and start decoding."""
         request_id = handoff.request_id
+
+        def adopt_once(e: LLMEngine) -> RequestOutput | None:
+            seq = e.seqs.get(request_id)
+            if seq is not None and seq.status != SequenceStatus.RESERVED \
+                    and seq.token_ids[seq.num_prompt_tokens:][:len(handoff.output_token_ids)] \
+                    == handoff.output_token_ids:
+                return None  # a retried handoff whose first attempt got through
+            return e.adopt(request_id, kv, handoff.output_token_ids)
+
         try:
-            await self._engine.call(lambda e: e.adopt(request_id, kv, handoff.output_token_ids),
-                                    publish_to=request_id)
+            await self._engine.call(adopt_once, publish_to=request_id)
         except EngineError as e:
             raise TransferRejected(str(e)) from None
 

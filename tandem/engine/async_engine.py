@@ -24,6 +24,7 @@ T = TypeVar("T")
 StreamItem = Any  # a RequestOutput (or what `on_output` made of it) or an exception
 OutputHook = Callable[[LLMEngine, RequestOutput], Any]
 _STOP = object()
+IDLE_WAIT_S = 0.005
 
 
 class AsyncEngine:
@@ -38,18 +39,23 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[StreamItem]] = {}
+        self._dead: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
     async def call(self, fn: Callable[[LLMEngine], T], publish_to: str | None = None) -> T:
         """Run `fn(engine)` on the engine thread between steps and return its result; with
         `publish_to`, a non-None result also goes on that request's stream, in step order."""
+        if self._dead is not None:
+            raise RuntimeError(f"the engine thread died: {self._dead!r}")
         future = self._loop.create_future()
         self._calls.put((fn, future, publish_to))
         return await future
 
     def open_stream(self, request_id: str) -> asyncio.Queue[StreamItem]:
         """Where the outputs of `request_id` will arrive; open it before adding the request."""
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use")
         stream = self._streams[request_id] = asyncio.Queue()
         return stream
 
@@ -76,19 +82,38 @@ class AsyncEngine:
     # -- the engine thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop_forever()
+        except BaseException as e:  # the thread must not die silently: fail every waiter
+            logger.exception("engine thread died")
+            self._dead = e
+            for request_id in list(self._streams):
+                self._loop.call_soon_threadsafe(self.publish, e, request_id)
+            while True:
+                try:
+                    item = self._calls.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not _STOP:
+                    self._loop.call_soon_threadsafe(_settle, item[1], None, e)
+
+    def _loop_forever(self) -> None:
+        idle = False  # the last step produced nothing: wait a little for calls before retrying
         while True:
             busy = self.engine.has_unfinished_requests()
             while True:
                 try:
-                    item = self._calls.get(block=not busy)
+                    item = self._calls.get(block=not busy or idle,
+                                           timeout=IDLE_WAIT_S if busy else None)
                 except queue.Empty:
                     break
                 if item is _STOP:
                     return
                 self._run_call(*item)
                 busy = self.engine.has_unfinished_requests()
+                idle = False
             if busy:
-                self._step()
+                idle = not self._step()
 
     def _run_call(self, fn: Callable[[LLMEngine], Any], future: asyncio.Future,
                   publish_to: str | None) -> None:
@@ -101,7 +126,8 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(self.publish, result, publish_to)
         self._loop.call_soon_threadsafe(_settle, future, result, None)
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One engine step; False when it produced no output."""
         try:
             if self.before_step is not None:
                 self.before_step()
@@ -111,7 +137,7 @@ class AsyncEngine:
             for request_id in list(self.engine.seqs):
                 self.engine.abort(request_id)
                 self._loop.call_soon_threadsafe(self.publish, e, request_id)
-            return
+            return True
         for output in outputs:
             item: StreamItem = output
             if self.on_output is not None:
@@ -121,6 +147,7 @@ class AsyncEngine:
                     logger.exception("request %s: on_output failed", output.request_id)
                     item = e
             self._loop.call_soon_threadsafe(self.publish, item, output.request_id)
+        return bool(outputs)
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

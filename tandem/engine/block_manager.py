@@ -57,7 +57,7 @@ class BlockManager:
     def can_admit(self, seq: Sequence, hits: list[int], num_tokens: int) -> bool:
         """Whether `seq` can take `hits` and grow to `num_tokens` tokens right now."""
         reclaimed = sum(1 for b in hits if self.ref_counts[b] == 0)
-        needed = -(-num_tokens // self.block_size) - len(hits)
+        needed = self.blocks_needed(seq, num_tokens) - len(hits)  # net of blocks it holds
         return needed <= self.num_free_blocks - reclaimed
 
     def take_prefix(self, seq: Sequence, hits: list[int]) -> None:

@@ -125,8 +125,12 @@ class LLMEngine:
         seq = self._get(request_id)
         if seq.status != SequenceStatus.RESERVED:
             raise EngineError(f"request {request_id} is {seq.status.name}, not reserved")
-        if not output_token_ids:
-            raise ValueError("output_token_ids: need the first generated token to continue")
+        if not output_token_ids or len(output_token_ids) > seq.params.max_tokens:
+            raise ValueError(f"output_token_ids: need 1 to {seq.params.max_tokens} tokens, "
+                             f"got {len(output_token_ids)}")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in output_token_ids):
+            raise ValueError(f"output_token_ids: a token is outside the vocabulary [0, {vocab})")
         if kv.spec != self.kv_spec:
             raise ValueError(f"KV spec mismatch: got {kv.spec}, this engine uses {self.kv_spec}")
         if kv.num_tokens != seq.num_tokens:

@@ -11,6 +11,7 @@ Keys are stored after RoPE. The store and the transports move KV in this layout.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,7 +31,7 @@ class KVSpec(BaseModel):
     num_layers: int = Field(gt=0, description="Transformer layers.")
     num_kv_heads: int = Field(gt=0, description="Key/value heads per layer.")
     head_dim: int = Field(gt=0, description="Dimension of one head.")
-    dtype: str = Field(description="Element type: bfloat16, float16 or float32.")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(description="Element type.")
     block_size: int = Field(gt=0, description="Tokens per KV block.")
 
     @property

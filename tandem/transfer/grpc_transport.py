@@ -166,7 +166,8 @@ class _Receiver:
             buf[filled:filled + n] = piece
             filled += n
         try:
-            kv = decode_kv(header, memoryview(buf)[:filled] if filled < len(buf) else buf)
+            kv = await asyncio.to_thread(
+                decode_kv, header, memoryview(buf)[:filled] if filled < len(buf) else buf)
         except KVChecksumError as e:
             logger.warning("request %s: %s", handoff.request_id, e)
             await context.abort(grpc.StatusCode.DATA_LOSS, str(e))
