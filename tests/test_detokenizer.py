@@ -28,3 +28,16 @@ def test_text_before_a_stop_string_is_never_retracted(loaded_fp32):
     deltas = stream_text(tok, ids, stop=[" STOP"], final_text=cut)
     assert "".join(deltas) == cut
     assert all("STOP" not in d for d in deltas)
+
+
+def test_long_streams_match_the_full_decode(loaded_fp32, hf_tokenizer):
+    """Deltas over a long mixed text equal decoding everything at once (checked with the
+    reference tokenizer's vocabulary so the text exercises many merges)."""
+    tok = loaded_fp32.tokenizer
+    text = (" ".join(["naïve café 🍵 über — 東京 tokens,"] * 40)).strip()
+    ids = tok.encode(text, add_special_tokens=False)
+    full = tok.decode(ids)
+    deltas = stream_text(tok, ids, final_text=full)
+    streamed = "".join(deltas[:-1])  # everything before the final text arrived
+    assert full.startswith(streamed) and len(streamed) >= len(full) - 2
+    assert "".join(deltas) == full == hf_tokenizer.decode(ids)

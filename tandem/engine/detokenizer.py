@@ -11,7 +11,10 @@ class IncrementalDetokenizer:
     It holds back a trailing partial UTF-8 character and, when stop strings are set, the last
     `len(longest stop) - 1` characters: those may turn out to start a stop string, and the final
     text is cut before it. Assumes decoding a prefix of the tokens gives a prefix of the text,
-    which holds for byte-level BPE tokenizers.
+    which holds for byte-level BPE tokenizers. Text up to a token boundary that ends on a whole
+    character is kept, and only the tokens after it are decoded again, together with the one
+    before them so that decoders which treat a leading token specially (SentencePiece spaces)
+    see the same context: linear, not quadratic, in the output length.
     """
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str] | None = None) -> None:
@@ -19,6 +22,9 @@ class IncrementalDetokenizer:
         self.holdback = max((len(s) for s in stop or ()), default=1) - 1
         self.token_ids: list[int] = []
         self.num_emitted_chars = 0
+        self._stable_text = ""  # decoded text of token_ids[:_num_stable]
+        self._num_stable = 0
+        self._anchor = ""  # decoded text of the token just before _num_stable
 
     def add(self, token_ids: list[int], final_text: str | None = None) -> str:
         """Take new tokens; `final_text` is the engine's text once the request has finished."""
@@ -27,7 +33,12 @@ class IncrementalDetokenizer:
             delta = final_text[self.num_emitted_chars:]
             self.num_emitted_chars = max(self.num_emitted_chars, len(final_text))
             return delta
-        text = self.tokenizer.decode(self.token_ids)
+        start = max(self._num_stable - 1, 0)
+        tail = self.tokenizer.decode(self.token_ids[start:])[len(self._anchor):]
+        text = self._stable_text + tail
+        if not tail.endswith("\ufffd"):
+            self._stable_text, self._num_stable = text, len(self.token_ids)
+            self._anchor = self.tokenizer.decode(self.token_ids[-1:])
         safe = len(text) - self.holdback
         if text.endswith("\ufffd"):
             safe = min(safe, len(text) - 1)
