@@ -96,14 +96,12 @@ class Gateway(pb_grpc.TandemServicer):
                 if done:
                     return
         except TimeoutError:
-            await stream.aclose()
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"request {req.request_id}: deadline of {timeout:.3g} s exceeded")
         except ClusterError as e:
-            await stream.aclose()
             logger.info("request %s failed: %s", req.request_id, e)
             await context.abort(status_of(e), f"request {req.request_id}: {e}")
-        finally:
+        finally:  # also on abort above: the router then frees the request's blocks
             await stream.aclose()
         await context.abort(grpc.StatusCode.INTERNAL, "stream ended without a finish_reason")
 
