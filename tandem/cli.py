@@ -64,7 +64,10 @@ def serve(
         help="Workers that run both phases (the baseline), or separate pools.")] = None,
     grpc_host: Annotated[str | None, typer.Option(help="Gateway bind address.")] = None,
     grpc_port: Annotated[int | None, typer.Option(help="Gateway port; 0 picks one.")] = None,
-    kv_transport: Annotated[str | None, typer.Option(help="KV handoff: grpc.")] = None,
+    kv_transport: Annotated[str | None, typer.Option(
+        help="KV handoff: auto (NIXL where both ends have it, else gRPC) | nixl | grpc.")] = None,
+    kv_streaming: Annotated[str | None, typer.Option(
+        help="auto | layerwise (overlap with prefill) | onepiece (after prefill).")] = None,
     ray_address: Annotated[str | None, typer.Option(
         help="Join this Ray cluster instead of starting a local one.")] = None,
     model: Annotated[str | None, typer.Option(help="HF directory or .gguf file.")] = None,
@@ -83,7 +86,8 @@ def serve(
     flags = {
         "prefill_workers": prefill_workers, "decode_workers": decode_workers,
         "colocated": colocated, "gateway.host": grpc_host, "gateway.port": grpc_port,
-        "worker.kv_transport": kv_transport, "ray.address": ray_address,
+        "worker.kv_transport": kv_transport, "worker.kv_streaming": kv_streaming,
+        "ray.address": ray_address,
         "worker.engine.model": model, "worker.engine.dtype": dtype,
         "worker.engine.kv_cache_gb": kv_cache_gb, "worker.engine.num_threads": threads,
     }
@@ -92,6 +96,14 @@ def serve(
     except (OSError, ValueError, ValidationError) as e:
         typer.echo(f"error: invalid configuration: {e}", err=True)
         raise typer.Exit(2) from None
+    if not settings.ray.address:  # the workers run here: check their transport up front
+        from tandem.transfer import TransportUnavailable, available_transports
+
+        try:
+            available_transports(settings.worker.kv_transport)
+        except TransportUnavailable as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
     asyncio.run(_serve(settings))
 
 

@@ -10,7 +10,8 @@ import asyncio
 import logging
 import socket
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,6 +23,8 @@ from tandem.engine.kv_cache import KVSpec
 from tandem.engine.outputs import EngineStats, RequestOutput
 from tandem.faults import Faults, active_faults
 from tandem.log import setup_logging
+from tandem.transfer import TransportMode
+from tandem.transfer.base import ReceiverInfo
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +35,17 @@ class WorkerConfig(BaseModel):
     engine: EngineConfig = Field(
         default_factory=lambda: EngineConfig(num_threads=1),
         description="The engine each worker runs (one torch thread by default).")
-    kv_transport: Literal["grpc"] = Field(
-        "grpc", description="How prefill workers hand KV to decode workers.")
+    kv_transport: TransportMode = Field(
+        "auto", description="How prefill workers hand KV to decode workers: nixl (one-sided "
+        "WRITEs into the decode worker's blocks), grpc (a stream), or auto (NIXL where both "
+        "ends have it, else gRPC).")
+    kv_streaming: Literal["auto", "layerwise", "onepiece"] = Field(
+        "auto", description="Send each layer's KV while the next layers compute (layerwise), "
+        "all of it after the prefill (onepiece), or layerwise from layerwise_min_tokens on.")
+    layerwise_min_tokens: int = Field(
+        512, gt=0, description="Shortest prompt that streams layer by layer under auto.")
     handoff_timeout_s: float = Field(
-        30.0, gt=0, description="Deadline for one KV handoff, seconds.")
+        30.0, gt=0, description="Deadline for a KV handoff after the prefill, seconds.")
     host: str | None = Field(
         None, description="Address the KV receiver binds; None = this node's IP.")
 
@@ -47,13 +57,14 @@ class WorkerInfo:
     fingerprint: str
     max_model_len: int
     kv_spec: KVSpec
-    kv_address: str | None  # where senders push KV to this worker (decode workers only)
+    kv_receivers: tuple[ReceiverInfo, ...]  # how senders reach this worker (decode workers)
 
 
 @dataclass(frozen=True)
 class WorkerStats:
     engine: EngineStats
     num_open_requests: int  # requests this worker still tracks (streams not yet drained)
+    handoffs: dict[str, int] = field(default_factory=dict)  # "nixl/layerwise" -> count sent
 
 
 class WorkerStepError(RuntimeError):
@@ -83,7 +94,8 @@ class EngineWorker:
     def __init__(self, config: WorkerConfig, model_id: str) -> None:
         self.config, self.model_id = config, model_id
         self.engine: AsyncEngine | None = None
-        self.kv_address: str | None = None
+        self.kv_receivers: tuple[ReceiverInfo, ...] = ()
+        self.handoffs: Counter[str] = Counter()
 
     async def start(self) -> WorkerInfo:
         """Load the model (seconds) and start the engine thread; returns what routers need."""
@@ -100,7 +112,7 @@ class EngineWorker:
     def info(self) -> WorkerInfo:
         e = self._engine.engine
         return WorkerInfo(self.role, self.model_id, e.fingerprint, e.max_model_len, e.kv_spec,
-                          self.kv_address)
+                          self.kv_receivers)
 
     @property
     def _engine(self) -> AsyncEngine:
@@ -109,7 +121,8 @@ class EngineWorker:
         return self.engine
 
     async def stats(self) -> WorkerStats:
-        return WorkerStats(await self._engine.call(LLMEngine.stats), self.num_open_requests())
+        return WorkerStats(await self._engine.call(LLMEngine.stats), self.num_open_requests(),
+                           dict(self.handoffs))
 
     def num_open_requests(self) -> int:
         return 0

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("UCX_NET_DEVICES", "lo")  # NIXL/UCX traffic never leaves loopback
 warnings.filterwarnings("ignore", message=".*not writable.*")
 
 torch = pytest.importorskip("torch")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 from google.protobuf import descriptor_pb2
 
 from tandem.proto import generate
 from tandem.proto.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc, tandem_pb2, tandem_pb2_grpc
 
-pytest.importorskip("grpc_tools")
+if importlib.util.find_spec("grpc_tools") is None:  # not imported: see generate.protoc
+    pytest.skip("grpcio-tools is not installed", allow_module_level=True)
 
 MODULES = {"tandem/v1/tandem.proto": (tandem_pb2, tandem_pb2_grpc),
            "tandem/v1/kv_transfer.proto": (kv_transfer_pb2, kv_transfer_pb2_grpc)}

@@ -12,7 +12,7 @@ def test_defaults_are_the_one_machine_setup():
     c = ServeConfig()
     assert (c.prefill_workers, c.decode_workers, c.colocated) == (1, 1, False)
     assert (c.gateway.host, c.gateway.port) == ("127.0.0.1", 50051)
-    assert c.worker.engine.num_threads == 1 and c.worker.kv_transport == "grpc"
+    assert c.worker.engine.num_threads == 1 and c.worker.kv_transport == "auto"
     assert c.model_id == "smollm2-135m-instruct"
 
 

@@ -1,6 +1,6 @@
 """Failure paths on a real cluster started with injected faults (`TANDEM_FAULTS`): every KV
-transfer is corrupted in transit and every worker step is slowed down; the decode pool is tiny
-and the admission queue holds one request."""
+transfer is corrupted in transit and every worker step and transfer is slowed down; the decode
+pool is tiny and the admission queue holds one request."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def faulty(ray_cluster):
     from .serving import ServerThread
 
     previous = os.environ.get("TANDEM_FAULTS")
-    os.environ["TANDEM_FAULTS"] = "transfer.corrupt=1.0,step.delay=0.5"
+    os.environ["TANDEM_FAULTS"] = "transfer.corrupt=1.0,transfer.delay=1.0,step.delay=0.5"
     try:
         config = serve_config(
             worker={"engine": {"dtype": "float32", "num_kv_blocks": 8, "num_threads": 1}},

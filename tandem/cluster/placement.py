@@ -22,8 +22,8 @@ logger = logging.getLogger(__name__)
 
 POOL_RESOURCES = {"prefill": "tandem_prefill", "decode": "tandem_decode",
                   "colocated": "tandem_colocated"}
-# Passed on to worker processes: fault injection, logging, tokenizer threads.
-FORWARDED_ENV = (FAULTS_ENV, "TANDEM_LOG_LEVEL", "TOKENIZERS_PARALLELISM", "UCX_NET_DEVICES")
+# Passed on to worker processes: fault injection, logging, tokenizer threads, UCX (NIXL).
+FORWARDED_ENV = (FAULTS_ENV, "TANDEM_LOG_LEVEL", "TOKENIZERS_PARALLELISM")
 
 
 def connect_ray(config: ServeConfig) -> bool:
@@ -43,7 +43,7 @@ def connect_ray(config: ServeConfig) -> bool:
 def start_pool(pool: str, count: int, config: ServeConfig) -> list[Any]:
     """Create `count` worker actors of `pool` (prefill, decode or colocated)."""
     cls = PrefillWorker if pool == "prefill" else DecodeWorker
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env = {k: v for k, v in os.environ.items() if k in FORWARDED_ENV or k.startswith("UCX_")}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("OMP_NUM_THREADS", str(config.worker.engine.num_threads or 1))
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0

@@ -31,6 +31,7 @@ from tandem.decode_worker.worker import TokenDelta
 from tandem.engine.errors import OutOfBlocksError
 from tandem.engine.sampling_params import SamplingParams
 from tandem.prefill_worker.worker import PrefillResult, RequestAborted
+from tandem.transfer.base import ReceiverInfo
 from tandem.transfer.errors import TransferCorrupted, TransferError, TransferUnavailable
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class _Placement:
 class Router:
     prefill_workers: list[Any]
     decode_workers: list[Any]  # colocated workers in colocated mode
-    kv_addresses: list[str | None]  # where each decode worker receives KV
+    kv_receivers: list[tuple[ReceiverInfo, ...]]  # how to reach each decode worker
     colocated: bool
     max_queued_requests: int
     call_timeout_s: float
@@ -112,7 +113,7 @@ class Router:
         started = time.perf_counter()
         self.num_queued += 1
         try:
-            decode = await self._reserve(req, placed)
+            decode, block_ids = await self._reserve(req, placed)
         finally:
             self.num_queued -= 1
             req.queue_s = time.perf_counter() - started
@@ -123,13 +124,14 @@ class Router:
                         key=lambda i: self.queued_prompt_tokens.get(i, 0))
             placed.prefill = self.prefill_workers[index]
             placed.prefill_task = asyncio.ensure_future(
-                self._prefill(index, req, self.kv_addresses[decode]))
+                self._prefill(index, req, self.kv_receivers[decode], block_ids))
             # Its error is read in _relay; an aborted request's failed prefill is expected.
             placed.prefill_task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    async def _reserve(self, req: RoutedRequest, placed: _Placement) -> int | None:
-        """Index of a decode worker holding blocks for `req` (or running it, when colocated);
-        None if the request was aborted while it waited."""
+    async def _reserve(self, req: RoutedRequest, placed: _Placement) \
+            -> tuple[int | None, list[int]]:
+        """Index of a decode worker holding blocks for `req` (or running it, when colocated)
+        and the blocks; (None, []) if the request was aborted while it waited."""
         while not placed.aborted:
             for i in await self._decode_order():
                 worker = self.decode_workers[i]
@@ -138,13 +140,13 @@ class Router:
                 # still succeed remotely, and the clean-up must know where to abort.
                 placed.decode = worker
                 try:
-                    await self._call(method.remote(req.worker_id, req.prompt_token_ids,
-                                                   req.params), keep=OutOfBlocksError)
-                    return i
+                    blocks = await self._call(method.remote(
+                        req.worker_id, req.prompt_token_ids, req.params), keep=OutOfBlocksError)
+                    return i, blocks or []
                 except OutOfBlocksError:
                     placed.decode = None
             await asyncio.sleep(RESERVE_RETRY_S)
-        return None
+        return None, []
 
     async def _decode_order(self) -> list[int]:
         """Decode workers by most free KV blocks, then smallest batch; unreachable ones left
@@ -157,14 +159,15 @@ class Router:
         return sorted(live, key=lambda i: (-stats[i].engine.num_free_blocks,
                                            stats[i].engine.num_running))
 
-    async def _prefill(self, index: int, req: RoutedRequest, kv_address: str | None) \
+    async def _prefill(self, index: int, req: RoutedRequest,
+                       receivers: tuple[ReceiverInfo, ...], block_ids: list[int]) \
             -> PrefillResult:
         n = len(req.prompt_token_ids)
         self.queued_prompt_tokens[index] = self.queued_prompt_tokens.get(index, 0) + n
         try:
             # No call timeout: a long prompt may queue; the request's deadline bounds this.
             req.prefill = await self.prefill_workers[index].prefill.remote(
-                req.worker_id, req.prompt_token_ids, req.params, kv_address)
+                req.worker_id, req.prompt_token_ids, req.params, receivers, block_ids)
             req.num_cached_tokens = req.prefill.num_cached_tokens
             return req.prefill
         finally:

@@ -54,8 +54,12 @@ class TandemServer:
             asyncio.gather(*(w.start.remote() for w in workers)), WORKER_START_TIMEOUT_S)
         tokenizer, model_config = await tokenizer_task
         _check_agree(infos)
-        kv_addresses = [info.kv_address for info in infos[len(self.prefill_workers):]]
-        self.router = Router(self.prefill_workers, self.decode_workers, kv_addresses, c.colocated,
+        kv_receivers = [info.kv_receivers for info in infos[len(self.prefill_workers):]]
+        if not c.colocated:
+            logger.warning("KV handoff: %s, %s", c.worker.kv_transport, ", ".join(
+                f"decode worker {i} offers {'+'.join(r.transport for r in receivers)}"
+                for i, receivers in enumerate(kv_receivers)))
+        self.router = Router(self.prefill_workers, self.decode_workers, kv_receivers, c.colocated,
                              c.gateway.max_queued_requests, c.gateway.worker_call_timeout_s)
         model = pb.ModelInfo(id=c.model_id, max_model_len=infos[0].max_model_len,
                              fingerprint=infos[0].fingerprint)

@@ -1,9 +1,12 @@
 """`DecodeWorker`: continue requests prefilled elsewhere in one continuous batch.
 
 A request's lifecycle here, as queues:
-    reserved (blocks held for the prompt, KV on its way) -> receiving (the transport checks
-    the KV) -> running (adopted into the batch with the prefill worker's first token) ->
+    reserved (blocks held for the prompt) -> receiving (the prefill worker writes the KV into
+    those blocks, piece by piece, and the transport checks each piece) -> running (adopted
+    into the batch with the prefill worker's first token once every piece checked out) ->
     finished (blocks freed).
+A reserved request that is aborted keeps its blocks until no sender can still write into them
+(`KVTransport.settled`).
 The gateway long-polls `poll` for token deltas; the first delta carries the first token, so the
 client sees one stream. A colocated worker also takes whole requests (`generate`) and runs
 both phases itself: the baseline that disaggregation is measured against.
@@ -15,14 +18,11 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from tandem.engine.engine import LLMEngine
 from tandem.engine.errors import EngineError
-from tandem.engine.kv_cache import KVBlocks
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import SamplingParams
-from tandem.engine.sequence import SequenceStatus
-from tandem.transfer import make_transport
-from tandem.transfer.base import Handoff, KVIdentity
+from tandem.transfer import available_transports, make_transport
+from tandem.transfer.base import Handoff, KVIdentity, KVSink, KVTransport
 from tandem.transfer.errors import TransferRejected
 from tandem.worker_base import EngineWorker, WorkerConfig, WorkerInfo, node_ip
 
@@ -37,57 +37,75 @@ class TokenDelta:
     num_cached_tokens: int = 0
 
 
-class DecodeWorker(EngineWorker):
+class DecodeWorker(EngineWorker, KVSink):
     role = "decode"
 
     def __init__(self, config: WorkerConfig, model_id: str) -> None:
         super().__init__(config, model_id)
-        self.transport = make_transport(config.kv_transport)
+        self.transports: list[KVTransport] = []
         self._num_sent: dict[str, int] = {}  # request -> output tokens already polled
+        self._reserved: dict[str, list[int]] = {}  # request -> its blocks, while KV may land
 
     async def start(self) -> WorkerInfo:
+        names = available_transports(self.config.kv_transport)
         await super().start()
         e = self._engine.engine
         identity = KVIdentity(e.fingerprint, e.kv_spec, e.max_model_len)
-        self.kv_address = await self.transport.start_receiver(
-            self.config.host or node_ip(), identity, self._accept)
+        host = self.config.host or node_ip()
+        for name in names:
+            transport = make_transport(name)
+            self.transports.append(transport)
+            receiver = await transport.start_receiver(host, identity, e.cache, self)
+            self.kv_receivers = (*self.kv_receivers, receiver)
         return self.info()
 
     async def reserve(self, request_id: str, prompt_token_ids: list[int],
-                      params: SamplingParams) -> None:
-        """Hold blocks for a prompt; raises OutOfBlocksError when too few are free."""
-        await self._open(request_id, lambda e: e.reserve(request_id, prompt_token_ids, params))
+                      params: SamplingParams) -> list[int]:
+        """Hold blocks for a prompt and return their ids, in order; raises OutOfBlocksError
+        when too few are free."""
+        blocks = await self._open(
+            request_id, lambda e: e.reserve(request_id, prompt_token_ids, params))
+        self._reserved[request_id] = blocks
+        return blocks
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams) -> None:
         """Colocated mode: prefill and decode here."""
         await self._open(request_id, lambda e: e.add_request(request_id, prompt_token_ids, params))
 
-    async def _open(self, request_id: str, submit) -> None:
+    async def _open(self, request_id: str, submit):
         self._engine.open_stream(request_id)
         self._num_sent[request_id] = 0
         try:
-            await self._engine.call(submit)
+            return await self._engine.call(submit)
         except BaseException:
             self.forget(request_id)
             raise
 
-    async def _accept(self, handoff: Handoff, kv: KVBlocks) -> None:
-        """The transport's sink: write checked KV into the reserved blocks and start decoding."""
+    # -- the transports' sink ------------------------------------------------------------------
+
+    def blocks_of(self, request_id: str) -> list[int] | None:
+        return self._reserved.get(request_id)
+
+    def expecting(self) -> bool:
+        return bool(self._reserved)
+
+    async def complete(self, handoff: Handoff) -> None:
+        """Every piece of the KV is in the reserved blocks and checked: start decoding."""
         request_id = handoff.request_id
-
-        def adopt_once(e: LLMEngine) -> RequestOutput | None:
-            seq = e.seqs.get(request_id)
-            if seq is not None and seq.status != SequenceStatus.RESERVED \
-                    and seq.token_ids[seq.num_prompt_tokens:][:len(handoff.output_token_ids)] \
-                    == handoff.output_token_ids:
-                return None  # a retried handoff whose first attempt got through
-            return e.adopt(request_id, kv, handoff.output_token_ids)
-
+        if self._reserved.pop(request_id, None) is None:
+            raise TransferRejected(f"request {request_id}: no KV blocks are reserved for it")
         try:
-            await self._engine.call(adopt_once, publish_to=request_id)
+            await self._engine.call(lambda e: e.adopt(request_id, None, handoff.output_token_ids),
+                                    publish_to=request_id)
         except EngineError as e:
             raise TransferRejected(str(e)) from None
+
+    async def abort(self, request_id: str) -> bool:
+        if self._reserved.pop(request_id, None) is not None:  # KV may still be landing
+            await asyncio.gather(*(t.settled(request_id, self.config.handoff_timeout_s)
+                                   for t in self.transports))
+        return await super().abort(request_id)
 
     async def poll(self, request_id: str, timeout_s: float) -> list[TokenDelta]:
         """New tokens of a request, waiting up to `timeout_s` for the first; [] on timeout."""
@@ -125,5 +143,6 @@ class DecodeWorker(EngineWorker):
         return len(self._num_sent)
 
     async def shutdown(self) -> None:
-        await self.transport.close()
+        for transport in self.transports:
+            await transport.close()
         await super().shutdown()

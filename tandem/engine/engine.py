@@ -118,10 +118,11 @@ class LLMEngine:
         self.seqs[request_id] = seq
         return list(seq.block_table)
 
-    def adopt(self, request_id: str, kv: KVBlocks, output_token_ids: list[int]) \
+    def adopt(self, request_id: str, kv: KVBlocks | None, output_token_ids: list[int]) \
             -> RequestOutput:
-        """Write a reserved request's prompt KV into its blocks and join the running batch;
-        returns its state (finished already if the handed-over tokens end it)."""
+        """Write a reserved request's prompt KV into its blocks (`kv=None`: a transport already
+        wrote it there) and join the running batch; returns its state (finished already if the
+        handed-over tokens end it)."""
         seq = self._get(request_id)
         if seq.status != SequenceStatus.RESERVED:
             raise EngineError(f"request {request_id} is {seq.status.name}, not reserved")
@@ -131,12 +132,15 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in output_token_ids):
             raise ValueError(f"output_token_ids: a token is outside the vocabulary [0, {vocab})")
-        if kv.spec != self.kv_spec:
-            raise ValueError(f"KV spec mismatch: got {kv.spec}, this engine uses {self.kv_spec}")
-        if kv.num_tokens != seq.num_tokens:
-            raise ValueError(f"kv covers {kv.num_tokens} tokens, the prompt has {seq.num_tokens}")
-        self.cache.load(seq.block_table, kv)
-        seq.num_computed_tokens = kv.num_tokens
+        if kv is not None:
+            if kv.spec != self.kv_spec:
+                raise ValueError(f"KV spec mismatch: got {kv.spec}, this engine uses "
+                                 f"{self.kv_spec}")
+            if kv.num_tokens != seq.num_tokens:
+                raise ValueError(f"kv covers {kv.num_tokens} tokens, the prompt has "
+                                 f"{seq.num_tokens}")
+            self.cache.load(seq.block_table, kv)
+        seq.num_computed_tokens = seq.num_tokens
         self.blocks.register_full_blocks(seq)
         seq.token_ids.extend(output_token_ids)
         seq.status = SequenceStatus.WAITING
@@ -253,6 +257,10 @@ class LLMEngine:
         if seq.status != SequenceStatus.PREFILLED:
             raise EngineError(f"request {request_id} is {seq.status.name}, not prefilled")
         return self.cache.export(seq.block_table, seq.num_computed_tokens)
+
+    def block_table(self, request_id: str) -> list[int]:
+        """The KV blocks a request holds, in order (a copy)."""
+        return list(self._get(request_id).block_table)
 
     def release(self, request_id: str) -> None:
         """Free a prefilled request's blocks once its KV has been handed off."""

@@ -47,6 +47,11 @@ class KVSpec(BaseModel):
     def bytes_per_block(self) -> int:
         return self.bytes_per_token * self.block_size
 
+    @property
+    def bytes_per_region(self) -> int:
+        """Bytes of one (layer, K|V, block): the contiguous unit of the pool."""
+        return self.bytes_per_block // (self.num_layers * 2)
+
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
@@ -95,6 +100,20 @@ class KVCache:
         k_pool, v_pool = self.layer(layer)
         k_pool.view(-1, *k_pool.shape[2:])[slots] = k
         v_pool.view(-1, *v_pool.shape[2:])[slots] = v
+
+    def region_offset(self, layer: int, kv: int, block: int) -> int:
+        """Byte offset of one (layer, K|V, block) region from the start of the pool."""
+        return ((layer * 2 + kv) * self.num_blocks + block) * self.spec.bytes_per_region
+
+    def gather(self, layers: range, block_ids: list[int]) -> torch.Tensor:
+        """A copy of `layers` x `block_ids`, shape [len(layers), 2, len(block_ids), ...]."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.data.device)
+        return self.data[layers.start:layers.stop].index_select(2, index)
+
+    def scatter(self, layers: range, block_ids: list[int], data: torch.Tensor) -> None:
+        """Write `data` (as `gather` returns it) into `layers` x `block_ids`."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.data.device)
+        self.data[layers.start:layers.stop].index_copy_(2, index, data.to(self.data.device))
 
     def export(self, block_ids: list[int], num_tokens: int) -> KVBlocks:
         index = torch.tensor(block_ids, dtype=torch.long, device=self.data.device)

@@ -1,11 +1,12 @@
-"""`PrefillWorker`: compute a prompt and its first token, then hand the KV to a decode worker.
+"""`PrefillWorker`: compute a prompt and its first token while its KV streams to a decode worker.
 
 A request's lifecycle here, as queues:
-    waiting (in the engine's queue) -> prefilling (chunked, in the batch) -> exported (on the
-    engine thread, right after the step that sampled the first token: the KV is copied out and
-    the blocks freed, so the handoff never waits for the next step) -> sending (KV streams to
-    the decode worker) -> done.
-Whatever happens, the blocks are freed when `prefill` returns or raises.
+    waiting (in the engine's queue) -> prefilling (chunked, in the batch; layer-wise, each
+    layer's KV is posted to the transport as soon as it is computed) -> prefilled (the first
+    token is sampled; whatever was not sent yet is posted, on the engine thread) -> finishing
+    (the transport waits for every WRITE, then the decode worker confirms) -> done.
+The request's blocks stay held until its transfer is over, since the transport reads them in
+place; whatever happens, they are freed when `prefill` returns or raises.
 """
 
 from __future__ import annotations
@@ -15,17 +16,14 @@ import time
 from dataclasses import dataclass
 
 from tandem.engine.engine import LLMEngine
-from tandem.engine.kv_cache import KVBlocks
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import SamplingParams
-from tandem.transfer import make_transport
-from tandem.transfer.base import Handoff
-from tandem.transfer.errors import TransferError
-from tandem.worker_base import EngineWorker, WorkerConfig
+from tandem.prefill_worker.streamer import LayerStreamer
+from tandem.transfer import available_transports, choose_receiver, log_fallback, make_transport
+from tandem.transfer.base import Handoff, KVTarget, KVTransport, ReceiverInfo, SendSession
+from tandem.worker_base import EngineWorker, WorkerConfig, WorkerInfo
 
 logger = logging.getLogger(__name__)
-
-HANDOFF_ATTEMPTS = 2
 
 
 class RequestAborted(Exception):
@@ -33,17 +31,13 @@ class RequestAborted(Exception):
 
 
 @dataclass(frozen=True)
-class Prefilled:
-    output: RequestOutput
-    kv: KVBlocks
-
-
-@dataclass(frozen=True)
 class PrefillResult:
     output_token_ids: list[int]  # the first token
     num_cached_tokens: int  # prompt tokens whose KV came from the prefix cache
     prefill_s: float  # arrival on this worker -> first token
-    handoff_s: float  # KV export + transfer, until the decode worker has it
+    handoff_s: float  # first token -> the decode worker has the KV (the part not hidden)
+    transport: str  # which transport carried the KV
+    layerwise: bool  # whether the KV streamed layer by layer during the prefill
 
 
 class PrefillWorker(EngineWorker):
@@ -51,56 +45,82 @@ class PrefillWorker(EngineWorker):
 
     def __init__(self, config: WorkerConfig, model_id: str) -> None:
         super().__init__(config, model_id)
-        self.transport = make_transport(config.kv_transport)
-        self._open: set[str] = set()
+        self.transports: dict[str, KVTransport] = {}
+        self._streamers: dict[str, LayerStreamer] = {}  # read on the engine thread
+        self._sessions: dict[str, SendSession] = {}
+        self._computed_at: dict[str, float] = {}  # request -> when its first token was sampled
+
+    async def start(self) -> WorkerInfo:
+        names = available_transports(self.config.kv_transport)
+        info = await super().start()
+        self.transports = {name: make_transport(name) for name in names}
+        return info
+
+    def streams_layerwise(self, num_tokens: int) -> bool:
+        mode = self.config.kv_streaming
+        return mode == "layerwise" or (
+            mode == "auto" and num_tokens >= self.config.layerwise_min_tokens)
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int],
-                      params: SamplingParams, kv_address: str) -> PrefillResult:
-        """Prefill, then push the KV to the decode worker at `kv_address`."""
-        engine = self._engine
+                      params: SamplingParams, receivers: tuple[ReceiverInfo, ...],
+                      block_ids: list[int]) -> PrefillResult:
+        """Prefill and move the KV into `block_ids` of the decode worker behind `receivers`."""
         started = time.perf_counter()
+        receiver, reason = choose_receiver(tuple(self.transports), tuple(receivers))
+        if reason:
+            log_fallback(reason)
+        engine, n = self._engine, len(prompt_token_ids)
+        session = self.transports[receiver.transport].open_session(
+            engine.engine.cache, engine.engine.fingerprint,
+            KVTarget(receiver, tuple(block_ids), n), request_id)
+        streamer = LayerStreamer(engine.engine, request_id, n, session)
+        layerwise = self.streams_layerwise(n)
         stream = engine.open_stream(request_id)
-        self._open.add(request_id)
-        item = None
+        self._streamers[request_id], self._sessions[request_id] = streamer, session
+        handed_off = False
         try:
             await engine.call(lambda e: e.add_request(
-                request_id, prompt_token_ids, params, prefill_only=True))
+                request_id, prompt_token_ids, params, prefill_only=True,
+                on_layer_kv=streamer if layerwise else None))
             item = await stream.get()
             if isinstance(item, BaseException):
                 raise item
-            if not isinstance(item, Prefilled):
+            if item.finish_reason == "abort":
                 raise RequestAborted(f"request {request_id} was aborted during prefill")
-            prefilled = time.perf_counter()
-            await self._hand_off(request_id, item, kv_address)
-            return PrefillResult(item.output.token_ids, item.output.num_cached_tokens,
-                                 prefilled - started, time.perf_counter() - prefilled)
+            prefilled = self._computed_at.pop(request_id, time.perf_counter())
+            await session.finish(Handoff(request_id, item.token_ids),
+                                 timeout=self.config.handoff_timeout_s)
+            handed_off = True
+            self.handoffs[f"{receiver.transport}/{'layerwise' if layerwise else 'onepiece'}"] += 1
+            return PrefillResult(item.token_ids, item.num_cached_tokens, prefilled - started,
+                                 time.perf_counter() - prefilled, receiver.transport, layerwise)
         finally:
-            self._open.discard(request_id)
+            if not handed_off:
+                await session.abort()
+            del self._streamers[request_id], self._sessions[request_id]
+            self._computed_at.pop(request_id, None)
             engine.close_stream(request_id)
-            if not isinstance(item, Prefilled):  # failed or aborted before the export
-                await engine.call(lambda e: e.abort(request_id))
+            await engine.call(lambda e: e.abort(request_id))  # frees the blocks
 
-    def on_output(self, engine: LLMEngine, output: RequestOutput) -> Prefilled:
-        kv = engine.export_kv(output.request_id)
-        engine.release(output.request_id)
-        return Prefilled(output, kv)
+    def on_output(self, engine: LLMEngine, output: RequestOutput) -> RequestOutput:
+        streamer = self._streamers.get(output.request_id)
+        if streamer is not None and output.finish_reason != "abort":
+            # The handoff's exposed time starts here, when compute ends, not when the event
+            # loop gets to it: by then it may have copied much of the KV already.
+            self._computed_at[output.request_id] = time.perf_counter()
+            streamer.post_rest()  # before the next step can touch anything
+        return output
 
-    async def _hand_off(self, request_id: str, item: Prefilled, kv_address: str) -> None:
-        handoff, kv = Handoff(request_id, item.output.token_ids), item.kv
-        for attempt in range(1, HANDOFF_ATTEMPTS + 1):
-            try:
-                await self.transport.send(kv_address, handoff, kv, self._engine.engine.fingerprint,
-                                          timeout=self.config.handoff_timeout_s)
-                return
-            except TransferError as e:
-                if not e.retryable or attempt == HANDOFF_ATTEMPTS:
-                    raise
-                logger.warning("request %s: handoff attempt %d failed (%s); retrying",
-                               request_id, attempt, e)
+    async def abort(self, request_id: str) -> bool:
+        session = self._sessions.get(request_id)
+        if session is not None:
+            await session.abort()  # no more reads of the blocks before they are freed
+        return await super().abort(request_id)
 
     def num_open_requests(self) -> int:
-        return len(self._open)
+        return len(self._sessions)
 
     async def shutdown(self) -> None:
-        await self.transport.close()
+        for transport in self.transports.values():
+            await transport.close()
         await super().shutdown()

@@ -6,6 +6,7 @@ protoc names modules after the proto path (`tandem.v1.x_pb2`); the stubs live in
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -22,12 +23,15 @@ def proto_files() -> list[Path]:
 
 
 def protoc(*args: str) -> None:
-    from grpc_tools import protoc as grpc_protoc  # build-time tool, not a runtime dependency
-
-    include = str(Path(grpc_protoc.__file__).parent / "_proto")
-    argv = ["protoc", f"-I{PROTO_ROOT}", f"-I{include}", *args,
+    """Run grpc_tools' protoc in a child process: its bundled protobuf runtime must not share
+    a process with NIXL's (they crash each other), and tests import both."""
+    spec = importlib.util.find_spec("grpc_tools")  # build-time tool, not a runtime dependency
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("grpc_tools is not installed: pip install grpcio-tools")
+    include = str(Path(spec.submodule_search_locations[0]) / "_proto")
+    argv = [sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{include}", *args,
             *(str(p.relative_to(PROTO_ROOT)) for p in proto_files())]
-    if grpc_protoc.main(argv) != 0:
+    if subprocess.run(argv, check=False).returncode != 0:
         raise SystemExit(f"protoc failed: {' '.join(argv)}")
 
 

@@ -1,23 +1,31 @@
-"""The KV transport interface: how a prefill worker hands a request's KV to a decode worker.
+"""The KV transport interface: how a prefill worker moves a request's KV into the blocks a
+decode worker reserved for it.
 
-A receiver is started with the identity of the KV it accepts and a sink that takes each
-request's checked KV (the decode worker writes it into the request's reserved blocks). Senders
-address receivers by the string the receiver returned from `start_receiver`. Every transport
-(gRPC now, NIXL next) implements this and passes the same conformance tests.
+Receiver (decode worker): `start_receiver(host, identity, cache, sink)` exposes its block pool
+and returns a `ReceiverInfo` that travels to senders through the control path (Ray). KV is
+written straight into the request's reserved blocks; the sink says which blocks those are and
+adopts the request once every piece has arrived and checked out.
+
+Sender (prefill worker): `open_session(cache, fingerprint, target, request_id)` returns a
+`SendSession`. The engine thread `post`s pieces (layers x blocks of the sender's pool) as they
+are computed; `finish(handoff, timeout)` waits until all of them landed and the receiver took
+the request. Every transport (gRPC, NIXL) implements this and passes the same conformance tests.
 """
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from tandem.engine.kv_cache import KVBlocks, KVSpec
+from tandem.engine.kv_cache import KVCache, KVSpec
+from tandem.faults import Faults, active_faults
+from tandem.transfer.errors import TransferUnavailable
 
 
 @dataclass(frozen=True)
 class Handoff:
-    """What travels with the KV: which request, and the tokens the prefill worker sampled."""
+    """What completes a transfer: which request, and the tokens the prefill worker sampled."""
 
     request_id: str
     output_token_ids: list[int]
@@ -32,24 +40,95 @@ class KVIdentity:
     max_tokens: int  # the receiver's context length: larger KV is refused before it is read
 
 
-# Takes a checked handoff; raising TransferRejected (or ValueError) refuses it.
-KVSink = Callable[[Handoff, KVBlocks], Awaitable[None]]
+@dataclass(frozen=True)
+class ReceiverInfo:
+    """How senders reach one receiver; `blob` is transport-private (NIXL agent metadata)."""
+
+    transport: str
+    address: str
+    blob: bytes = b""
+
+
+@dataclass(frozen=True)
+class KVTarget:
+    """Where a request's KV goes: a receiver and the blocks reserved there, in order."""
+
+    receiver: ReceiverInfo
+    block_ids: tuple[int, ...]
+    num_tokens: int
+
+
+class KVSink(ABC):
+    """The receiving worker's side of a transfer."""
+
+    @abstractmethod
+    def blocks_of(self, request_id: str) -> list[int] | None:
+        """The blocks reserved for `request_id`, or None when it holds none (unknown, aborted,
+        already adopted): its KV must not be written then."""
+
+    def expecting(self) -> bool:
+        """Whether KV may arrive soon (blocks are reserved): receivers then poll eagerly."""
+        return False
+
+    def piece_arrived(self, request_id: str, layers: range) -> None:
+        """A piece landed and checked out (for timing; the default ignores it)."""
+        return None
+
+    @abstractmethod
+    async def complete(self, handoff: Handoff) -> None:
+        """Every piece is in the blocks and checked: start the request. Raising
+        TransferRejected (or ValueError) refuses it."""
+
+
+class SendSession(ABC):
+    """One request's transfer, on the sender. `post` is called from the engine thread."""
+
+    @abstractmethod
+    def post(self, layers: range, first_block: int, src_blocks: list[int]) -> None:
+        """Send `layers` of the request's blocks [first_block, first_block + len(src_blocks)),
+        which sit in the sender's pool at `src_blocks`. Their KV must stay put until `finish`
+        or `abort` returns."""
+
+    @abstractmethod
+    async def finish(self, handoff: Handoff, timeout: float) -> None:
+        """Wait (at most `timeout` s) for every posted piece to land, then hand the request
+        over. Raises TransferUnavailable, TransferRejected or TransferCorrupted."""
+
+    @abstractmethod
+    async def abort(self) -> None:
+        """Stop: no more writes into the target, and tell the receiver so when possible."""
 
 
 class KVTransport(ABC):
     name: str
 
     @abstractmethod
-    async def start_receiver(self, host: str, identity: KVIdentity, sink: KVSink) -> str:
-        """Start accepting KV on `host`; returns the address senders use."""
+    async def start_receiver(self, host: str, identity: KVIdentity, cache: KVCache,
+                             sink: KVSink) -> ReceiverInfo:
+        """Start accepting KV into `cache` on `host`."""
 
     @abstractmethod
-    async def send(self, address: str, handoff: Handoff, kv: KVBlocks, fingerprint: str,
-                   timeout: float) -> None:
-        """Deliver `kv` to the receiver at `address`; returns once the sink has taken it.
+    async def settled(self, request_id: str, timeout: float) -> None:
+        """Return once no sender can write into `request_id`'s blocks any more (after the
+        sink stopped naming them), or after `timeout`. Blocks are freed only then."""
 
-        Raises TransferUnavailable (may retry) or TransferRejected (do not retry)."""
+    @abstractmethod
+    def open_session(self, cache: KVCache, fingerprint: str, target: KVTarget,
+                     request_id: str) -> SendSession:
+        """Start sending one request's KV from `cache` to `target`."""
 
     @abstractmethod
     async def close(self) -> None:
         """Stop the receiver and drop connections."""
+
+
+
+async def apply_send_faults(request_id: str) -> bool:
+    """Injected transfer faults (TANDEM_FAULTS) at the start of a handoff: sleeps for
+    transfer.delay, raises for transfer.fail; True when this transfer should be corrupted."""
+    faults = active_faults()
+    if faults.transfer_delay:
+        await asyncio.sleep(faults.transfer_delay)
+    if Faults.hit(faults.transfer_fail):
+        raise TransferUnavailable(f"request {request_id}: injected transfer.fail")
+    return Faults.hit(faults.transfer_corrupt)

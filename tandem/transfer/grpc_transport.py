@@ -1,31 +1,50 @@
-"""KV handoff over a gRPC client stream: the `Handoff` with the KV header, then payload chunks.
+"""KV handoff over a gRPC client stream: Begin, pieces (header + payload bytes), End.
 
-The receiver checks the header against the model and layout it serves before taking any
-payload, and the checksum before handing the KV to its sink.
+The sender streams each piece as soon as the engine posts it, so a layer's KV is on the wire
+while the next layers compute. The receiver checks the KV header against the model and layout
+it serves before taking any piece, and each piece's checksum before writing it into the
+request's reserved blocks; the reply comes once the sink has taken the request.
 
 Payload messages skip protobuf's object layer on both ends: the sender writes each `KVChunk`
-in its wire form (field tag, length, bytes) straight from the KV tensor, and the receiver copies
-the bytes after the tag and length straight into its buffer. That saves three of five copies of
-the KV: 2000 tokens of bf16 KV (46 MB) between two processes took ~125 ms per send (median of
-20, two A/B rounds) through protobuf messages and ~95 ms this way; a memcpy takes ~16 ms.
-The handoff message is an ordinary `KVChunk`.
+in its wire form (field tag, length, bytes) straight from the gathered blocks, and the receiver
+copies the bytes after the tag and length straight into its buffer. That saved three of five
+copies: 2000 tokens of bf16 KV (46 MB) between two processes took ~125 ms per send through
+protobuf messages and ~95 ms this way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 
 import grpc
+import numpy as np
+import torch
 from google.protobuf.message import DecodeError
 
-from tandem.engine.kv_cache import KVBlocks
-from tandem.faults import Faults, active_faults
-from tandem.kv_store.errors import KVChecksumError, KVFormatError
-from tandem.kv_store.kv_object import KVHeader, decode_kv, encode_kv
+from tandem.engine.kv_cache import KVCache, KVSpec
+from tandem.kv_store.errors import KVFormatError
+from tandem.kv_store.kv_object import KVHeader
 from tandem.proto.v1 import kv_transfer_pb2 as pb
-from tandem.transfer.base import Handoff, KVIdentity, KVSink, KVTransport
+from tandem.transfer.base import (
+    Handoff,
+    KVIdentity,
+    KVSink,
+    KVTarget,
+    KVTransport,
+    ReceiverInfo,
+    SendSession,
+    apply_send_faults,
+)
 from tandem.transfer.errors import TransferCorrupted, TransferRejected, TransferUnavailable
+from tandem.transfer.layout import (
+    Piece,
+    Reception,
+    checksum_bytes,
+    combined_checksum,
+    split_layers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +54,15 @@ _OPTIONS = [("grpc.max_receive_message_length", 4 * CHUNK_BYTES),
 SERVICE = pb.DESCRIPTOR.services_by_name["KVTransfer"].full_name
 PUSH_KV = f"/{SERVICE}/PushKV"
 _PAYLOAD_TAG = bytes([pb.KVChunk.PAYLOAD_FIELD_NUMBER << 3 | 2])  # length-delimited field
-_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+              grpc.StatusCode.CANCELLED}
+_END = object()
+
+
+def kv_header(fingerprint: str, target: KVTarget, spec: KVSpec, checksum: int = 0) -> KVHeader:
+    n = target.num_tokens
+    return KVHeader(fingerprint, spec, n, spec.num_blocks_for(n) * spec.bytes_per_block,
+                    checksum)
 
 
 class GrpcTransport(KVTransport):
@@ -45,37 +72,27 @@ class GrpcTransport(KVTransport):
         self._server: grpc.aio.Server | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    async def start_receiver(self, host: str, identity: KVIdentity, sink: KVSink) -> str:
+    async def start_receiver(self, host: str, identity: KVIdentity, cache: KVCache,
+                             sink: KVSink) -> ReceiverInfo:
         self._server = grpc.aio.server(options=_OPTIONS)
         handler = grpc.stream_unary_rpc_method_handler(
-            _Receiver(identity, sink).PushKV, request_deserializer=None,
+            _Receiver(identity, cache, sink).PushKV, request_deserializer=None,
             response_serializer=pb.PushKVReply.SerializeToString)
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             SERVICE, {"PushKV": handler}),))
         port = self._server.add_insecure_port(f"{host}:0")
         await self._server.start()
-        return f"{host}:{port}"
+        return ReceiverInfo(self.name, f"{host}:{port}")
 
-    async def send(self, address: str, handoff: Handoff, kv: KVBlocks, fingerprint: str,
-                   timeout: float) -> None:
-        faults = active_faults()
-        if faults.transfer_delay:
-            await asyncio.sleep(faults.transfer_delay)
-        if Faults.hit(faults.transfer_fail):
-            raise TransferUnavailable(f"request {handoff.request_id}: injected transfer.fail")
-        header, payload = await asyncio.to_thread(encode_kv, kv, fingerprint)
-        corrupt = Faults.hit(faults.transfer_corrupt)
-        push = self._channel(address).stream_unary(
-            PUSH_KV, request_serializer=None, response_deserializer=pb.PushKVReply.FromString)
-        try:
-            await push(_wire_chunks(handoff, header, payload, corrupt), timeout=timeout)
-        except grpc.aio.AioRpcError as e:
-            what = f"KV handoff to {address} failed: {e.details()}"
-            if e.code() in _RETRYABLE:
-                raise TransferUnavailable(what) from None
-            if e.code() == grpc.StatusCode.DATA_LOSS:
-                raise TransferCorrupted(what) from None
-            raise TransferRejected(what) from None
+    # Writes happen on the event loop right after the sink named the blocks, so once it stops
+    # naming them nothing more lands: there is nothing to wait for.
+    async def settled(self, request_id: str, timeout: float) -> None:
+        return None
+
+    def open_session(self, cache: KVCache, fingerprint: str, target: KVTarget,
+                     request_id: str) -> SendSession:
+        return _GrpcSession(self._channel(target.receiver.address), cache, fingerprint, target,
+                            request_id)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
@@ -91,16 +108,105 @@ class GrpcTransport(KVTransport):
             self._server = None
 
 
-def _wire_chunks(handoff: Handoff, header: KVHeader, payload: memoryview, corrupt: bool):
-    yield pb.KVChunk(handoff=pb.Handoff(
-        request_id=handoff.request_id, kv_header=header.encode(),
-        output_token_ids=handoff.output_token_ids)).SerializeToString()
-    for offset in range(0, len(payload), CHUNK_BYTES):
-        piece = payload[offset:offset + CHUNK_BYTES]
-        wire = b"".join((_PAYLOAD_TAG, _varint(len(piece)), piece))
-        if corrupt and offset == 0:
-            wire = wire[:-1] + bytes([wire[-1] ^ 0x01])  # one bit flipped in transit
-        yield wire
+class _GrpcSession(SendSession):
+    """Pieces go on a queue (from the engine thread); the stream starts with the first one."""
+
+    def __init__(self, channel: grpc.aio.Channel, cache: KVCache, fingerprint: str,
+                 target: KVTarget, request_id: str) -> None:
+        self.channel, self.cache, self.target = channel, cache, target
+        self.request_id, self.fingerprint = request_id, fingerprint
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._call: asyncio.Task | None = None
+        self._pieces: list[Piece] = []
+        self._corrupt = False
+        self._aborted = False
+
+    def post(self, layers: range, first_block: int, src_blocks: list[int]) -> None:
+        self._loop.call_soon_threadsafe(self._enqueue, (layers, first_block, list(src_blocks)))
+
+    def _enqueue(self, item) -> None:
+        if self._aborted:
+            return
+        self._queue.put_nowait(item)
+        if self._call is None:
+            push = self.channel.stream_unary(
+                PUSH_KV, request_serializer=None, response_deserializer=pb.PushKVReply.FromString)
+            self._call = asyncio.ensure_future(push(self._messages()))
+            self._call.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    async def finish(self, handoff: Handoff, timeout: float) -> None:
+        self._corrupt = await apply_send_faults(self.request_id)
+        await asyncio.sleep(0)  # run the posts already scheduled on the loop before the End
+        if self._aborted:
+            raise TransferRejected(f"request {self.request_id}: the handoff was aborted")
+        self._enqueue(handoff)
+        self._enqueue(_END)
+        try:
+            await asyncio.wait_for(asyncio.shield(self._call), timeout)
+        except asyncio.CancelledError:
+            if not self._aborted:
+                raise
+            raise TransferRejected(f"request {self.request_id}: the handoff was aborted") \
+                from None
+        except TimeoutError:
+            self._call.cancel()
+            raise TransferUnavailable(f"KV handoff to {self.target.receiver.address} took "
+                                      f"longer than {timeout:.1f}s") from None
+        except grpc.aio.AioRpcError as e:
+            raise _transfer_error(e, self.target.receiver.address) from None
+
+    async def abort(self) -> None:
+        self._aborted = True
+        if self._call is not None and not self._call.done():
+            self._call.cancel()
+
+    async def _messages(self) -> AsyncIterator[bytes]:
+        spec = self.cache.spec
+        yield pb.KVChunk(begin=pb.Begin(
+            request_id=self.request_id,
+            kv_header=kv_header(self.fingerprint, self.target, spec).encode())).SerializeToString()
+        handoff = None
+        while (item := await self._queue.get()) is not _END:
+            if isinstance(item, Handoff):
+                handoff = item
+                continue
+            layers, first_block, src_blocks = item
+            for part in split_layers(spec, layers, len(src_blocks)):
+                async for wire in self._piece(part, first_block, src_blocks):
+                    yield wire
+        header = kv_header(self.fingerprint, self.target, spec, combined_checksum(self._pieces))
+        yield pb.KVChunk(end=pb.End(kv_header=header.encode(),
+                                    output_token_ids=handoff.output_token_ids)).SerializeToString()
+
+
+    async def _piece(self, layers: range, first_block: int, src_blocks: list[int]) \
+            -> AsyncIterator[bytes]:
+        """A piece's header, then its bytes in wire-form payload chunks."""
+        data = await asyncio.to_thread(self.cache.gather, layers, src_blocks)
+        payload = memoryview(data.view(torch.uint8).view(-1).numpy())
+        piece = Piece(layers, first_block, len(src_blocks),
+                      await asyncio.to_thread(checksum_bytes, payload))
+        self._pieces.append(piece)
+        yield pb.KVChunk(piece=pb.PieceHeader(
+            first_layer=layers.start, num_layers=len(layers), first_block=first_block,
+            num_blocks=piece.num_blocks, checksum=piece.checksum)).SerializeToString()
+        for offset in range(0, len(payload), CHUNK_BYTES):
+            part = payload[offset:offset + CHUNK_BYTES]
+            wire = b"".join((_PAYLOAD_TAG, _varint(len(part)), part))
+            if self._corrupt:
+                self._corrupt = False
+                wire = wire[:-1] + bytes([wire[-1] ^ 0x01])  # one bit flipped in transit
+            yield wire
+
+
+def _transfer_error(e: grpc.aio.AioRpcError, address: str) -> Exception:
+    what = f"KV handoff to {address} failed: {e.details()}"
+    if e.code() in _RETRYABLE:
+        return TransferUnavailable(what)
+    if e.code() == grpc.StatusCode.DATA_LOSS:
+        return TransferCorrupted(what)
+    return TransferRejected(what)
 
 
 def _varint(n: int) -> bytes:
@@ -112,10 +218,10 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
-def _payload_view(wire: bytes) -> memoryview:
-    """The bytes of a wire-form `KVChunk{payload}`; ValueError if it is anything else."""
+def _payload_view(wire: bytes) -> memoryview | None:
+    """The bytes of a wire-form `KVChunk{payload}`; None if it is another message."""
     if not wire or wire[0] != _PAYLOAD_TAG[0]:
-        raise ValueError("expected a payload chunk")
+        return None
     length, shift, i = 0, 0, 1
     while True:
         if i >= len(wire) or shift > 35:
@@ -131,50 +237,139 @@ def _payload_view(wire: bytes) -> memoryview:
 
 
 class _Receiver:
-    def __init__(self, identity: KVIdentity, sink: KVSink) -> None:
-        self.identity, self.sink = identity, sink
+    def __init__(self, identity: KVIdentity, cache: KVCache, sink: KVSink) -> None:
+        self.identity, self.cache, self.sink = identity, cache, sink
 
     async def PushKV(self, request_iterator, context: grpc.aio.ServicerContext) \
             -> pb.PushKVReply:
-        raw = await anext(aiter(request_iterator), None)
         try:
-            first = pb.KVChunk.FromString(raw or b"")
-        except DecodeError:
-            first = pb.KVChunk()
-        if not first.HasField("handoff"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "stream must open with a Handoff")
-        handoff = Handoff(first.handoff.request_id, list(first.handoff.output_token_ids))
+            return await self._receive(aiter(request_iterator))
+        except _Refused as e:
+            if e.code == grpc.StatusCode.DATA_LOSS:
+                logger.warning("%s", e.message)
+            await context.abort(e.code, e.message)
+
+    async def _receive(self, stream) -> pb.PushKVReply:
+        begin = _message(await anext(stream, None))
+        if begin.WhichOneof("part") != "begin":
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "stream must open with a Begin")
+        request_id = begin.begin.request_id
+        header = self._check_header(begin.begin.kv_header)
+        reception = Reception(header.spec, header.num_tokens)
+        if self._blocks(request_id, reception) is None:
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"request {request_id}: no KV blocks are reserved for it here")
+        piece, buf, filled = None, bytearray(), 0
+        async for wire in stream:
+            try:
+                part = _payload_view(wire)
+            except ValueError as e:
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            if part is not None:
+                if piece is None or filled + len(part) > len(buf):
+                    raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                                   "payload bytes beyond the current piece")
+                buf[filled:filled + len(part)] = part
+                filled += len(part)
+                if filled == len(buf):
+                    await self._write(request_id, reception, piece, buf)
+                    piece = None
+                continue
+            if piece is not None:
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"piece cut short: {filled} of {len(buf)} bytes")
+            message = _message(wire)
+            kind = message.WhichOneof("part")
+            if kind == "piece":
+                piece, filled = self._start_piece(message.piece, reception), 0
+                buf = bytearray(piece.num_bytes(reception.spec))
+            elif kind == "end":
+                handoff = Handoff(request_id, list(message.end.output_token_ids))
+                self._check_end(message.end.kv_header, header, reception)
+                try:
+                    await self.sink.complete(handoff)
+                except (TransferRejected, ValueError) as e:
+                    raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+                return pb.PushKVReply()
+            else:
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {kind} message")
+        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "stream ended before its End")
+
+    def _check_header(self, raw: bytes) -> KVHeader:
         try:
-            header = KVHeader.decode(first.handoff.kv_header)
+            header = KVHeader.decode(raw)
             header.check_compatible(self.identity.fingerprint, self.identity.spec)
         except KVFormatError as e:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
         if header.num_tokens > self.identity.max_tokens:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"KV of {header.num_tokens} tokens exceeds the context "
-                                f"({self.identity.max_tokens})")
-        buf, filled = bytearray(header.payload_bytes), 0
-        async for wire in request_iterator:
-            try:
-                piece = _payload_view(wire)
-            except ValueError as e:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            n = len(piece)
-            if filled + n > len(buf):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    "KV payload longer than its header says")
-            buf[filled:filled + n] = piece
-            filled += n
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"KV of {header.num_tokens} tokens exceeds the context "
+                           f"({self.identity.max_tokens})")
+        return header
+
+    def _blocks(self, request_id: str, reception: Reception) -> list[int] | None:
+        blocks = self.sink.blocks_of(request_id)
+        if blocks is not None and len(blocks) < reception.num_blocks:
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"request {request_id}: {len(blocks)} blocks reserved, the KV "
+                           f"needs {reception.num_blocks}")
+        return blocks
+
+    @staticmethod
+    def _start_piece(header: pb.PieceHeader, reception: Reception) -> Piece:
+        piece = Piece(range(header.first_layer, header.first_layer + header.num_layers),
+                      header.first_block, header.num_blocks, header.checksum)
         try:
-            kv = await asyncio.to_thread(
-                decode_kv, header, memoryview(buf)[:filled] if filled < len(buf) else buf)
-        except KVChecksumError as e:
-            logger.warning("request %s: %s", handoff.request_id, e)
-            await context.abort(grpc.StatusCode.DATA_LOSS, str(e))
+            reception.check(piece)
+        except ValueError as e:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        return piece
+
+    async def _write(self, request_id: str, reception: Reception, piece: Piece,
+                     buf: bytearray) -> None:
+        if await asyncio.to_thread(checksum_bytes, buf) != piece.checksum:
+            raise _Refused(grpc.StatusCode.DATA_LOSS,
+                           f"request {request_id}: KV checksum mismatch in layers "
+                           f"{piece.layers.start}..{piece.layers.stop}: the data was corrupted")
+        blocks = self._blocks(request_id, reception)  # again: it may have been aborted since
+        if blocks is None:
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"request {request_id}: its reserved blocks were released")
+        data = _as_tensor(buf, reception.spec, piece)
+        self.cache.scatter(piece.layers, [blocks[b] for b in piece.blocks], data)
+        reception.add(piece)
+        self.sink.piece_arrived(request_id, piece.layers)
+
+    @staticmethod
+    def _check_end(raw: bytes, begin: KVHeader, reception: Reception) -> None:
+        try:
+            end = KVHeader.decode(raw)
         except KVFormatError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        try:
-            await self.sink(handoff, kv)
-        except (TransferRejected, ValueError) as e:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        return pb.PushKVReply()
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        if (end.fingerprint, end.spec, end.num_tokens) != \
+                (begin.fingerprint, begin.spec, begin.num_tokens):
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "End header differs from Begin")
+        if reception.missing():
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{reception.missing()} (layer, block) regions never arrived")
+        if combined_checksum(reception.pieces) != end.checksum:
+            raise _Refused(grpc.StatusCode.DATA_LOSS, "KV checksum mismatch over the transfer")
+
+
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def _message(raw: bytes | None) -> pb.KVChunk:
+    try:
+        return pb.KVChunk.FromString(raw or b"")
+    except DecodeError:
+        return pb.KVChunk()
+
+
+def _as_tensor(buf: bytearray, spec: KVSpec, piece: Piece) -> torch.Tensor:
+    flat = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8))
+    return flat.view(spec.torch_dtype).view(
+        len(piece.layers), 2, piece.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)

@@ -6,23 +6,47 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class Handoff(_message.Message):
-    __slots__ = ("request_id", "kv_header", "output_token_ids")
+class Begin(_message.Message):
+    __slots__ = ("request_id", "kv_header")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     KV_HEADER_FIELD_NUMBER: _ClassVar[int]
-    OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     kv_header: bytes
+    def __init__(self, request_id: _Optional[str] = ..., kv_header: _Optional[bytes] = ...) -> None: ...
+
+class PieceHeader(_message.Message):
+    __slots__ = ("first_layer", "num_layers", "first_block", "num_blocks", "checksum")
+    FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    first_layer: int
+    num_layers: int
+    first_block: int
+    num_blocks: int
+    checksum: int
+    def __init__(self, first_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
+
+class End(_message.Message):
+    __slots__ = ("kv_header", "output_token_ids")
+    KV_HEADER_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    kv_header: bytes
     output_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[str] = ..., kv_header: _Optional[bytes] = ..., output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(self, kv_header: _Optional[bytes] = ..., output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class KVChunk(_message.Message):
-    __slots__ = ("handoff", "payload")
-    HANDOFF_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("begin", "payload", "piece", "end")
+    BEGIN_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
-    handoff: Handoff
+    PIECE_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    begin: Begin
     payload: bytes
-    def __init__(self, handoff: _Optional[_Union[Handoff, _Mapping]] = ..., payload: _Optional[bytes] = ...) -> None: ...
+    piece: PieceHeader
+    end: End
+    def __init__(self, begin: _Optional[_Union[Begin, _Mapping]] = ..., payload: _Optional[bytes] = ..., piece: _Optional[_Union[PieceHeader, _Mapping]] = ..., end: _Optional[_Union[End, _Mapping]] = ...) -> None: ...
 
 class PushKVReply(_message.Message):
     __slots__ = ()

@@ -45,9 +45,12 @@ class KVTransferServicer:
     """Missing associated documentation comment in .proto file."""
 
     def PushKV(self, request_iterator, context):
-        """Stream one request's KV: the first message is the handoff, the rest are payload bytes.
-        The receiver checks the KV header (format, model fingerprint, layout, checksum) before
-        writing into the blocks reserved for the request.
+        """Stream one request's KV straight into the blocks the receiver reserved for it:
+        Begin, then per piece a PieceHeader followed by its payload bytes, then End.
+        Pieces are sent as the prefill computes them (layer by layer) or all at once. The receiver
+        checks the KV header (format, model fingerprint, layout) before taking any piece, each
+        piece's checksum before writing it into the blocks, and at End that every block of every
+        layer arrived once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

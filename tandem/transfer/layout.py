@@ -1,0 +1,127 @@
+"""Pieces of a request's KV: where they sit in pool memory, their checksums, and the receiver's
+record of which pieces arrived.
+
+A piece is `layers` x the request's blocks [first_block, first_block + num_blocks). Its bytes,
+in order, are layer by layer, K then V, block by block: exactly what `KVCache.gather` returns,
+so a gRPC payload and the memory a NIXL WRITE fills hash the same. A whole transfer is checked
+by each piece's XXH3-64 and, in the KV header, the XXH3-64 of all piece checksums in
+(layer, block) order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import xxhash
+
+from tandem.engine.kv_cache import KVCache, KVSpec
+
+Run = tuple[int, int, int]  # (source offset, destination offset, bytes)
+
+
+@dataclass(frozen=True)
+class Piece:
+    layers: range
+    first_block: int
+    num_blocks: int
+    checksum: int = 0
+
+    def num_bytes(self, spec: KVSpec) -> int:
+        return len(self.layers) * 2 * self.num_blocks * spec.bytes_per_region
+
+    @property
+    def blocks(self) -> range:
+        return range(self.first_block, self.first_block + self.num_blocks)
+
+
+SPLIT_BYTES = 4 << 20
+
+
+def split_layers(spec: KVSpec, layers: range, num_blocks: int,
+                 max_bytes: int = SPLIT_BYTES) -> list[range]:
+    """`layers` cut into groups of at most `max_bytes` of KV (at least one layer each), so a
+    big piece travels as several, each checked on arrival while the next is on its way."""
+    per_layer = 2 * num_blocks * spec.bytes_per_region
+    step = max(1, max_bytes // max(per_layer, 1))
+    return [range(lo, min(lo + step, layers.stop)) for lo in range(layers.start, layers.stop, step)]
+
+
+def paired_runs(spec: KVSpec, layers: range, src_pool_blocks: int, src_ids: list[int],
+                dst_pool_blocks: int, dst_ids: list[int]) -> list[Run]:
+    """Contiguous byte runs that copy a piece from one pool to another, in piece order;
+    blocks adjacent in both pools are merged into one run."""
+    region, n = spec.bytes_per_region, len(src_ids)
+    runs: list[Run] = []
+    for layer in layers:
+        for kv in (0, 1):
+            src_base = (layer * 2 + kv) * src_pool_blocks
+            dst_base = (layer * 2 + kv) * dst_pool_blocks
+            start = 0
+            for i in range(1, n + 1):
+                if i == n or src_ids[i] != src_ids[i - 1] + 1 or dst_ids[i] != dst_ids[i - 1] + 1:
+                    runs.append(((src_base + src_ids[start]) * region,
+                                 (dst_base + dst_ids[start]) * region, (i - start) * region))
+                    start = i
+    return runs
+
+
+def piece_checksum(cache: KVCache, layers: range, block_ids: list[int]) -> int:
+    """XXH3-64 of a piece as it sits in `cache` at `block_ids`."""
+    if cache.data.device.type != "cpu":  # device memory: hash a host copy
+        return checksum_bytes(cache.gather(layers, block_ids).cpu())
+    pool = memoryview(cache.data.view(torch.uint8).view(-1).numpy())
+    digest = xxhash.xxh3_64()
+    for offset, _, size in paired_runs(cache.spec, layers, cache.num_blocks, block_ids,
+                                       cache.num_blocks, block_ids):
+        digest.update(pool[offset:offset + size])
+    return digest.intdigest()
+
+
+def checksum_bytes(data: torch.Tensor | bytes | bytearray | memoryview) -> int:
+    if isinstance(data, torch.Tensor):
+        data = memoryview(data.contiguous().view(torch.uint8).view(-1).numpy())
+    return xxhash.xxh3_64_intdigest(data)
+
+
+def combined_checksum(pieces: list[Piece]) -> int:
+    """The checksum of a whole transfer: over its piece checksums in (layer, block) order."""
+    ordered = sorted(pieces, key=lambda p: (p.layers.start, p.first_block))
+    return xxhash.xxh3_64_intdigest(b"".join(p.checksum.to_bytes(8, "little") for p in ordered))
+
+
+class Reception:
+    """The receiver's record of one request's incoming KV: every (layer, block) must arrive
+    exactly once and check out before the request may start."""
+
+    def __init__(self, spec: KVSpec, num_tokens: int) -> None:
+        self.spec, self.num_tokens = spec, num_tokens
+        self.num_blocks = spec.num_blocks_for(num_tokens)
+        self._seen = bytearray(spec.num_layers * self.num_blocks)
+        self.pieces: list[Piece] = []
+        self.error: str | None = None  # set when a piece failed its check
+
+    def check(self, piece: Piece) -> None:
+        """Raise ValueError unless `piece` lies inside the request and is new."""
+        layers, blocks = piece.layers, piece.blocks
+        if not (0 <= layers.start < layers.stop <= self.spec.num_layers) \
+                or not (0 <= blocks.start < blocks.stop <= self.num_blocks):
+            raise ValueError(f"piece layers {layers.start}..{layers.stop} x blocks "
+                             f"{blocks.start}..{blocks.stop} lies outside the request's KV "
+                             f"({self.spec.num_layers} layers x {self.num_blocks} blocks)")
+        for layer in layers:
+            row = layer * self.num_blocks
+            if any(self._seen[row + b] for b in blocks):
+                raise ValueError(f"piece overlaps KV already received (layer {layer})")
+
+    def add(self, piece: Piece) -> None:
+        self.check(piece)
+        for layer in piece.layers:
+            row = layer * self.num_blocks
+            self._seen[row + piece.first_block:row + piece.first_block + piece.num_blocks] = \
+                b"\x01" * piece.num_blocks
+        self.pieces.append(piece)
+
+    def missing(self) -> int:
+        """(layer, block) regions not received yet."""
+        return self._seen.count(0)
