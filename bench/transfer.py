@@ -170,8 +170,8 @@ async def exposed(worker: PrefillWorker, decode: Decode, transport: str, n: int,
     """(prefill s, exposed handoff s) of one real prefill."""
     prompt = prompt_of(n, hash(request_id) % 2**31)
     blocks = await decode.ask("reserve", request_id, prompt)
-    receivers = tuple(r for r in decode.receivers if r.transport == transport)
-    result = await worker.prefill(request_id, prompt, ONE_TOKEN, receivers, blocks)
+    receiver = next(r for r in decode.receivers if r.transport == transport)
+    result = await worker.prefill(request_id, prompt, ONE_TOKEN, receiver, blocks)
     assert result.transport == transport
     await decode.ask("forget", request_id)
     return result.prefill_s, result.handoff_s

@@ -58,6 +58,7 @@ class WorkerInfo:
     max_model_len: int
     kv_spec: KVSpec
     kv_receivers: tuple[ReceiverInfo, ...]  # how senders reach this worker (decode workers)
+    kv_transports: tuple[str, ...]  # what this worker sends KV with (prefill workers), best first
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class EngineWorker:
         self.config, self.model_id = config, model_id
         self.engine: AsyncEngine | None = None
         self.kv_receivers: tuple[ReceiverInfo, ...] = ()
+        self.kv_transports: tuple[str, ...] = ()
         self.handoffs: Counter[str] = Counter()
 
     async def start(self) -> WorkerInfo:
@@ -112,7 +114,7 @@ class EngineWorker:
     def info(self) -> WorkerInfo:
         e = self._engine.engine
         return WorkerInfo(self.role, self.model_id, e.fingerprint, e.max_model_len, e.kv_spec,
-                          self.kv_receivers)
+                          self.kv_receivers, self.kv_transports)
 
     @property
     def _engine(self) -> AsyncEngine:

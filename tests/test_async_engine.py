@@ -66,3 +66,25 @@ def test_failed_step_fails_its_requests_and_frees_blocks(make_engine):
     assert isinstance(error, RuntimeError) and "boom" in str(error)
     assert engine.stats().num_free_blocks == engine.stats().num_blocks
     assert not engine.has_unfinished_requests()
+
+
+def test_failed_step_leaves_reserved_requests_to_their_transfer(make_engine):
+    engine = make_engine()
+
+    def broken_step() -> None:
+        raise RuntimeError("boom")
+
+    async def main():
+        runner = AsyncEngine(engine, before_step=broken_step)
+        blocks = await runner.call(lambda e: e.reserve("incoming", list(range(40)), greedy(4)))
+        stream = runner.open_stream("a")
+        await runner.call(lambda e: e.add_request("a", [1, 2, 3], greedy(4)))
+        items = await collect(stream)
+        await runner.close()
+        return blocks, items
+
+    blocks, (error,) = asyncio.run(main())
+    assert isinstance(error, RuntimeError)
+    # KV may still be landing in the reserved blocks: only their owner may free them.
+    assert engine.block_table("incoming") == blocks
+    assert engine.stats().num_reserved == 1

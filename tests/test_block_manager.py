@@ -88,3 +88,17 @@ def test_scheduler_preempts_the_newest_sequence_when_blocks_run_out():
     assert [c.seq.request_id for c in batch] == ["old"]
     assert sched.num_preemptions == 1 and new.num_computed_tokens == 0
     assert sched.waiting[0] is new and not new.block_table
+
+
+def test_blocks_freed_together_come_back_as_one_ascending_run():
+    bm = BlockManager(num_blocks=8, block_size=4, enable_prefix_caching=False)
+    a = seq("a", list(range(16)))
+    assert bm.grow(a, 16) and a.block_table == [0, 1, 2, 3]
+    b = seq("b", list(range(16)))
+    assert bm.grow(b, 16)
+    bm.free_blocks(a)  # back on the free list tail first
+    bm.free_blocks(b)
+    c = seq("c", list(range(32)))
+    assert bm.grow(c, 32)
+    # one run per freed sequence, so a transfer into c moves two contiguous ranges
+    assert c.block_table == [0, 1, 2, 3, 4, 5, 6, 7]

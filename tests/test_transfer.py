@@ -36,7 +36,7 @@ class Sink(KVSink):
     def piece_arrived(self, request_id: str, layers: range) -> None:
         self.arrivals.append((time.monotonic(), layers))
 
-    async def complete(self, handoff: Handoff) -> None:
+    async def complete(self, handoff: Handoff, num_tokens: int) -> None:
         if self.refuse:
             raise TransferRejected(self.refuse)
         self.completed.append(handoff)
@@ -97,7 +97,7 @@ def test_blocks_land_byte_identical_in_the_reserved_blocks(transport, layerwise)
 
 
 def test_kv_of_another_model_is_rejected(transport):
-    with pytest.raises(TransferRejected, match="model"):
+    with pytest.raises(TransferRejected, match="model-b"):
         asyncio.run(exchange(transport, 5, fingerprint="model-b"))
 
 
@@ -239,7 +239,7 @@ def test_grpc_receiver_refuses_malformed_streams(messages):
 
 def test_abort_ends_a_finish_that_waits_for_the_receiver(transport):
     class SlowSink(Sink):
-        async def complete(self, handoff: Handoff) -> None:
+        async def complete(self, handoff: Handoff, num_tokens: int) -> None:
             await asyncio.sleep(30)
 
     async def main():

@@ -31,6 +31,7 @@ from tandem.decode_worker.worker import TokenDelta
 from tandem.engine.errors import OutOfBlocksError
 from tandem.engine.sampling_params import SamplingParams
 from tandem.prefill_worker.worker import PrefillResult, RequestAborted
+from tandem.transfer import TransportUnavailable, choose_receiver, log_fallback
 from tandem.transfer.base import ReceiverInfo
 from tandem.transfer.errors import TransferCorrupted, TransferError, TransferUnavailable
 
@@ -60,6 +61,7 @@ class _Placement:
     decode: Any | None = None  # None while the request waits for KV blocks
     prefill: Any | None = None
     prefill_task: asyncio.Future | None = None
+    transport: str | None = None  # the KV transport the prefill worker was told to use
     aborted: bool = False
 
 
@@ -68,6 +70,7 @@ class Router:
     prefill_workers: list[Any]
     decode_workers: list[Any]  # colocated workers in colocated mode
     kv_receivers: list[tuple[ReceiverInfo, ...]]  # how to reach each decode worker
+    kv_transports: list[tuple[str, ...]]  # what each prefill worker can send with
     colocated: bool
     max_queued_requests: int
     call_timeout_s: float
@@ -122,9 +125,16 @@ class Router:
         if not self.colocated and not placed.aborted:
             index = min(range(len(self.prefill_workers)),
                         key=lambda i: self.queued_prompt_tokens.get(i, 0))
-            placed.prefill = self.prefill_workers[index]
+            try:
+                receiver, reason = choose_receiver(self.kv_transports[index],
+                                                   self.kv_receivers[decode])
+            except TransportUnavailable as e:
+                raise HandoffFailed(str(e)) from None
+            if reason:
+                log_fallback(reason)
+            placed.prefill, placed.transport = self.prefill_workers[index], receiver.transport
             placed.prefill_task = asyncio.ensure_future(
-                self._prefill(index, req, self.kv_receivers[decode], block_ids))
+                self._prefill(index, req, receiver, block_ids))
             # Its error is read in _relay; an aborted request's failed prefill is expected.
             placed.prefill_task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
@@ -159,15 +169,14 @@ class Router:
         return sorted(live, key=lambda i: (-stats[i].engine.num_free_blocks,
                                            stats[i].engine.num_running))
 
-    async def _prefill(self, index: int, req: RoutedRequest,
-                       receivers: tuple[ReceiverInfo, ...], block_ids: list[int]) \
-            -> PrefillResult:
+    async def _prefill(self, index: int, req: RoutedRequest, receiver: ReceiverInfo,
+                       block_ids: list[int]) -> PrefillResult:
         n = len(req.prompt_token_ids)
         self.queued_prompt_tokens[index] = self.queued_prompt_tokens.get(index, 0) + n
         try:
             # No call timeout: a long prompt may queue; the request's deadline bounds this.
             req.prefill = await self.prefill_workers[index].prefill.remote(
-                req.worker_id, req.prompt_token_ids, req.params, receivers, block_ids)
+                req.worker_id, req.prompt_token_ids, req.params, receiver, block_ids)
             req.num_cached_tokens = req.prefill.num_cached_tokens
             return req.prefill
         finally:
@@ -226,10 +235,14 @@ class Router:
             raise _translate(e) from None
 
     async def _abort_on_workers(self, placed: _Placement) -> None:
-        workers = [w for w in (placed.decode, placed.prefill) if w is not None]
+        calls = []
+        if placed.decode is not None:  # it keeps blocks a sender may still write into
+            calls.append(placed.decode.abort.remote(placed.worker_id, placed.transport))
+        if placed.prefill is not None:
+            calls.append(placed.prefill.abort.remote(placed.worker_id))
         results = await asyncio.gather(
-            *(asyncio.wait_for(w.abort.remote(placed.worker_id), self.call_timeout_s)
-              for w in workers), return_exceptions=True)
+            *(asyncio.wait_for(call, self.call_timeout_s) for call in calls),
+            return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 logger.warning("request %s: abort on a worker failed: %r", placed.worker_id,

@@ -54,12 +54,15 @@ class TandemServer:
             asyncio.gather(*(w.start.remote() for w in workers)), WORKER_START_TIMEOUT_S)
         tokenizer, model_config = await tokenizer_task
         _check_agree(infos)
+        kv_transports = [info.kv_transports for info in infos[:len(self.prefill_workers)]]
         kv_receivers = [info.kv_receivers for info in infos[len(self.prefill_workers):]]
         if not c.colocated:
-            logger.warning("KV handoff: %s, %s", c.worker.kv_transport, ", ".join(
-                f"decode worker {i} offers {'+'.join(r.transport for r in receivers)}"
-                for i, receivers in enumerate(kv_receivers)))
-        self.router = Router(self.prefill_workers, self.decode_workers, kv_receivers, c.colocated,
+            logger.warning("KV handoff (--kv-transport %s): prefill workers send with %s; "
+                           "decode workers receive with %s", c.worker.kv_transport,
+                           _ways(kv_transports),
+                           _ways([tuple(r.transport for r in rs) for rs in kv_receivers]))
+        self.router = Router(self.prefill_workers, self.decode_workers, kv_receivers,
+                             kv_transports, c.colocated,
                              c.gateway.max_queued_requests, c.gateway.worker_call_timeout_s)
         model = pb.ModelInfo(id=c.model_id, max_model_len=infos[0].max_model_len,
                              fingerprint=infos[0].fingerprint)
@@ -109,3 +112,7 @@ def _check_agree(infos: list[WorkerInfo]) -> None:
     for info in infos[1:]:
         if (info.fingerprint, info.kv_spec) != (first.fingerprint, first.kv_spec):
             raise RuntimeError(f"workers disagree on the model or KV layout: {first} vs {info}")
+
+
+def _ways(per_worker: list[tuple[str, ...]]) -> str:
+    return ", ".join(sorted({"+".join(names) or "none" for names in per_worker}))

@@ -30,6 +30,12 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Reservation:
+    block_ids: list[int]
+    num_tokens: int  # the prompt's: the KV must cover exactly these
+
+
+@dataclass(frozen=True)
 class TokenDelta:
     token_ids: list[int]  # tokens generated since the previous delta
     finish_reason: str | None = None
@@ -44,7 +50,7 @@ class DecodeWorker(EngineWorker, KVSink):
         super().__init__(config, model_id)
         self.transports: list[KVTransport] = []
         self._num_sent: dict[str, int] = {}  # request -> output tokens already polled
-        self._reserved: dict[str, list[int]] = {}  # request -> its blocks, while KV may land
+        self._reserved: dict[str, Reservation] = {}  # requests whose KV may be landing
 
     async def start(self) -> WorkerInfo:
         names = available_transports(self.config.kv_transport)
@@ -65,7 +71,7 @@ class DecodeWorker(EngineWorker, KVSink):
         when too few are free."""
         blocks = await self._open(
             request_id, lambda e: e.reserve(request_id, prompt_token_ids, params))
-        self._reserved[request_id] = blocks
+        self._reserved[request_id] = Reservation(blocks, len(prompt_token_ids))
         return blocks
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
@@ -85,27 +91,38 @@ class DecodeWorker(EngineWorker, KVSink):
     # -- the transports' sink ------------------------------------------------------------------
 
     def blocks_of(self, request_id: str) -> list[int] | None:
-        return self._reserved.get(request_id)
+        reservation = self._reserved.get(request_id)
+        return reservation.block_ids if reservation else None
 
     def expecting(self) -> bool:
         return bool(self._reserved)
 
-    async def complete(self, handoff: Handoff) -> None:
+    async def complete(self, handoff: Handoff, num_tokens: int) -> None:
         """Every piece of the KV is in the reserved blocks and checked: start decoding."""
         request_id = handoff.request_id
-        if self._reserved.pop(request_id, None) is None:
+        reservation = self._reserved.get(request_id)
+        if reservation is None:
             raise TransferRejected(f"request {request_id}: no KV blocks are reserved for it")
+        if num_tokens != reservation.num_tokens:
+            raise TransferRejected(f"request {request_id}: KV of {num_tokens} tokens for a "
+                                   f"prompt of {reservation.num_tokens}")
+        del self._reserved[request_id]
         try:
             await self._engine.call(lambda e: e.adopt(request_id, None, handoff.output_token_ids),
                                     publish_to=request_id)
         except EngineError as e:
             raise TransferRejected(str(e)) from None
 
-    async def abort(self, request_id: str) -> bool:
-        if self._reserved.pop(request_id, None) is not None:  # KV may still be landing
+    async def abort(self, request_id: str, transport: str | None = None) -> bool:
+        """Stop a request and free its blocks. `transport` names the one a prefill worker was
+        told to send its KV with, if any: while that may still write into the blocks, they
+        stay held (up to `handoff_timeout_s`)."""
+        if self._reserved.pop(request_id, None) is not None and transport is not None:
             await asyncio.gather(*(t.settled(request_id, self.config.handoff_timeout_s)
-                                   for t in self.transports))
-        return await super().abort(request_id)
+                                   for t in self.transports if t.name == transport))
+        aborted = await super().abort(request_id)
+        self._reserved.pop(request_id, None)  # a reserve() that raced this abort
+        return aborted
 
     async def poll(self, request_id: str, timeout_s: float) -> list[TokenDelta]:
         """New tokens of a request, waiting up to `timeout_s` for the first; [] on timeout."""

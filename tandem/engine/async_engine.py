@@ -133,8 +133,11 @@ class AsyncEngine:
                 self.before_step()
             outputs = self.engine.step()
         except Exception as e:
-            logger.exception("engine step failed; failing its %d requests", len(self.engine.seqs))
-            for request_id in list(self.engine.seqs):
+            # Only requests in the batch fail: reserved ones (KV arriving) and prefilled ones
+            # (KV leaving) belong to their transfers, which free their blocks when safe.
+            failed = self.engine.scheduled_request_ids()
+            logger.exception("engine step failed; failing its %d requests", len(failed))
+            for request_id in failed:
                 self.engine.abort(request_id)
                 self._loop.call_soon_threadsafe(self.publish, e, request_id)
             return True

@@ -75,8 +75,9 @@ class BlockManager:
         needed = self.blocks_needed(seq, num_tokens)
         if needed > self.num_free_blocks:
             return False
-        for _ in range(needed):
-            seq.block_table.append(self._pop_free())
+        # Ascending ids: blocks freed together come back adjacent, so KV transfers move them
+        # as one run instead of one region per block (NIXL merges adjacent regions only).
+        seq.block_table.extend(sorted(self._pop_free() for _ in range(needed)))
         return True
 
     def register_full_blocks(self, seq: Sequence) -> None:

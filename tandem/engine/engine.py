@@ -185,6 +185,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
 
+    def scheduled_request_ids(self) -> list[str]:
+        """Requests waiting for or in the batch (not reserved, not prefilled)."""
+        return [s.request_id for s in (*self.scheduler.running, *self.scheduler.waiting)]
+
     def step(self) -> list[RequestOutput]:
         """Run one batch; outputs for the requests that produced a token (or finished)."""
         batch = self.scheduler.schedule()

@@ -11,6 +11,7 @@ place; whatever happens, they are freed when `prefill` returns or raises.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from tandem.engine.engine import LLMEngine
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import SamplingParams
 from tandem.prefill_worker.streamer import LayerStreamer
-from tandem.transfer import available_transports, choose_receiver, log_fallback, make_transport
+from tandem.transfer import TransportUnavailable, available_transports, make_transport
 from tandem.transfer.base import Handoff, KVTarget, KVTransport, ReceiverInfo, SendSession
 from tandem.worker_base import EngineWorker, WorkerConfig, WorkerInfo
 
@@ -49,12 +50,14 @@ class PrefillWorker(EngineWorker):
         self._streamers: dict[str, LayerStreamer] = {}  # read on the engine thread
         self._sessions: dict[str, SendSession] = {}
         self._computed_at: dict[str, float] = {}  # request -> when its first token was sampled
+        self._cleanups: set[asyncio.Task] = set()
 
     async def start(self) -> WorkerInfo:
         names = available_transports(self.config.kv_transport)
-        info = await super().start()
+        await super().start()
         self.transports = {name: make_transport(name) for name in names}
-        return info
+        self.kv_transports = names
+        return self.info()
 
     def streams_layerwise(self, num_tokens: int) -> bool:
         mode = self.config.kv_streaming
@@ -62,23 +65,24 @@ class PrefillWorker(EngineWorker):
             mode == "auto" and num_tokens >= self.config.layerwise_min_tokens)
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int],
-                      params: SamplingParams, receivers: tuple[ReceiverInfo, ...],
+                      params: SamplingParams, receiver: ReceiverInfo,
                       block_ids: list[int]) -> PrefillResult:
-        """Prefill and move the KV into `block_ids` of the decode worker behind `receivers`."""
+        """Prefill and move the KV into `block_ids` of the decode worker at `receiver`."""
         started = time.perf_counter()
-        receiver, reason = choose_receiver(tuple(self.transports), tuple(receivers))
-        if reason:
-            log_fallback(reason)
         engine, n = self._engine, len(prompt_token_ids)
-        session = self.transports[receiver.transport].open_session(
-            engine.engine.cache, engine.engine.fingerprint,
-            KVTarget(receiver, tuple(block_ids), n), request_id)
-        streamer = LayerStreamer(engine.engine, request_id, n, session)
-        layerwise = self.streams_layerwise(n)
+        if receiver.transport not in self.transports:
+            have = ", ".join(self.transports)
+            raise TransportUnavailable(f"this prefill worker cannot send KV over "
+                                       f"{receiver.transport} (it has {have})")
         stream = engine.open_stream(request_id)
-        self._streamers[request_id], self._sessions[request_id] = streamer, session
-        handed_off = False
+        session: SendSession | None = None
+        layerwise, handed_off = self.streams_layerwise(n), False
         try:
+            session = self._sessions[request_id] = self.transports[receiver.transport] \
+                .open_session(engine.engine.cache, engine.engine.fingerprint,
+                              KVTarget(receiver, tuple(block_ids), n), request_id)
+            streamer = self._streamers[request_id] = LayerStreamer(engine.engine, request_id, n,
+                                                                   session)
             await engine.call(lambda e: e.add_request(
                 request_id, prompt_token_ids, params, prefill_only=True,
                 on_layer_kv=streamer if layerwise else None))
@@ -95,12 +99,24 @@ class PrefillWorker(EngineWorker):
             return PrefillResult(item.token_ids, item.num_cached_tokens, prefilled - started,
                                  time.perf_counter() - prefilled, receiver.transport, layerwise)
         finally:
-            if not handed_off:
-                await session.abort()
-            del self._streamers[request_id], self._sessions[request_id]
+            self._streamers.pop(request_id, None)
             self._computed_at.pop(request_id, None)
             engine.close_stream(request_id)
-            await engine.call(lambda e: e.abort(request_id))  # frees the blocks
+            if session is not None and not handed_off:  # the error goes out now; the blocks
+                task = asyncio.get_running_loop().create_task(  # once no WRITE reads them
+                    self._give_up(request_id, session))
+                self._cleanups.add(task)
+                task.add_done_callback(self._cleanups.discard)
+            else:
+                self._sessions.pop(request_id, None)
+                await engine.call(lambda e: e.abort(request_id))  # frees the blocks
+
+    async def _give_up(self, request_id: str, session: SendSession) -> None:
+        try:
+            await session.abort()  # waits (bounded) for WRITEs in flight
+        finally:
+            self._sessions.pop(request_id, None)
+            await self._engine.call(lambda e: e.abort(request_id))
 
     def on_output(self, engine: LLMEngine, output: RequestOutput) -> RequestOutput:
         streamer = self._streamers.get(output.request_id)

@@ -75,9 +75,9 @@ class KVSink(ABC):
         return None
 
     @abstractmethod
-    async def complete(self, handoff: Handoff) -> None:
-        """Every piece is in the blocks and checked: start the request. Raising
-        TransferRejected (or ValueError) refuses it."""
+    async def complete(self, handoff: Handoff, num_tokens: int) -> None:
+        """Every piece of `num_tokens` tokens of KV is in the blocks and checked: start the
+        request. Raising TransferRejected (or ValueError) refuses it."""
 
 
 class SendSession(ABC):
@@ -92,7 +92,8 @@ class SendSession(ABC):
     @abstractmethod
     async def finish(self, handoff: Handoff, timeout: float) -> None:
         """Wait (at most `timeout` s) for every posted piece to land, then hand the request
-        over. Raises TransferUnavailable, TransferRejected or TransferCorrupted."""
+        over. Raises TransferUnavailable, TransferRejected or TransferCorrupted; then the
+        caller must `abort` before it frees the source blocks."""
 
     @abstractmethod
     async def abort(self) -> None:
@@ -123,12 +124,16 @@ class KVTransport(ABC):
 
 
 
-async def apply_send_faults(request_id: str) -> bool:
-    """Injected transfer faults (TANDEM_FAULTS) at the start of a handoff: sleeps for
-    transfer.delay, raises for transfer.fail; True when this transfer should be corrupted."""
+async def apply_send_faults(request_id: str) -> None:
+    """Injected transfer faults (TANDEM_FAULTS) when a handoff finishes: sleeps for
+    transfer.delay, raises for transfer.fail."""
     faults = active_faults()
     if faults.transfer_delay:
         await asyncio.sleep(faults.transfer_delay)
     if Faults.hit(faults.transfer_fail):
         raise TransferUnavailable(f"request {request_id}: injected transfer.fail")
-    return Faults.hit(faults.transfer_corrupt)
+
+
+def corrupts_transfer() -> bool:
+    """Whether this transfer's first piece is damaged in transit (TANDEM_FAULTS)."""
+    return Faults.hit(active_faults().transfer_corrupt)

@@ -1,0 +1,213 @@
+"""The receiving side of the gRPC KV transport, and the stream's wire helpers.
+
+The receiver checks the KV header against the model and layout it serves before taking any
+piece, each piece's checksum before writing it into the request's reserved blocks (on the event
+loop, right after the sink named them, so nothing lands once they are released), and at End
+that every (layer, block) arrived once. Payload messages are read in their wire form: the bytes
+after the field tag and length go straight into the piece's buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+import numpy as np
+import torch
+from google.protobuf.message import DecodeError
+
+from tandem.engine.kv_cache import KVCache, KVSpec
+from tandem.kv_store.errors import KVFormatError
+from tandem.kv_store.kv_object import KVHeader
+from tandem.proto.v1 import kv_transfer_pb2 as pb
+from tandem.transfer.base import Handoff, KVIdentity, KVSink
+from tandem.transfer.errors import TransferRejected
+from tandem.transfer.layout import Piece, Reception, checksum_bytes, combined_checksum
+
+logger = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20
+OPTIONS = [("grpc.max_receive_message_length", 4 * CHUNK_BYTES),
+           ("grpc.max_send_message_length", 4 * CHUNK_BYTES)]
+SERVICE = pb.DESCRIPTOR.services_by_name["KVTransfer"].full_name
+PUSH_KV = f"/{SERVICE}/PushKV"
+PAYLOAD_TAG = bytes([pb.KVChunk.PAYLOAD_FIELD_NUMBER << 3 | 2])  # length-delimited field
+DRAIN_S = 300.0  # longest wait for a refused stream's sender to finish
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _payload_view(wire: bytes) -> memoryview | None:
+    """The bytes of a wire-form `KVChunk{payload}`; None if it is another message."""
+    if not wire or wire[0] != PAYLOAD_TAG[0]:
+        return None
+    length, shift, i = 0, 0, 1
+    while True:
+        if i >= len(wire) or shift > 35:
+            raise ValueError("truncated payload chunk")
+        byte = wire[i]
+        length |= (byte & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if byte < 0x80:
+            break
+    if i + length != len(wire):
+        raise ValueError("payload chunk length does not match its message")
+    return memoryview(wire)[i:]
+
+
+class GrpcReceiver:
+    def __init__(self, identity: KVIdentity, cache: KVCache, sink: KVSink) -> None:
+        self.identity, self.cache, self.sink = identity, cache, sink
+
+    async def PushKV(self, request_iterator, context: grpc.aio.ServicerContext) \
+            -> pb.PushKVReply:
+        stream = aiter(request_iterator)
+        try:
+            return await self._receive(stream)
+        except _Refused as e:
+            logger.warning("refused a KV stream: %s", e.message)
+            # Read the rest (discarding it) before answering: ending a client stream early
+            # makes grpc's asyncio client report INTERNAL instead of this status
+            # (grpc/grpc#36066). The sender only reads the status when it finishes anyway.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_drain(stream), DRAIN_S)
+            await context.abort(e.code, e.message)
+
+    async def _receive(self, stream) -> pb.PushKVReply:
+        begin = _message(await anext(stream, None))
+        if begin.WhichOneof("part") != "begin":
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "stream must open with a Begin")
+        request_id = begin.begin.request_id
+        header = self._check_header(begin.begin.kv_header)
+        reception = Reception(header.spec, header.num_tokens)
+        if self._blocks(request_id, reception) is None:
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"request {request_id}: no KV blocks are reserved for it here")
+        piece, buf, filled = None, bytearray(), 0
+        async for wire in stream:
+            try:
+                part = _payload_view(wire)
+            except ValueError as e:
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+            if part is not None:
+                if piece is None or filled + len(part) > len(buf):
+                    raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                                   "payload bytes beyond the current piece")
+                buf[filled:filled + len(part)] = part
+                filled += len(part)
+                if filled == len(buf):
+                    await self._write(request_id, reception, piece, buf)
+                    piece = None
+                continue
+            if piece is not None:
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"piece cut short: {filled} of {len(buf)} bytes")
+            message = _message(wire)
+            kind = message.WhichOneof("part")
+            if kind == "piece":
+                piece, filled = self._start_piece(message.piece, reception), 0
+                buf = bytearray(piece.num_bytes(reception.spec))
+            elif kind == "end":
+                handoff = Handoff(request_id, list(message.end.output_token_ids))
+                self._check_end(message.end.kv_header, header, reception)
+                try:
+                    await self.sink.complete(handoff, header.num_tokens)
+                except (TransferRejected, ValueError) as e:
+                    raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+                return pb.PushKVReply()
+            else:
+                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {kind} message")
+        raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "stream ended before its End")
+
+    def _check_header(self, raw: bytes) -> KVHeader:
+        try:
+            header = KVHeader.decode(raw)
+            header.check_compatible(self.identity.fingerprint, self.identity.spec)
+        except KVFormatError as e:
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+        if header.num_tokens > self.identity.max_tokens:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"KV of {header.num_tokens} tokens exceeds the context "
+                           f"({self.identity.max_tokens})")
+        return header
+
+    def _blocks(self, request_id: str, reception: Reception) -> list[int] | None:
+        blocks = self.sink.blocks_of(request_id)
+        if blocks is not None and len(blocks) < reception.num_blocks:
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"request {request_id}: {len(blocks)} blocks reserved, the KV "
+                           f"needs {reception.num_blocks}")
+        return blocks
+
+    @staticmethod
+    def _start_piece(header: pb.PieceHeader, reception: Reception) -> Piece:
+        piece = Piece(range(header.first_layer, header.first_layer + header.num_layers),
+                      header.first_block, header.num_blocks, header.checksum)
+        try:
+            reception.check(piece)
+        except ValueError as e:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        return piece
+
+    async def _write(self, request_id: str, reception: Reception, piece: Piece,
+                     buf: bytearray) -> None:
+        if await asyncio.to_thread(checksum_bytes, buf) != piece.checksum:
+            raise _Refused(grpc.StatusCode.DATA_LOSS,
+                           f"request {request_id}: KV checksum mismatch in layers "
+                           f"{piece.layers.start}..{piece.layers.stop}: the data was corrupted")
+        blocks = self._blocks(request_id, reception)  # again: it may have been aborted since
+        if blocks is None:
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"request {request_id}: its reserved blocks were released")
+        data = _as_tensor(buf, reception.spec, piece)
+        self.cache.scatter(piece.layers, [blocks[b] for b in piece.blocks], data)
+        reception.add(piece)
+        self.sink.piece_arrived(request_id, piece.layers)
+
+    @staticmethod
+    def _check_end(raw: bytes, begin: KVHeader, reception: Reception) -> None:
+        try:
+            end = KVHeader.decode(raw)
+        except KVFormatError as e:
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        if (end.fingerprint, end.spec, end.num_tokens) != \
+                (begin.fingerprint, begin.spec, begin.num_tokens):
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "End header differs from Begin")
+        if reception.missing():
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"{reception.missing()} (layer, block) regions never arrived")
+        if combined_checksum(reception.pieces) != end.checksum:
+            raise _Refused(grpc.StatusCode.DATA_LOSS, "KV checksum mismatch over the transfer")
+
+
+async def _drain(stream) -> None:
+    async for _ in stream:
+        pass
+
+
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def _message(raw: bytes | None) -> pb.KVChunk:
+    try:
+        return pb.KVChunk.FromString(raw or b"")
+    except DecodeError:
+        return pb.KVChunk()
+
+
+def _as_tensor(buf: bytearray, spec: KVSpec, piece: Piece) -> torch.Tensor:
+    flat = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8))
+    return flat.view(spec.torch_dtype).view(
+        len(piece.layers), 2, piece.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
