@@ -39,6 +39,7 @@ import os
 import statistics
 import sys
 import time
+import uuid
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
 
@@ -182,11 +183,11 @@ async def handoff_rows(workers: dict[str, PrefillWorker], decode: Decode,
     """Prefill and exposed handoff per transport and mode, medians; the modes alternate run by
     run so that drift on a busy machine hits both alike."""
     runs: dict[str, list[tuple[float, float]]] = {}
-    for i in range(repeats):
+    for _ in range(repeats):
         for t in transports:
             for mode, worker in workers.items():
                 runs.setdefault(f"{t}_{mode}", []).append(
-                    await exposed(worker, decode, t, n, f"ex-{t}-{mode}-{n}-{i}"))
+                    await exposed(worker, decode, t, n, f"{t}-{mode}-{n}-{uuid.uuid4().hex}"))
     row = {}
     for key, samples in runs.items():
         prefill_s = statistics.median(r[0] for r in samples)
@@ -218,7 +219,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             memcpy = [await memcpy_seconds(mover, decode, n) for _ in range(args.repeats)]
             row["memcpy_gbps"] = row["bytes"] / statistics.median(memcpy) / 1e9
             for t in transports:
-                times = [await move_seconds(mover, decode, t, n, f"bw-{t}-{n}-{i}")
+                times = [await move_seconds(mover, decode, t, n, f"bw-{uuid.uuid4().hex}")
                          for i in range(args.repeats + 1)][1:]  # the first connects
                 row[f"{t}_gbps"] = row["bytes"] / statistics.median(times) / 1e9
             reps = args.repeats if n <= 2048 else 1

@@ -6,6 +6,7 @@ aborted transfer settles."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 
@@ -73,6 +74,21 @@ async def exchange(name: str, num_tokens: int = 100, *, layerwise: bool = True,
     return src, dst, sink
 
 
+@contextlib.asynccontextmanager
+async def connected(name: str, sink: Sink, blocks: tuple[int, ...], num_tokens: int):
+    """A receiver with `sink` and a sender's session for request r1 into `blocks`; yields
+    (session, receiving transport)."""
+    receiving, sending = make_transport(name), make_transport(name)
+    try:
+        info = await receiving.start_receiver("127.0.0.1", IDENTITY,
+                                              KVCache(SPEC, 16, torch.device("cpu")), sink)
+        yield sending.open_session(filled_pool(), "model-a", KVTarget(info, blocks, num_tokens),
+                                   "r1"), receiving
+    finally:
+        await sending.close()
+        await receiving.close()
+
+
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.view(torch.int16), b.view(torch.int16))
 
@@ -115,17 +131,9 @@ def test_kv_for_a_request_without_reserved_blocks_is_refused(transport):
 
 def test_a_missing_piece_is_refused(transport):
     async def main():
-        src, dst = filled_pool(), KVCache(SPEC, 16, torch.device("cpu"))
-        receiving, sending = make_transport(transport), make_transport(transport)
-        try:
-            info = await receiving.start_receiver("127.0.0.1", IDENTITY, dst,
-                                                  Sink({"r1": DST_BLOCKS[:2]}))
-            session = sending.open_session(src, "model-a", KVTarget(info, (7, 8), 20), "r1")
+        async with connected(transport, Sink({"r1": [7, 8]}), (7, 8), 20) as (session, _):
             session.post(range(0, 3), 0, SRC_BLOCKS[:2])  # the last layer never comes
             await session.finish(Handoff("r1", [7]), timeout=10)
-        finally:
-            await sending.close()
-            await receiving.close()
 
     with pytest.raises(TransferRejected, match="never arrived"):
         asyncio.run(main())
@@ -179,21 +187,13 @@ def test_silent_nixl_receiver_ends_the_wait_at_the_deadline():
 
 def test_aborted_sender_settles_the_receiver(transport):
     async def main():
-        src, dst = filled_pool(), KVCache(SPEC, 16, torch.device("cpu"))
-        receiving, sending = make_transport(transport), make_transport(transport)
-        try:
-            info = await receiving.start_receiver("127.0.0.1", IDENTITY, dst,
-                                                  Sink({"r1": [0, 1]}))
-            session = sending.open_session(src, "model-a", KVTarget(info, (0, 1), 20), "r1")
+        async with connected(transport, Sink({"r1": [0, 1]}), (0, 1), 20) as (session, receiving):
             session.post(range(0, 1), 0, [3, 4])
             await asyncio.sleep(0.05)
             await session.abort()
             started = time.monotonic()
             await receiving.settled("r1", timeout=10)
             return time.monotonic() - started
-        finally:
-            await sending.close()
-            await receiving.close()
 
     assert asyncio.run(main()) < 5.0
 
@@ -243,12 +243,7 @@ def test_abort_ends_a_finish_that_waits_for_the_receiver(transport):
             await asyncio.sleep(30)
 
     async def main():
-        src, dst = filled_pool(), KVCache(SPEC, 16, torch.device("cpu"))
-        receiving, sending = make_transport(transport), make_transport(transport)
-        try:
-            info = await receiving.start_receiver("127.0.0.1", IDENTITY, dst,
-                                                  SlowSink({"r1": [0, 1]}))
-            session = sending.open_session(src, "model-a", KVTarget(info, (0, 1), 20), "r1")
+        async with connected(transport, SlowSink({"r1": [0, 1]}), (0, 1), 20) as (session, _):
             session.post(range(SPEC.num_layers), 0, [3, 4])
             finishing = asyncio.ensure_future(session.finish(Handoff("r1", [7]), timeout=20))
             await asyncio.sleep(0.3)
@@ -257,8 +252,26 @@ def test_abort_ends_a_finish_that_waits_for_the_receiver(transport):
             with pytest.raises(TransferRejected, match="aborted"):
                 await finishing
             return time.monotonic() - started
+
+    assert asyncio.run(main()) < 2.0
+
+
+def test_a_request_id_reserved_again_gets_a_fresh_transfer(transport):
+    async def main():
+        sink = Sink({"r1": [0, 1]})
+        receiving, sending = make_transport(transport), make_transport(transport)
+        try:
+            info = await receiving.start_receiver(
+                "127.0.0.1", IDENTITY, KVCache(SPEC, 16, torch.device("cpu")), sink)
+            for _ in range(2):
+                receiving.reserved("r1")
+                session = sending.open_session(filled_pool(), "model-a",
+                                               KVTarget(info, (0, 1), 20), "r1")
+                session.post(range(SPEC.num_layers), 0, [3, 4])
+                await session.finish(Handoff("r1", [7]), timeout=10)
         finally:
             await sending.close()
             await receiving.close()
+        return sink.completed
 
-    assert asyncio.run(main()) < 2.0
+    assert asyncio.run(main()) == [Handoff("r1", [7])] * 2

@@ -71,6 +71,8 @@ class DecodeWorker(EngineWorker, KVSink):
         when too few are free."""
         blocks = await self._open(
             request_id, lambda e: e.reserve(request_id, prompt_token_ids, params))
+        for transport in self.transports:
+            transport.reserved(request_id)
         self._reserved[request_id] = Reservation(blocks, len(prompt_token_ids))
         return blocks
 

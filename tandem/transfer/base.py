@@ -108,6 +108,10 @@ class KVTransport(ABC):
                              sink: KVSink) -> ReceiverInfo:
         """Start accepting KV into `cache` on `host`."""
 
+    def reserved(self, request_id: str) -> None:
+        """Blocks were just reserved for `request_id`: forget any earlier transfer under it."""
+        return None
+
     @abstractmethod
     async def settled(self, request_id: str, timeout: float) -> None:
         """Return once no sender can write into `request_id`'s blocks any more (after the

@@ -54,10 +54,15 @@ class NixlInbox:
     def has_ended(self, request_id: str) -> bool:
         return request_id in self._ended
 
+    def forget(self, request_id: str) -> None:
+        """A new reservation under this id: earlier transfers' state must not apply to it."""
+        self._ended.pop(request_id, None)
+        self._inbound.pop(request_id, None)
+
     def on_message(self, peer: str, kind: bytes, request_id: str, fields: dict) -> None:
         if kind == b"P":
-            if request_id in self._ended or self.sink.blocks_of(request_id) is None:
-                return  # late, or for a request not (or no longer) reserved here
+            if self.sink.blocks_of(request_id) is None:
+                return  # for a request not (or no longer) reserved here
             inbound = self._inbound.setdefault(request_id, Inbound())
             inbound.num_pieces += 1
             inbound.last = time.monotonic()

@@ -138,6 +138,10 @@ class NixlTransport(KVTransport):
         self._sessions[(target.receiver.address, request_id)] = session
         return session
 
+    def reserved(self, request_id: str) -> None:
+        if self._receiver is not None:
+            self._receiver.forget(request_id)
+
     async def settled(self, request_id: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while self._receiver is not None and not self._receiver.has_ended(request_id) \
