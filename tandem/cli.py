@@ -97,11 +97,11 @@ def serve(
         typer.echo(f"error: invalid configuration: {e}", err=True)
         raise typer.Exit(2) from None
     if not settings.ray.address:  # the workers run here: check their transport up front
-        from tandem.transfer import TransportUnavailable, available_transports
+        from tandem.transfer import TransportNotUsable, available_transports
 
         try:
             available_transports(settings.worker.kv_transport)
-        except TransportUnavailable as e:
+        except TransportNotUsable as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
     asyncio.run(_serve(settings))

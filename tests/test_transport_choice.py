@@ -10,7 +10,7 @@ import pytest
 
 from tandem import transfer
 from tandem.transfer import (
-    TransportUnavailable,
+    TransportNotUsable,
     available_transports,
     choose_receiver,
     nixl_problem,
@@ -53,16 +53,16 @@ def test_auto_falls_back_to_grpc_when_this_worker_lacks_nixl(broken_nixl):
 
 
 def test_no_common_transport_is_an_error():
-    with pytest.raises(TransportUnavailable, match="no common KV transport"):
+    with pytest.raises(TransportNotUsable, match="no common KV transport"):
         choose_receiver(("nixl",), (GRPC,))
 
 
 def test_forcing_a_broken_nixl_names_the_problem_and_the_fix(broken_nixl):
-    with pytest.raises(TransportUnavailable) as err:
+    with pytest.raises(TransportNotUsable) as err:
         available_transports("nixl")
     message = str(err.value)
     assert "libnixl.so" in message and "pip install --no-deps nixl==1.5.1" in message
-    with pytest.raises(TransportUnavailable):
+    with pytest.raises(TransportNotUsable):
         transfer.make_transport("nixl")
 
 

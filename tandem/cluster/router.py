@@ -31,7 +31,7 @@ from tandem.decode_worker.worker import TokenDelta
 from tandem.engine.errors import OutOfBlocksError
 from tandem.engine.sampling_params import SamplingParams
 from tandem.prefill_worker.worker import PrefillResult, RequestAborted
-from tandem.transfer import TransportUnavailable, choose_receiver, log_fallback
+from tandem.transfer import TransportNotUsable, choose_receiver, log_fallback
 from tandem.transfer.base import ReceiverInfo
 from tandem.transfer.errors import TransferCorrupted, TransferError, TransferUnavailable
 
@@ -128,7 +128,7 @@ class Router:
             try:
                 receiver, reason = choose_receiver(self.kv_transports[index],
                                                    self.kv_receivers[decode])
-            except TransportUnavailable as e:
+            except TransportNotUsable as e:
                 raise HandoffFailed(str(e)) from None
             if reason:
                 log_fallback(reason)

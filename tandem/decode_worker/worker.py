@@ -46,14 +46,15 @@ class TokenDelta:
 class DecodeWorker(EngineWorker, KVSink):
     role = "decode"
 
-    def __init__(self, config: WorkerConfig, model_id: str) -> None:
+    def __init__(self, config: WorkerConfig, model_id: str, receives_kv: bool = True) -> None:
         super().__init__(config, model_id)
+        self.receives_kv = receives_kv  # False for colocated workers: no KV receivers
         self.transports: list[KVTransport] = []
         self._num_sent: dict[str, int] = {}  # request -> output tokens already polled
         self._reserved: dict[str, Reservation] = {}  # requests whose KV may be landing
 
     async def start(self) -> WorkerInfo:
-        names = available_transports(self.config.kv_transport)
+        names = available_transports(self.config.kv_transport) if self.receives_kv else ()
         await super().start()
         e = self._engine.engine
         identity = KVIdentity(e.fingerprint, e.kv_spec, e.max_model_len)

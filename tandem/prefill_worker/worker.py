@@ -20,7 +20,7 @@ from tandem.engine.engine import LLMEngine
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import SamplingParams
 from tandem.prefill_worker.streamer import LayerStreamer
-from tandem.transfer import TransportUnavailable, available_transports, make_transport
+from tandem.transfer import TransportNotUsable, available_transports, make_transport
 from tandem.transfer.base import Handoff, KVTarget, KVTransport, ReceiverInfo, SendSession
 from tandem.worker_base import EngineWorker, WorkerConfig, WorkerInfo
 
@@ -72,7 +72,7 @@ class PrefillWorker(EngineWorker):
         engine, n = self._engine, len(prompt_token_ids)
         if receiver.transport not in self.transports:
             have = ", ".join(self.transports)
-            raise TransportUnavailable(f"this prefill worker cannot send KV over "
+            raise TransportNotUsable(f"this prefill worker cannot send KV over "
                                        f"{receiver.transport} (it has {have})")
         stream = engine.open_stream(request_id)
         session: SendSession | None = None

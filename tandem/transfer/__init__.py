@@ -20,8 +20,9 @@ TransportMode = Literal["auto", "nixl", "grpc"]
 NIXL_INSTALL = "pip install --no-deps nixl==1.5.1 nixl-cu13==1.5.1"
 
 
-class TransportUnavailable(RuntimeError):
-    """The configured transport cannot run in this process."""
+class TransportNotUsable(RuntimeError):
+    """A configured KV transport cannot run here, or two workers share none (configuration,
+    not the network: that is `TransferUnavailable`)."""
 
 
 @functools.cache
@@ -38,14 +39,14 @@ def nixl_problem() -> str | None:
 
 
 def available_transports(mode: TransportMode) -> tuple[str, ...]:
-    """The transports a worker runs for `mode`, best first; raises TransportUnavailable when
+    """The transports a worker runs for `mode`, best first; raises TransportNotUsable when
     `mode` names one this process lacks."""
     if mode == "grpc":
         return ("grpc",)
     problem = nixl_problem()
     if mode == "nixl":
         if problem:
-            raise TransportUnavailable(f"--kv-transport nixl: {problem}")
+            raise TransportNotUsable(f"--kv-transport nixl: {problem}")
         return ("nixl",)
     return ("grpc",) if problem else ("nixl", "grpc")
 
@@ -59,7 +60,7 @@ def make_transport(name: str) -> KVTransport:
     if name == "nixl":
         problem = nixl_problem()
         if problem:
-            raise TransportUnavailable(problem)
+            raise TransportNotUsable(problem)
         from tandem.transfer.nixl_transport import NixlTransport
 
         return NixlTransport()
@@ -79,7 +80,7 @@ def choose_receiver(local: tuple[str, ...], offered: tuple[ReceiverInfo, ...]) \
                 reason = f"{offered[0].transport} is not available on this worker " \
                          f"({nixl_problem() or 'not configured'})"
             return by_name[name], reason
-    raise TransportUnavailable(f"no common KV transport: this worker has {', '.join(local)}, "
+    raise TransportNotUsable(f"no common KV transport: this worker has {', '.join(local)}, "
                                f"the decode worker offers {', '.join(by_name) or 'none'}")
 
 
