@@ -48,8 +48,8 @@ class NixlInbox:
         self._ended: dict[str, float] = {}  # request -> when its sender finished or gave up
         self._tasks: set[asyncio.Task] = set()
 
-    def busy(self) -> bool:
-        return bool(self._inbound) or self.sink.expecting()
+    def receiving(self) -> bool:
+        return bool(self._inbound)
 
     def has_ended(self, request_id: str) -> bool:
         return request_id in self._ended

@@ -17,10 +17,10 @@ NIXL merges regions adjacent on both sides. A receiver publishes its pool's layo
 agent metadata (`ReceiverInfo.blob`); a sender checks layout and model before writing a byte.
 
 Progress is driven by this process: a task on the event loop polls the agent, every 0.5 ms
-while transfers are in flight or expected (blocks reserved) and every 5 ms otherwise (an idle
-NIXL progress thread costs two thirds of a core here). UCX copies a WRITE inside `transfer()`
-over shared memory, so WRITEs are posted from the event loop, never from the engine thread
-that computes the next layer.
+while KV is moving, every 2 ms while it is expected (blocks reserved) and every 5 ms otherwise
+(an idle NIXL progress thread costs two thirds of a core here). UCX copies a WRITE inside
+`transfer()` over shared memory, so WRITEs are posted from the event loop, never from the
+engine thread that computes the next layer.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from tandem.transfer.nixl_session import POLL_ACTIVE_S, NixlPool, NixlSession
 
 logger = logging.getLogger(__name__)
 
+POLL_EXPECTING_S = 0.002
 POLL_IDLE_S = 0.005
 _BLOB_LEN = struct.Struct("<I")  # receiver blob: u32 length, JSON pool layout, agent metadata
 
@@ -182,9 +183,18 @@ class NixlTransport(KVTransport):
                     self._receiver.judge()
             except Exception:
                 logger.exception("NIXL progress failed")
-            busy = any(s.pending or s.finishing for s in self._sessions.values()) or (
-                self._receiver is not None and self._receiver.busy())
-            await asyncio.sleep(POLL_ACTIVE_S if busy else POLL_IDLE_S)
+            await asyncio.sleep(self._poll_interval())
+
+    def _poll_interval(self) -> float:
+        """Eager while KV moves, a little slower while it is only expected (blocks reserved:
+        measured 10% of a core at 0.5 ms, 3% at 5 ms), lazy otherwise."""
+        receiver = self._receiver
+        if any(s.pending or s.finishing for s in self._sessions.values()) or (
+                receiver is not None and receiver.receiving()):
+            return POLL_ACTIVE_S
+        if receiver is not None and receiver.sink.expecting():
+            return POLL_EXPECTING_S
+        return POLL_IDLE_S
 
     def _dispatch(self, peer: str, message: bytes) -> None:
         kind, body = message[:1], message[1:]
