@@ -101,10 +101,6 @@ class KVCache:
         k_pool.view(-1, *k_pool.shape[2:])[slots] = k
         v_pool.view(-1, *v_pool.shape[2:])[slots] = v
 
-    def region_offset(self, layer: int, kv: int, block: int) -> int:
-        """Byte offset of one (layer, K|V, block) region from the start of the pool."""
-        return ((layer * 2 + kv) * self.num_blocks + block) * self.spec.bytes_per_region
-
     def gather(self, layers: range, block_ids: list[int]) -> torch.Tensor:
         """A copy of `layers` x `block_ids`, shape [len(layers), 2, len(block_ids), ...]."""
         index = torch.tensor(block_ids, dtype=torch.long, device=self.data.device)

@@ -21,8 +21,7 @@ from collections.abc import AsyncIterator
 import grpc
 import torch
 
-from tandem.engine.kv_cache import KVCache, KVSpec
-from tandem.kv_store.kv_object import KVHeader
+from tandem.engine.kv_cache import KVCache
 from tandem.proto.v1 import kv_transfer_pb2 as pb
 from tandem.transfer.base import (
     Handoff,
@@ -50,6 +49,7 @@ from tandem.transfer.layout import (
     checksum_bytes,
     combined_checksum,
     split_layers,
+    transfer_header,
 )
 
 logger = logging.getLogger(__name__)
@@ -57,12 +57,6 @@ logger = logging.getLogger(__name__)
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
               grpc.StatusCode.CANCELLED}
 _END = object()
-
-
-def kv_header(fingerprint: str, target: KVTarget, spec: KVSpec, checksum: int = 0) -> KVHeader:
-    n = target.num_tokens
-    return KVHeader(fingerprint, spec, n, spec.num_blocks_for(n) * spec.bytes_per_block,
-                    checksum)
 
 
 class GrpcTransport(KVTransport):
@@ -165,7 +159,8 @@ class _GrpcSession(SendSession):
         spec = self.cache.spec
         yield pb.KVChunk(begin=pb.Begin(
             request_id=self.request_id,
-            kv_header=kv_header(self.fingerprint, self.target, spec).encode())).SerializeToString()
+            kv_header=transfer_header(self.fingerprint, spec, self.target.num_tokens).encode())
+        ).SerializeToString()
         handoff = None
         while (item := await self._queue.get()) is not _END:
             if isinstance(item, Handoff):
@@ -175,7 +170,8 @@ class _GrpcSession(SendSession):
             for part in split_layers(spec, layers, len(src_blocks)):
                 async for wire in self._piece(part, first_block, src_blocks):
                     yield wire
-        header = kv_header(self.fingerprint, self.target, spec, combined_checksum(self._pieces))
+        header = transfer_header(self.fingerprint, spec, self.target.num_tokens,
+                                 combined_checksum(self._pieces))
         yield pb.KVChunk(end=pb.End(kv_header=header.encode(),
                                     output_token_ids=handoff.output_token_ids)).SerializeToString()
 

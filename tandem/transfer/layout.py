@@ -16,8 +16,7 @@ import torch
 import xxhash
 
 from tandem.engine.kv_cache import KVCache, KVSpec
-
-Run = tuple[int, int, int]  # (source offset, destination offset, bytes)
+from tandem.kv_store.kv_object import KVHeader
 
 
 @dataclass(frozen=True)
@@ -47,22 +46,17 @@ def split_layers(spec: KVSpec, layers: range, num_blocks: int,
     return [range(lo, min(lo + step, layers.stop)) for lo in range(layers.start, layers.stop, step)]
 
 
-def paired_runs(spec: KVSpec, layers: range, src_pool_blocks: int, src_ids: list[int],
-                dst_pool_blocks: int, dst_ids: list[int]) -> list[Run]:
-    """Contiguous byte runs that copy a piece from one pool to another, in piece order;
-    blocks adjacent in both pools are merged into one run."""
-    region, n = spec.bytes_per_region, len(src_ids)
-    runs: list[Run] = []
-    for layer in layers:
-        for kv in (0, 1):
-            src_base = (layer * 2 + kv) * src_pool_blocks
-            dst_base = (layer * 2 + kv) * dst_pool_blocks
-            start = 0
-            for i in range(1, n + 1):
-                if i == n or src_ids[i] != src_ids[i - 1] + 1 or dst_ids[i] != dst_ids[i - 1] + 1:
-                    runs.append(((src_base + src_ids[start]) * region,
-                                 (dst_base + dst_ids[start]) * region, (i - start) * region))
-                    start = i
+def pool_runs(spec: KVSpec, layers: range, pool_blocks: int, block_ids: list[int]) \
+        -> list[tuple[int, int]]:
+    """(byte offset, length) runs of a piece in a pool, in piece order; adjacent blocks merge."""
+    region, runs = spec.bytes_per_region, []
+    for row in range(layers.start * 2, layers.stop * 2):  # (layer, K|V) rows of the pool
+        start = 0
+        for i in range(1, len(block_ids) + 1):
+            if i == len(block_ids) or block_ids[i] != block_ids[i - 1] + 1:
+                runs.append(((row * pool_blocks + block_ids[start]) * region,
+                             (i - start) * region))
+                start = i
     return runs
 
 
@@ -72,8 +66,7 @@ def piece_checksum(cache: KVCache, layers: range, block_ids: list[int]) -> int:
         return checksum_bytes(cache.gather(layers, block_ids).cpu())
     pool = memoryview(cache.data.view(torch.uint8).view(-1).numpy())
     digest = xxhash.xxh3_64()
-    for offset, _, size in paired_runs(cache.spec, layers, cache.num_blocks, block_ids,
-                                       cache.num_blocks, block_ids):
+    for offset, size in pool_runs(cache.spec, layers, cache.num_blocks, block_ids):
         digest.update(pool[offset:offset + size])
     return digest.intdigest()
 
@@ -82,6 +75,13 @@ def checksum_bytes(data: torch.Tensor | bytes | bytearray | memoryview) -> int:
     if isinstance(data, torch.Tensor):
         data = memoryview(data.contiguous().view(torch.uint8).view(-1).numpy())
     return xxhash.xxh3_64_intdigest(data)
+
+
+def transfer_header(fingerprint: str, spec: KVSpec, num_tokens: int, checksum: int = 0) \
+        -> KVHeader:
+    """The KV header of a transfer (its checksum is `combined_checksum` of the pieces)."""
+    return KVHeader(fingerprint, spec, num_tokens,
+                    spec.num_blocks_for(num_tokens) * spec.bytes_per_block, checksum)
 
 
 def combined_checksum(pieces: list[Piece]) -> int:

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tandem.engine.kv_cache import KVCache, KVSpec
-from tandem.kv_store.kv_object import KVHeader
 from tandem.transfer.base import (
     Handoff,
     KVTarget,
@@ -27,7 +26,13 @@ from tandem.transfer.base import (
     corrupts_transfer,
 )
 from tandem.transfer.errors import TransferCorrupted, TransferRejected, TransferUnavailable
-from tandem.transfer.layout import Piece, combined_checksum, piece_checksum, split_layers
+from tandem.transfer.layout import (
+    Piece,
+    combined_checksum,
+    piece_checksum,
+    split_layers,
+    transfer_header,
+)
 
 if TYPE_CHECKING:
     from tandem.transfer.nixl_transport import NixlTransport
@@ -182,10 +187,8 @@ class NixlSession(SendSession):
             if self.pending:
                 raise TransferUnavailable(f"request {self.request_id}: KV WRITEs not done "
                                           f"within {timeout:.1f}s")
-            spec, n = self.cache.spec, self.target.num_tokens
-            checksum = combined_checksum(self.pieces)
-            header = KVHeader(self.fingerprint, spec, n,
-                              spec.num_blocks_for(n) * spec.bytes_per_block, checksum)
+            header = transfer_header(self.fingerprint, self.cache.spec, self.target.num_tokens,
+                                     combined_checksum(self.pieces))
             self.transport.send(self.target.receiver.address, "E", r=self.request_id,
                                  h=header.encode().hex(), t=handoff.output_token_ids,
                                  p=len(self.pieces))
