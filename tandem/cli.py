@@ -68,6 +68,20 @@ def serve(
         help="KV handoff: auto (NIXL where both ends have it, else gRPC) | nixl | grpc.")] = None,
     kv_streaming: Annotated[str | None, typer.Option(
         help="auto | layerwise (overlap with prefill) | onepiece (after prefill).")] = None,
+    kv_store: Annotated[bool | None, typer.Option(
+        "--kv-store/--no-kv-store", help="Reuse cached prefixes (tiered KV store).")] = None,
+    kv_chunk_tokens: Annotated[int | None, typer.Option(
+        help="Tokens per stored KV chunk.")] = None,
+    kv_cpu_gb: Annotated[float | None, typer.Option(help="CPU tier per worker, GiB.")] = None,
+    kv_gpu_gb: Annotated[float | None, typer.Option(
+        help="GPU tier per worker, GiB (CUDA only).")] = None,
+    kv_ssd_gb: Annotated[float | None, typer.Option(
+        help="SSD tier per worker, GiB; 0 = none.")] = None,
+    kv_ssd_dir: Annotated[Path | None, typer.Option(
+        help="SSD tier directory (default ~/.cache/tandem/kv).")] = None,
+    kv_redis_url: Annotated[str | None, typer.Option(
+        help="redis:// or rediss:// URL of the shared tier (default: embedded redis-server "
+        "if installed).")] = None,
     ray_address: Annotated[str | None, typer.Option(
         help="Join this Ray cluster instead of starting a local one.")] = None,
     model: Annotated[str | None, typer.Option(help="HF directory or .gguf file.")] = None,
@@ -87,6 +101,10 @@ def serve(
         "prefill_workers": prefill_workers, "decode_workers": decode_workers,
         "colocated": colocated, "gateway.host": grpc_host, "gateway.port": grpc_port,
         "worker.kv_transport": kv_transport, "worker.kv_streaming": kv_streaming,
+        "worker.kv_store.enabled": kv_store, "worker.kv_store.chunk_tokens": kv_chunk_tokens,
+        "worker.kv_store.cpu_gb": kv_cpu_gb, "worker.kv_store.gpu_gb": kv_gpu_gb,
+        "worker.kv_store.ssd_gb": kv_ssd_gb, "worker.kv_store.ssd_dir": kv_ssd_dir,
+        "worker.kv_store.redis.url": kv_redis_url,
         "ray.address": ray_address,
         "worker.engine.model": model, "worker.engine.dtype": dtype,
         "worker.engine.kv_cache_gb": kv_cache_gb, "worker.engine.num_threads": threads,

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import EngineConfig
@@ -22,6 +22,9 @@ from tandem.engine.engine import LLMEngine
 from tandem.engine.kv_cache import KVSpec
 from tandem.engine.outputs import EngineStats, RequestOutput
 from tandem.faults import Faults, active_faults
+from tandem.kv_store.config import StoreConfig
+from tandem.kv_store.stats import StoreStats
+from tandem.kv_store.store import TieredStore
 from tandem.log import setup_logging
 from tandem.transfer import TransportMode
 from tandem.transfer.base import ReceiverInfo
@@ -48,6 +51,17 @@ class WorkerConfig(BaseModel):
         30.0, gt=0, description="Deadline for a KV handoff after the prefill, seconds.")
     host: str | None = Field(
         None, description="Address the KV receiver binds; None = this node's IP.")
+    kv_store: StoreConfig = Field(
+        default_factory=StoreConfig, description="Prefill workers' tiered KV store (prefix "
+        "reuse across requests and workers).")
+
+    @model_validator(mode="after")
+    def _chunks_are_whole_blocks(self) -> WorkerConfig:
+        chunk, block = self.kv_store.chunk_tokens, self.engine.block_size
+        if chunk % block:
+            raise ValueError(f"kv_store.chunk_tokens ({chunk}) must be a multiple of "
+                             f"engine.block_size ({block})")
+        return self
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,7 @@ class WorkerStats:
     engine: EngineStats
     num_open_requests: int  # requests this worker still tracks (streams not yet drained)
     handoffs: dict[str, int] = field(default_factory=dict)  # "nixl/layerwise" -> count sent
+    kv_store: StoreStats | None = None  # prefill workers with a KV store
 
 
 class WorkerStepError(RuntimeError):
@@ -98,11 +113,15 @@ class EngineWorker:
         self.kv_receivers: tuple[ReceiverInfo, ...] = ()
         self.kv_transports: tuple[str, ...] = ()
         self.handoffs: Counter[str] = Counter()
+        self.store: TieredStore | None = None
+
+    def engine_config(self) -> EngineConfig:
+        return self.config.engine
 
     async def start(self) -> WorkerInfo:
         """Load the model (seconds) and start the engine thread; returns what routers need."""
         setup_logging()
-        engine = await asyncio.to_thread(LLMEngine, self.config.engine)
+        engine = await asyncio.to_thread(LLMEngine, self.engine_config())
         self.engine = AsyncEngine(engine, before_step=inject_step_faults,
                                   on_output=self.on_output)
         return self.info()
@@ -124,7 +143,7 @@ class EngineWorker:
 
     async def stats(self) -> WorkerStats:
         return WorkerStats(await self._engine.call(LLMEngine.stats), self.num_open_requests(),
-                           dict(self.handoffs))
+                           dict(self.handoffs), self.store.stats() if self.store else None)
 
     def num_open_requests(self) -> int:
         return 0
@@ -139,5 +158,7 @@ class EngineWorker:
         self._engine.close_stream(request_id)
 
     async def shutdown(self) -> None:
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)
         if self.engine is not None:
             await self.engine.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -93,20 +94,28 @@ def ray_cluster():
     ray.shutdown()
 
 
+_TEST_KV_DIR = tempfile.mkdtemp(prefix="tandem-test-kv-")
+
+
 def serve_config(**overrides):
-    """A small fp32 cluster config (fp32 so outputs can be compared exactly to one engine)."""
+    """A small fp32 cluster config (fp32 so outputs can be compared exactly to one engine); its
+    KV store keeps the SSD tier in a temporary directory and starts no Redis."""
     from tandem.cluster.config import ServeConfig
 
     settings = {
         "gateway": {"port": 0},
-        "worker": {"engine": {"dtype": "float32", "kv_cache_gb": 0.05, "num_threads": 1}},
+        "worker": {"engine": {"dtype": "float32", "kv_cache_gb": 0.05, "num_threads": 1},
+                   "kv_store": {"ssd_dir": _TEST_KV_DIR, "redis": {"embedded": False}}},
     }
+    return ServeConfig.model_validate(_merged(settings, overrides))
+
+
+def _merged(base: dict, overrides: dict) -> dict:
+    out = dict(base)
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(settings.get(key), dict):
-            settings[key] = {**settings[key], **value}
-        else:
-            settings[key] = value
-    return ServeConfig.model_validate(settings)
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -117,3 +126,16 @@ def server(ray_cluster):
     running = ServerThread(serve_config())
     yield running
     running.close()
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real redis-server on a free loopback port for the session."""
+    from tandem.cluster.redis_server import RedisServer, find_redis_server
+
+    if find_redis_server() is None:
+        pytest.fail("redis-server is not installed: apt-get install redis-server "
+                    "(make install does it)")
+    server = RedisServer(256 << 20).start()
+    yield server
+    server.close()

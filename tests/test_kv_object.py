@@ -1,4 +1,4 @@
-"""The KV object format: versioned header, checksum, lossless payload."""
+"""The KV object format: versioned header, per-layer sections with checksums, lossless raw."""
 
 from __future__ import annotations
 
@@ -8,10 +8,20 @@ import pytest
 import torch
 
 from tandem.engine.kv_cache import KVBlocks, KVSpec
+from tandem.kv_store.codec import get_codec
 from tandem.kv_store.errors import KVChecksumError, KVFormatError
-from tandem.kv_store.kv_object import MAGIC, KVHeader, decode_kv, encode_kv
+from tandem.kv_store.kv_object import (
+    MAGIC,
+    KVHeader,
+    decode_layers,
+    decode_object,
+    encode_object,
+    header_length,
+    read_header,
+)
 
 SPEC = KVSpec(num_layers=2, num_kv_heads=3, head_dim=8, dtype="bfloat16", block_size=4)
+RAW = get_codec("raw")
 
 
 def kv_of(num_tokens: int, spec: KVSpec = SPEC) -> KVBlocks:
@@ -20,26 +30,41 @@ def kv_of(num_tokens: int, spec: KVSpec = SPEC) -> KVBlocks:
     return KVBlocks(spec, num_tokens, torch.randn(shape).to(spec.torch_dtype))
 
 
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
 def test_round_trip_is_bit_exact():
     kv = kv_of(7)
-    header, payload = encode_kv(kv, "model-a")
-    back = decode_kv(KVHeader.decode(header.encode()), bytearray(payload))
+    back = decode_object(encode_object(kv, "model-a", RAW), "model-a", SPEC)
     assert back.num_tokens == 7 and back.spec == SPEC
-    assert torch.equal(back.data.view(torch.int16), kv.data.view(torch.int16))
+    assert same(back.data, kv.data)
 
 
-def test_flipped_bit_is_caught_by_the_checksum():
-    header, payload = encode_kv(kv_of(5), "model-a")
-    damaged = bytearray(payload)
-    damaged[100] ^= 0x10
+def test_one_layer_decodes_from_its_own_section():
+    kv = kv_of(9)
+    blob = encode_object(kv, "model-a", RAW)
+    header = read_header(blob, "model-a", SPEC)
+    offset, length = header.layer_span(range(1, 2))
+    start = header_length(blob) + offset
+    layer = decode_layers(header, blob[start:start + length], range(1, 2))
+    assert same(layer[0], kv.data[1])
+
+
+@pytest.mark.parametrize("where", ["first layer", "last layer"])
+def test_flipped_bit_is_caught_by_the_checksum(where):
+    blob = bytearray(encode_object(kv_of(5), "model-a", RAW))
+    blob[header_length(blob) + 3 if where == "first layer" else -3] ^= 0x10
     with pytest.raises(KVChecksumError, match="checksum"):
-        decode_kv(header, damaged)
+        decode_object(blob, "model-a", SPEC)
 
 
-def test_truncated_payload_is_refused():
-    header, payload = encode_kv(kv_of(5), "model-a")
+def test_truncated_object_is_refused():
+    blob = encode_object(kv_of(5), "model-a", RAW)
     with pytest.raises(KVFormatError, match="payload is"):
-        decode_kv(header, bytes(payload)[:-1])
+        decode_object(blob[:-1], "model-a", SPEC)
+    with pytest.raises(KVFormatError):
+        decode_object(blob[:5], "model-a", SPEC)
 
 
 @pytest.mark.parametrize(("mutate", "match"), [
@@ -50,23 +75,36 @@ def test_truncated_payload_is_refused():
     (lambda b: b.replace(b'"bfloat16"', b'"bfloat99"'), "malformed"),
 ])
 def test_bad_headers_are_refused_with_a_reason(mutate, match):
-    encoded = encode_kv(kv_of(3), "model-a")[0].encode()
+    encoded = KVHeader("model-a", SPEC, 3, SPEC.bytes_per_block, 0).encode()
     assert encoded.startswith(MAGIC)
     with pytest.raises(KVFormatError, match=match):
         KVHeader.decode(mutate(encoded))
 
 
 def test_header_whose_sizes_disagree_is_refused():
-    header, _ = encode_kv(kv_of(3), "model-a")
-    lying = KVHeader(header.fingerprint, header.spec, 300, header.payload_bytes, header.checksum)
+    lying = KVHeader("model-a", SPEC, 300, SPEC.bytes_per_block, 0)
     with pytest.raises(KVFormatError, match="do not agree"):
         KVHeader.decode(lying.encode())
+    sections = KVHeader("model-a", SPEC, 3, 10, 0, "raw", (4, 5), (1, 2))
+    with pytest.raises(KVFormatError, match="layer sections"):
+        KVHeader.decode(sections.encode())
+
+
+def test_unknown_codec_is_refused():
+    header = KVHeader("model-a", SPEC, 3, 9, 0, "zip9", (4, 5), (1, 2))
+    with pytest.raises(KVFormatError, match="codec 'zip9'"):
+        KVHeader.decode(header.encode())
 
 
 def test_kv_of_another_model_or_layout_is_incompatible():
-    header, _ = encode_kv(kv_of(3), "model-a")
-    header.check_compatible("model-a", SPEC)
+    blob = encode_object(kv_of(3), "model-a", RAW)
     with pytest.raises(KVFormatError, match="model"):
-        header.check_compatible("model-b", SPEC)
+        decode_object(blob, "model-b", SPEC)
     with pytest.raises(KVFormatError, match="layout"):
-        header.check_compatible("model-a", SPEC.model_copy(update={"block_size": 8}))
+        decode_object(blob, "model-a", SPEC.model_copy(update={"block_size": 8}))
+
+
+def test_a_transfer_header_is_not_stored_kv():
+    header = KVHeader("model-a", SPEC, 3, SPEC.bytes_per_block, 0).encode()
+    with pytest.raises(KVFormatError, match="transfer"):
+        read_header(header, "model-a", SPEC)

@@ -34,6 +34,23 @@ def test_unknown_or_bad_keys_are_errors(tmp_path, text):
         ServeConfig.load(path)
 
 
+def test_kv_store_settings_come_from_the_file_and_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("worker:\n  kv_store:\n    cpu_gb: 0.5\n    redis:\n"
+                    "      url: redis://10.0.0.5:6379/0\n      password: pw\n")
+    c = ServeConfig.load(path, {"worker.kv_store.ssd_dir": tmp_path / "kv",
+                                "worker.kv_store.chunk_tokens": 512})
+    store = c.worker.kv_store
+    assert store.enabled and store.cpu_gb == 0.5 and store.chunk_tokens == 512
+    assert store.redis.url == "redis://10.0.0.5:6379/0" and store.redis.password == "pw"
+    assert store.ssd_root == tmp_path / "kv"
+
+
+def test_chunks_must_be_whole_kv_blocks():
+    with pytest.raises(ValidationError, match=r"multiple of engine\.block_size"):
+        ServeConfig.load(None, {"worker.kv_store.chunk_tokens": 100})
+
+
 def test_config_is_frozen():
     with pytest.raises(ValidationError):
         ServeConfig().prefill_workers = 4

@@ -32,6 +32,8 @@ from tandem.proto.v1 import tandem_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+# gRPC metadata that pins a request to one prefill worker (by index), for tests and debugging.
+PREFILL_WORKER_KEY = "x-tandem-prefill-worker"
 
 
 def status_of(error: ClusterError) -> grpc.StatusCode:
@@ -57,6 +59,7 @@ class Gateway(pb_grpc.TandemServicer):
         received = time.perf_counter()
         try:
             req = self._routed(request)
+            req.prefill_worker = _prefill_hint(context)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         remaining = context.time_remaining()  # the client's deadline, when it set one
@@ -187,3 +190,14 @@ class Gateway(pb_grpc.TandemServicer):
         except ClusterError as e:
             await context.abort(status_of(e), str(e))
         return pb.AbortResponse(found=found)
+
+
+def _prefill_hint(context: grpc.aio.ServicerContext) -> int | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == PREFILL_WORKER_KEY:
+            try:
+                return int(value)
+            except ValueError:
+                raise InvalidRequest(f"{PREFILL_WORKER_KEY}: {value!r} is not an integer") \
+                    from None
+    return None

@@ -54,5 +54,7 @@ def start_pool(pool: str, count: int, config: ServeConfig) -> list[Any]:
     if has_gpu and worker_config.engine.device == "auto":
         worker_config = worker_config.model_copy(
             update={"engine": worker_config.engine.model_copy(update={"device": "cuda"})})
+    if pool == "prefill":  # the index names the worker's SSD directory
+        return [actor.remote(worker_config, config.model_id, index=i) for i in range(count)]
     extra = {"receives_kv": False} if pool == "colocated" else {}  # they prefill themselves
     return [actor.remote(worker_config, config.model_id, **extra) for _ in range(count)]

@@ -2,9 +2,10 @@
 
 Per request: admit (bounded queue) -> reserve KV blocks on a decode worker (most free blocks,
 then smallest batch; waits while all are full) -> prefill on the prefill worker with the least
-queued prompt tokens, which pushes the KV to the decode worker -> poll the decode worker for
-token deltas until the request finishes. However it ends (finished, aborted, failed, deadline,
-client gone), both workers forget it and free its blocks.
+work ahead of it (queued prompt tokens plus the tokens it would compute, after the prefix
+chunks its local KV tiers hold), which pushes the KV to the decode worker -> poll the decode
+worker for token deltas until the request finishes. However it ends (finished, aborted,
+failed, deadline, client gone), both workers forget it and free its blocks.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from tandem.cluster.errors import (
     WorkerFailed,
     WorkerUnavailable,
 )
+from tandem.cluster.kv_index import KVIndex
 from tandem.decode_worker.worker import TokenDelta
 from tandem.engine.errors import OutOfBlocksError
 from tandem.engine.sampling_params import SamplingParams
@@ -46,6 +48,7 @@ class RoutedRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    prefill_worker: int | None = None  # pin to this prefill worker (tests, debugging)
     # Workers know the request by this id, fresh per request, so a client that reuses its
     # request_id never meets the previous request's leftovers (late aborts, streams).
     worker_id: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -74,6 +77,7 @@ class Router:
     colocated: bool
     max_queued_requests: int
     call_timeout_s: float
+    kv_index: KVIndex | None = None
     num_queued: int = 0
     queued_prompt_tokens: dict[int, int] = field(default_factory=dict)  # prefill index -> tokens
     active: dict[str, _Placement] = field(default_factory=dict)
@@ -123,8 +127,7 @@ class Router:
         if decode is not None:
             placed.decode = self.decode_workers[decode]
         if not self.colocated and not placed.aborted:
-            index = min(range(len(self.prefill_workers)),
-                        key=lambda i: self.queued_prompt_tokens.get(i, 0))
+            index = self._pick_prefill(req)
             try:
                 receiver, reason = choose_receiver(self.kv_transports[index],
                                                    self.kv_receivers[decode])
@@ -168,6 +171,25 @@ class Router:
             raise WorkerUnavailable(f"no decode worker answers: {stats[0]}")
         return sorted(live, key=lambda i: (-stats[i].engine.num_free_blocks,
                                            stats[i].engine.num_running))
+
+    def _pick_prefill(self, req: RoutedRequest) -> int:
+        """The prefill worker with the least work ahead: queued prompt tokens plus the tokens
+        this prompt leaves to compute after the prefix chunks it holds locally."""
+        count = len(self.prefill_workers)
+        if req.prefill_worker is not None:
+            if not 0 <= req.prefill_worker < count:
+                raise InvalidRequest(f"prefill_worker: {req.prefill_worker} is not in "
+                                     f"[0, {count})")
+            return req.prefill_worker
+        n = len(req.prompt_token_ids)
+        keys = self.kv_index.prefix_keys(req.prompt_token_ids) if self.kv_index else []
+
+        def cost(i: int) -> tuple[int, int]:
+            queued = self.queued_prompt_tokens.get(i, 0)
+            cached = self.kv_index.cached_tokens(i, keys) if self.kv_index else 0
+            return n - cached + queued, queued
+
+        return min(range(count), key=cost)
 
     async def _prefill(self, index: int, req: RoutedRequest, receiver: ReceiverInfo,
                        block_ids: list[int]) -> PrefillResult:
@@ -258,6 +280,8 @@ class Router:
 
     async def drain(self) -> None:
         """Wait for background clean-ups (at shutdown)."""
+        if self.kv_index is not None:
+            await self.kv_index.stop()
         if self._cleanups:
             await asyncio.gather(*self._cleanups, return_exceptions=True)
 

@@ -13,9 +13,12 @@ from grpc_reflection.v1alpha import reflection
 
 from tandem.cluster.config import ServeConfig
 from tandem.cluster.gateway import Gateway
+from tandem.cluster.kv_index import KVIndex
 from tandem.cluster.placement import connect_ray, start_pool
+from tandem.cluster.redis_server import RedisServer, find_redis_server
 from tandem.cluster.router import Router
 from tandem.engine.loader import load_tokenizer
+from tandem.kv_store.keys import namespace
 from tandem.proto.v1 import tandem_pb2 as pb
 from tandem.proto.v1 import tandem_pb2_grpc as pb_grpc
 from tandem.worker_base import WorkerInfo
@@ -34,12 +37,13 @@ class TandemServer:
         self.router: Router | None = None
         self.address: str | None = None
         self._owns_ray = False
+        self.redis: RedisServer | None = None  # the embedded shared KV tier, when started here
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
 
     async def start(self) -> str:
         """Start everything; returns the gateway's HOST:PORT."""
-        c = self.config
+        c = self.config = await asyncio.to_thread(self._with_redis, self.config)
         self._owns_ray = connect_ray(c)
         if c.colocated:
             self.decode_workers = start_pool("colocated", c.prefill_workers + c.decode_workers, c)
@@ -64,6 +68,14 @@ class TandemServer:
         self.router = Router(self.prefill_workers, self.decode_workers, kv_receivers,
                              kv_transports, c.colocated,
                              c.gateway.max_queued_requests, c.gateway.worker_call_timeout_s)
+        store = c.worker.kv_store
+        if store.enabled and not c.colocated:
+            self.router.kv_index = KVIndex(
+                self.prefill_workers, namespace(infos[0].fingerprint, infos[0].kv_spec),
+                store.chunk_tokens, c.gateway.worker_call_timeout_s)
+            self.router.kv_index.start()
+            logger.warning("KV store: %s; chunks of %d tokens", _tiers(store),
+                           store.chunk_tokens)
         model = pb.ModelInfo(id=c.model_id, max_model_len=infos[0].max_model_len,
                              fingerprint=infos[0].fingerprint)
         gateway = Gateway(self.router, tokenizer, model, model_config.vocab_size,
@@ -81,6 +93,33 @@ class TandemServer:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.address = f"{c.gateway.host}:{port}"
         return self.address
+
+    def _with_redis(self, config: ServeConfig) -> ServeConfig:
+        """`config` with the URL of an embedded redis-server, when the store wants one."""
+        store = config.worker.kv_store
+        if not store.enabled or config.colocated or store.redis.url or not store.redis.embedded:
+            return config
+        if config.ray.address:  # workers on other nodes could not reach a loopback server
+            logger.warning("KV store: no shared tier; on a multi-node Ray cluster set "
+                           "kv_store.redis.url (--kv-redis-url)")
+            return config
+        if find_redis_server() is None:
+            logger.warning("KV store: no redis-server found, so no shared tier; install it "
+                           "(apt-get install redis-server) or set kv_store.redis.url")
+            return config
+        server = RedisServer(int(store.redis.capacity_gb * 2**30))
+        try:
+            server.start()
+        except (OSError, RuntimeError) as e:  # TimeoutError is an OSError
+            server.close()
+            logger.warning("KV store: the embedded redis-server did not start (%s); "
+                           "no shared tier", e)
+            return config
+        self.redis = server
+        redis = store.redis.model_copy(update={"url": self.redis.url})
+        worker = config.worker.model_copy(
+            update={"kv_store": store.model_copy(update={"redis": redis})})
+        return config.model_copy(update={"worker": worker})
 
     async def wait(self) -> None:
         if self._server is not None:
@@ -104,6 +143,9 @@ class TandemServer:
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
+        if self.redis is not None:
+            await asyncio.to_thread(self.redis.close)
+            self.redis = None
 
 
 def _check_agree(infos: list[WorkerInfo]) -> None:
@@ -112,6 +154,16 @@ def _check_agree(infos: list[WorkerInfo]) -> None:
     for info in infos[1:]:
         if (info.fingerprint, info.kv_spec) != (first.fingerprint, first.kv_spec):
             raise RuntimeError(f"workers disagree on the model or KV layout: {first} vs {info}")
+
+
+def _tiers(store) -> str:
+    sizes = [("gpu", store.gpu_gb), ("cpu", store.cpu_gb), ("ssd", store.ssd_gb)]
+    tiers = [f"{name} {gb:g} GiB" for name, gb in sizes if gb > 0]
+    if store.ssd_gb > 0:
+        tiers[-1] += f" ({store.ssd_root})"
+    if store.redis.url:
+        tiers.append(f"redis at {store.redis.url.split('@')[-1]}")
+    return " + ".join(tiers) or "no tiers"
 
 
 def _ways(per_worker: list[tuple[str, ...]]) -> str:

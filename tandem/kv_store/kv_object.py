@@ -1,11 +1,16 @@
-"""The KV object format: a versioned header plus the payload bytes of `KVBlocks`.
+"""The KV object format: a versioned header, then the payload.
 
-    header = magic "TDKV" | u16 format version | u32 length | JSON metadata (that many bytes)
+    object = magic "TDKV" | u16 format version | u32 length | JSON metadata | payload
 
 The metadata names the model fingerprint, the `KVSpec` layout, the token count, the codec, the
-payload length and its XXH3-64 checksum (~3x faster than CRC-32 here). JSON, never pickle:
-headers come from other processes and disks.
-The payload is `KVBlocks.data` as raw bytes in the engine's block layout (codec "raw").
+payload length and an XXH3-64 checksum (~3x faster than CRC-32 here). JSON, never pickle:
+headers come from other processes, disks and Redis.
+
+Two payload layouts share the header:
+- a transfer (`layer_bytes` empty): `KVBlocks.data` as raw bytes, checked by `checksum`;
+- a stored object: one section per layer, each the codec's encoding of that layer, with its
+  size and checksum in `layer_bytes` / `layer_checksums`, so one layer (or a group) can be
+  read and checked without the rest; `checksum` covers the section checksums.
 """
 
 from __future__ import annotations
@@ -14,18 +19,18 @@ import json
 import struct
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import xxhash
 from pydantic import ValidationError
 
 from tandem.engine.kv_cache import KVBlocks, KVSpec
+from tandem.kv_store.codec import Codec, get_codec
 from tandem.kv_store.errors import KVChecksumError, KVFormatError
 
 MAGIC = b"TDKV"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAX_META_BYTES = 1 << 16
-_PREFIX = struct.Struct("<4sHI")
+PREFIX = struct.Struct("<4sHI")
 
 
 @dataclass(frozen=True)
@@ -36,42 +41,53 @@ class KVHeader:
     payload_bytes: int
     checksum: int
     codec: str = "raw"
+    layer_bytes: tuple[int, ...] = ()
+    layer_checksums: tuple[int, ...] = ()
 
     def encode(self) -> bytes:
         meta = json.dumps({
             "fingerprint": self.fingerprint, "spec": self.spec.model_dump(),
             "num_tokens": self.num_tokens, "codec": self.codec,
             "payload_bytes": self.payload_bytes, "checksum": self.checksum,
+            "layer_bytes": list(self.layer_bytes), "layer_checksums": list(self.layer_checksums),
         }, sort_keys=True).encode()
-        return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(meta)) + meta
+        return PREFIX.pack(MAGIC, FORMAT_VERSION, len(meta)) + meta
 
     @classmethod
-    def decode(cls, data: bytes) -> KVHeader:
-        if len(data) < _PREFIX.size:
-            raise KVFormatError(f"KV header is {len(data)} bytes, too short")
-        magic, version, length = _PREFIX.unpack_from(data)
-        if magic != MAGIC:
-            raise KVFormatError(f"not a KV object (magic {magic!r}, expected {MAGIC!r})")
-        if version != FORMAT_VERSION:
-            raise KVFormatError(f"KV format version {version} is not supported "
-                                f"(this build reads version {FORMAT_VERSION})")
-        if length > MAX_META_BYTES or len(data) != _PREFIX.size + length:
+    def decode(cls, data: bytes | memoryview) -> KVHeader:
+        """Parse a header that is exactly `data` (see `header_length` to find its end)."""
+        length = header_length(data) - PREFIX.size
+        if len(data) != PREFIX.size + length:
             raise KVFormatError(f"KV header length {length} does not match its {len(data)} bytes")
         try:
-            meta = json.loads(data[_PREFIX.size:])
+            meta = json.loads(bytes(data[PREFIX.size:]))
             header = cls(fingerprint=str(meta["fingerprint"]),
                          spec=KVSpec.model_validate(meta["spec"]),
                          num_tokens=int(meta["num_tokens"]), codec=str(meta["codec"]),
                          payload_bytes=int(meta["payload_bytes"]),
-                         checksum=int(meta["checksum"]))
+                         checksum=int(meta["checksum"]),
+                         layer_bytes=tuple(int(n) for n in meta["layer_bytes"]),
+                         layer_checksums=tuple(int(c) for c in meta["layer_checksums"]))
         except (ValueError, KeyError, TypeError, ValidationError) as e:
             raise KVFormatError(f"KV header metadata is malformed: {e}") from None
-        if header.codec != "raw":
-            raise KVFormatError(f"KV codec {header.codec!r} is not supported")
-        if header.num_tokens <= 0 or header.payload_bytes != _payload_size(header):
-            raise KVFormatError(f"KV header says {header.num_tokens} tokens and "
-                                f"{header.payload_bytes} payload bytes, which do not agree")
+        header._check_sizes()
         return header
+
+    def _check_sizes(self) -> None:
+        if self.num_tokens <= 0:
+            raise KVFormatError(f"KV header says {self.num_tokens} tokens")
+        if self.layer_bytes:
+            if len(self.layer_bytes) != self.spec.num_layers \
+                    or len(self.layer_checksums) != self.spec.num_layers \
+                    or sum(self.layer_bytes) != self.payload_bytes \
+                    or min(self.layer_bytes) < 0:
+                raise KVFormatError("KV header's layer sections do not agree with its "
+                                    f"{self.spec.num_layers} layers and {self.payload_bytes} "
+                                    "payload bytes")
+            get_codec(self.codec)  # raises for an unknown codec
+        elif self.codec != "raw" or self.payload_bytes != raw_size(self.spec, self.num_tokens):
+            raise KVFormatError(f"KV header says {self.num_tokens} tokens and "
+                                f"{self.payload_bytes} payload bytes, which do not agree")
 
     def check_compatible(self, fingerprint: str, spec: KVSpec) -> None:
         """Raise unless KV with this header can go into an engine with `fingerprint` and `spec`."""
@@ -81,32 +97,87 @@ class KVHeader:
         if self.spec != spec:
             raise KVFormatError(f"KV layout {self.spec} differs from this engine's {spec}")
 
+    def layer_span(self, layers: range) -> tuple[int, int]:
+        """(offset in the payload, length) of the sections of `layers` in a stored object."""
+        start = sum(self.layer_bytes[:layers.start])
+        return start, sum(self.layer_bytes[layers.start:layers.stop])
 
-def _payload_size(header: KVHeader) -> int:
-    return header.spec.num_blocks_for(header.num_tokens) * header.spec.bytes_per_block
+
+def header_length(data: bytes | memoryview) -> int:
+    """Bytes of the header that `data` starts with (at least its fixed prefix is needed)."""
+    if len(data) < PREFIX.size:
+        raise KVFormatError(f"KV header is {len(data)} bytes, too short")
+    magic, version, length = PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise KVFormatError(f"not a KV object (magic {bytes(magic)!r}, expected {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        raise KVFormatError(f"KV format version {version} is not supported "
+                            f"(this build reads version {FORMAT_VERSION})")
+    if length > MAX_META_BYTES:
+        raise KVFormatError(f"KV header length {length} exceeds {MAX_META_BYTES}")
+    return PREFIX.size + length
+
+
+def raw_size(spec: KVSpec, num_tokens: int) -> int:
+    return spec.num_blocks_for(num_tokens) * spec.bytes_per_block
 
 
 def checksum(payload: bytes | bytearray | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(payload)
 
 
-def encode_kv(kv: KVBlocks, fingerprint: str) -> tuple[KVHeader, memoryview]:
-    """The header and payload of `kv` (the payload shares memory with a CPU tensor)."""
-    raw = kv.data.detach().to("cpu").contiguous().view(torch.uint8).numpy()
-    payload = memoryview(raw).cast("B")
-    header = KVHeader(fingerprint, kv.spec, kv.num_tokens, len(payload), checksum(payload))
-    return header, payload
+def combined_checksum(checksums: list[int] | tuple[int, ...]) -> int:
+    """One checksum over a sequence of checksums (the sections of an object or a transfer)."""
+    return checksum(b"".join(c.to_bytes(8, "little") for c in checksums))
 
 
-def decode_kv(header: KVHeader, payload: bytes | bytearray | memoryview) -> KVBlocks:
-    """Check `payload` against `header` and view it as `KVBlocks` (no copy of a bytearray)."""
-    if len(payload) != header.payload_bytes:
-        raise KVFormatError(f"KV payload is {len(payload)} bytes, the header says "
+# -- stored objects ------------------------------------------------------------------------------
+
+
+def encode_object(kv: KVBlocks, fingerprint: str, codec: Codec) -> bytes:
+    """`kv` as a stored object: header, then each layer as `codec` encodes it."""
+    sections = [codec.encode_layer(layer, kv.data[layer]) for layer in range(kv.spec.num_layers)]
+    sums = tuple(checksum(s) for s in sections)
+    header = KVHeader(fingerprint, kv.spec, kv.num_tokens, sum(map(len, sections)),
+                      combined_checksum(sums), codec.name, tuple(map(len, sections)), sums)
+    return b"".join([header.encode(), *sections])
+
+
+def read_header(data: bytes | memoryview, fingerprint: str, spec: KVSpec) -> KVHeader:
+    """The header of a stored object for this model and layout (`data` may be just its start)."""
+    view = memoryview(data)
+    header = KVHeader.decode(view[:header_length(view)])
+    if not header.layer_bytes:
+        raise KVFormatError("KV object has no layer sections: it is a transfer, not stored KV")
+    header.check_compatible(fingerprint, spec)
+    return header
+
+
+def decode_layers(header: KVHeader, sections: bytes | memoryview, layers: range) -> torch.Tensor:
+    """Decode `layers` from their sections (`header.layer_span(layers)` of the payload), each
+    checked against its checksum: [len(layers), 2, num_blocks, block_size, heads, head_dim]."""
+    view, codec, out, offset = memoryview(sections), get_codec(header.codec), [], 0
+    if len(view) != header.layer_span(layers)[1]:
+        raise KVFormatError(f"KV sections are {len(view)} bytes, the header says "
+                            f"{header.layer_span(layers)[1]}")
+    for layer in layers:
+        section = view[offset:offset + header.layer_bytes[layer]]
+        offset += len(section)
+        if checksum(section) != header.layer_checksums[layer]:
+            raise KVChecksumError(f"KV layer {layer} checksum mismatch: the data was corrupted")
+        out.append(codec.decode_layer(layer, section, header.spec, header.num_tokens))
+    return torch.stack(out)
+
+
+def decode_object(data: bytes | memoryview, fingerprint: str, spec: KVSpec) -> KVBlocks:
+    """A whole stored object back as `KVBlocks`; raises KVObjectError if it is unusable."""
+    view = memoryview(data)
+    header = read_header(view, fingerprint, spec)
+    start = header_length(view)
+    if len(view) - start != header.payload_bytes:
+        raise KVFormatError(f"KV payload is {len(view) - start} bytes, the header says "
                             f"{header.payload_bytes}")
-    if checksum(payload) != header.checksum:
-        raise KVChecksumError("KV payload checksum mismatch: the data was corrupted")
-    s = header.spec
-    flat = torch.from_numpy(np.frombuffer(payload, dtype=np.uint8))
-    shape = (s.num_layers, 2, s.num_blocks_for(header.num_tokens), s.block_size,
-             s.num_kv_heads, s.head_dim)
-    return KVBlocks(s, header.num_tokens, flat.view(s.torch_dtype).view(shape))
+    if combined_checksum(header.layer_checksums) != header.checksum:
+        raise KVChecksumError("KV header checksum mismatch: the header was corrupted")
+    return KVBlocks(spec, header.num_tokens,
+                    decode_layers(header, view[start:], range(spec.num_layers)))

@@ -1,12 +1,15 @@
 """`PrefillWorker`: compute a prompt and its first token while its KV streams to a decode worker.
 
 A request's lifecycle here, as queues:
-    waiting (in the engine's queue) -> prefilling (chunked, in the batch; layer-wise, each
+    looking up (the longest cached prefix is loaded from the KV store, off the engine thread)
+    -> waiting (in the engine's queue) -> prefilling (chunked, in the batch; layer-wise, each
     layer's KV is posted to the transport as soon as it is computed) -> prefilled (the first
     token is sampled; whatever was not sent yet is posted, on the engine thread) -> finishing
     (the transport waits for every WRITE, then the decode worker confirms) -> done.
 The request's blocks stay held until its transfer is over, since the transport reads them in
-place; whatever happens, they are freed when `prefill` returns or raises.
+place; whatever happens, they are freed when `prefill` returns or raises. After a handoff, the
+prompt's new whole chunks are copied out of the blocks and written to the store in the
+background.
 """
 
 from __future__ import annotations
@@ -16,9 +19,14 @@ import logging
 import time
 from dataclasses import dataclass
 
+from tandem.engine.config import EngineConfig
 from tandem.engine.engine import LLMEngine
+from tandem.engine.errors import OutOfBlocksError
+from tandem.engine.kv_cache import KVBlocks
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import SamplingParams
+from tandem.kv_store.config import open_store
+from tandem.kv_store.index_log import IndexDelta
 from tandem.prefill_worker.streamer import LayerStreamer
 from tandem.transfer import TransportNotUsable, available_transports, make_transport
 from tandem.transfer.base import Handoff, KVTarget, KVTransport, ReceiverInfo, SendSession
@@ -44,8 +52,9 @@ class PrefillResult:
 class PrefillWorker(EngineWorker):
     role = "prefill"
 
-    def __init__(self, config: WorkerConfig, model_id: str) -> None:
+    def __init__(self, config: WorkerConfig, model_id: str, index: int = 0) -> None:
         super().__init__(config, model_id)
+        self.index = index
         self.transports: dict[str, KVTransport] = {}
         self._streamers: dict[str, LayerStreamer] = {}  # read on the engine thread
         self._sessions: dict[str, SendSession] = {}
@@ -57,7 +66,18 @@ class PrefillWorker(EngineWorker):
         await super().start()
         self.transports = {name: make_transport(name) for name in names}
         self.kv_transports = names
+        e = self._engine.engine
+        self.store = await asyncio.to_thread(open_store, self.config.kv_store, e.fingerprint,
+                                             e.kv_spec, f"prefill-{self.index}")
         return self.info()
+
+    def engine_config(self) -> EngineConfig:
+        # With a store, reuse comes from it (whole chunks, shared across workers), so the
+        # engine's own block-level prefix cache would only blur what `cached_tokens` means.
+        engine = self.config.engine
+        if self.config.kv_store.enabled:
+            engine = engine.model_copy(update={"enable_prefix_caching": False})
+        return engine
 
     def streams_layerwise(self, num_tokens: int) -> bool:
         mode = self.config.kv_streaming
@@ -74,6 +94,7 @@ class PrefillWorker(EngineWorker):
             have = ", ".join(self.transports)
             raise TransportNotUsable(f"this prefill worker cannot send KV over "
                                        f"{receiver.transport} (it has {have})")
+        cached = await self._load_prefix(request_id, prompt_token_ids)
         stream = engine.open_stream(request_id)
         session: SendSession | None = None
         layerwise, handed_off = self.streams_layerwise(n), False
@@ -83,9 +104,8 @@ class PrefillWorker(EngineWorker):
                               KVTarget(receiver, tuple(block_ids), n), request_id)
             streamer = self._streamers[request_id] = LayerStreamer(engine.engine, request_id, n,
                                                                    session)
-            await engine.call(lambda e: e.add_request(
-                request_id, prompt_token_ids, params, prefill_only=True,
-                on_layer_kv=streamer if layerwise else None))
+            await engine.call(lambda e: _add(e, request_id, prompt_token_ids, params, cached,
+                                             streamer if layerwise else None))
             item = await stream.get()
             if isinstance(item, BaseException):
                 raise item
@@ -95,6 +115,8 @@ class PrefillWorker(EngineWorker):
             await session.finish(Handoff(request_id, item.token_ids),
                                  timeout=self.config.handoff_timeout_s)
             handed_off = True
+            if self.store is not None:
+                await self._publish(request_id, prompt_token_ids, item.num_cached_tokens)
             self.handoffs[f"{receiver.transport}/{'layerwise' if layerwise else 'onepiece'}"] += 1
             return PrefillResult(item.token_ids, item.num_cached_tokens, prefilled - started,
                                  time.perf_counter() - prefilled, receiver.transport, layerwise)
@@ -110,6 +132,39 @@ class PrefillWorker(EngineWorker):
             else:
                 self._sessions.pop(request_id, None)
                 await engine.call(lambda e: e.abort(request_id))  # frees the blocks
+
+    async def _load_prefix(self, request_id: str, prompt: list[int]) -> KVBlocks | None:
+        """The KV of the longest cached prefix; None on a miss (the store never fails a
+        request: whatever goes wrong there, the prompt is computed)."""
+        if self.store is None:
+            return None
+        try:
+            return await asyncio.to_thread(self.store.load_prefix, prompt)
+        except Exception:
+            logger.exception("request %s: KV store lookup failed; computing the prompt",
+                             request_id)
+            return None
+
+    async def _publish(self, request_id: str, prompt: list[int], num_cached: int) -> None:
+        """Queue the prompt's whole chunks that did not come from the store for writing."""
+        assert self.store is not None
+        chunk_tokens = self.store.chunk_tokens
+        first = num_cached // chunk_tokens
+        keys = self.store.prefix_keys(prompt)[first:]
+        if not keys:
+            return
+        try:
+            chunks = await self._engine.call(lambda e: _copy_chunks(
+                e, request_id, first, len(keys), chunk_tokens))
+        except Exception:  # the request itself is done: only its reuse is lost
+            logger.exception("request %s: copying its KV for the store failed", request_id)
+            return
+        for key, kv in zip(keys, chunks, strict=True):
+            self.store.put(key, kv)
+
+    async def kv_index_changes(self, since: int) -> IndexDelta | None:
+        """Which prefix chunks this worker's local tiers gained or lost since version `since`."""
+        return None if self.store is None else self.store.index.changes_since(since)
 
     async def _give_up(self, request_id: str, session: SendSession) -> None:
         try:
@@ -140,3 +195,29 @@ class PrefillWorker(EngineWorker):
         for transport in self.transports.values():
             await transport.close()
         await super().shutdown()
+
+
+def _add(engine: LLMEngine, request_id: str, prompt: list[int], params: SamplingParams,
+         cached: KVBlocks | None, on_layer_kv: LayerStreamer | None) -> None:
+    """Queue the prefill, starting from the cached prefix when there are blocks to load it."""
+    try:
+        engine.add_request(request_id, prompt, params, prefill_only=True,
+                           on_layer_kv=on_layer_kv, prefix_kv=cached)
+    except OutOfBlocksError:  # the queue will free blocks: compute it all instead
+        if cached is None:
+            raise
+        logger.info("request %s: no free blocks to load its cached prefix now; computing it",
+                    request_id)
+        engine.add_request(request_id, prompt, params, prefill_only=True,
+                           on_layer_kv=on_layer_kv)
+
+
+def _copy_chunks(engine: LLMEngine, request_id: str, first: int, count: int,
+                 chunk_tokens: int) -> list[KVBlocks]:
+    """Copies of chunks [first, first + count) of a prefilled request's KV (engine thread)."""
+    spec, table = engine.kv_spec, engine.block_table(request_id)
+    per = chunk_tokens // spec.block_size
+    layers = range(spec.num_layers)
+    return [KVBlocks(spec, chunk_tokens,
+                     engine.cache.gather(layers, table[i * per:(i + 1) * per]).cpu())
+            for i in range(first, first + count)]

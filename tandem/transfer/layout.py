@@ -16,6 +16,7 @@ import torch
 import xxhash
 
 from tandem.engine.kv_cache import KVCache, KVSpec
+from tandem.kv_store import kv_object
 from tandem.kv_store.kv_object import KVHeader
 
 
@@ -87,7 +88,7 @@ def transfer_header(fingerprint: str, spec: KVSpec, num_tokens: int, checksum: i
 def combined_checksum(pieces: list[Piece]) -> int:
     """The checksum of a whole transfer: over its piece checksums in (layer, block) order."""
     ordered = sorted(pieces, key=lambda p: (p.layers.start, p.first_block))
-    return xxhash.xxh3_64_intdigest(b"".join(p.checksum.to_bytes(8, "little") for p in ordered))
+    return kv_object.combined_checksum([p.checksum for p in ordered])
 
 
 class Reception:

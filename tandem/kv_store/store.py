@@ -1,0 +1,251 @@
+"""`TieredStore`: KV chunks across tiers, found by content key, written in the background.
+
+Reads walk the tiers in order: the local ones (fastest first), then the shared ones. A hit in a
+lower tier is promoted to the first (when `promote_on_hit`); a damaged object is a miss: it is
+deleted and counted, never returned. Writes go on a queue that one writer thread drains, so a
+request never waits for one (a full queue drops the write and counts it). A write lands in the
+first local tier and through to every shared tier; a local tier over capacity demotes its least
+recently used objects to the next local tier, and the last one drops them. A failing tier is
+skipped (see `TierHealth`) and the request goes on with the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from tandem.engine.kv_cache import KVBlocks, KVSpec
+from tandem.kv_store import keys
+from tandem.kv_store.codec import Codec, get_codec
+from tandem.kv_store.errors import KVObjectError, TierError
+from tandem.kv_store.health import TierHealth
+from tandem.kv_store.index_log import IndexLog
+from tandem.kv_store.kv_object import (
+    decode_layers,
+    decode_object,
+    encode_object,
+    header_length,
+    read_header,
+)
+from tandem.kv_store.stats import StoreStats, TierStats
+from tandem.kv_store.tiers.base import Buffer, Tier
+from tandem.kv_store.write_queue import WriteQueue
+
+logger = logging.getLogger(__name__)
+
+HEADER_READ_BYTES = 8192  # a first ranged read that holds the header of any stored object
+
+
+class TieredStore:
+    def __init__(self, tiers: list[Tier], fingerprint: str, spec: KVSpec, *,
+                 chunk_tokens: int = 256, codecs: dict[str, str] | None = None,
+                 promote_on_hit: bool = True, max_pending_writes: int = 64) -> None:
+        if len({t.name for t in tiers}) != len(tiers):
+            raise ValueError("tier names must be unique")
+        self.fingerprint, self.spec, self.chunk_tokens = fingerprint, spec, chunk_tokens
+        self.namespace = keys.namespace(fingerprint, spec)
+        self.local = [t for t in tiers if not t.shared]
+        self.tiers = self.local + [t for t in tiers if t.shared]  # read order
+        self.health = {t.name: TierHealth(t) for t in tiers}
+        self.codecs: dict[str, Codec] = {
+            t.name: get_codec((codecs or {}).get(t.name, "raw")) for t in tiers}
+        self._stats = {t.name: TierStats(t.name, t.shared, self.codecs[t.name].name,
+                                         capacity_bytes=t.capacity_bytes) for t in tiers}
+        self.promote_on_hit = promote_on_hit
+        self.index = IndexLog()
+        for tier in self.local:
+            for key in tier.stored_keys():
+                self.index.added(key)
+        self.puts = 0
+        self._writes = WriteQueue(self._write, max_pending_writes, "kv-store-writer")
+
+    # -- reads (on the request path) -----------------------------------------------------------
+
+    def prefix_keys(self, tokens: list[int]) -> list[str]:
+        return keys.prefix_keys(self.namespace, tokens, self.chunk_tokens)
+
+    def load_prefix(self, tokens: list[int]) -> KVBlocks | None:
+        """KV of the longest run of cached whole chunks that starts `tokens`, leaving at least
+        one token to compute; None when the first chunk is not cached."""
+        chunks = []
+        for key in self.prefix_keys(tokens[:-1]):
+            kv = self.get(key)
+            if kv is None or kv.num_tokens != self.chunk_tokens:
+                break
+            chunks.append(kv.data)
+        if not chunks:
+            return None
+        data = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
+        return KVBlocks(self.spec, len(chunks) * self.chunk_tokens, data)
+
+    def get(self, key: str) -> KVBlocks | None:
+        """The object under `key` from the first tier that has a sound copy, or None."""
+        for tier, blob in self._find(key, lambda t: t.get(key)):
+            try:
+                kv = decode_object(blob, self.fingerprint, self.spec)
+            except KVObjectError as e:
+                self._corrupt(tier, key, e)
+                continue
+            self._hit(tier, key, blob)
+            return kv
+        return None
+
+    def get_layers(self, key: str, layers: range) -> torch.Tensor | None:
+        """Only `layers` of the object under `key` (ranged reads), or None."""
+        for tier, head in self._find(key, lambda t: t.get_range(key, 0, HEADER_READ_BYTES)):
+            try:
+                size = header_length(head)
+                if size > len(head):
+                    head = tier.get_range(key, 0, size) or b""
+                header = read_header(memoryview(head)[:size], self.fingerprint, self.spec)
+                offset, length = header.layer_span(layers)
+                sections = tier.get_range(key, size + offset, length) or b""
+                data = decode_layers(header, sections, layers)
+            except KVObjectError as e:
+                self._corrupt(tier, key, e)
+                continue
+            except TierError as e:
+                self.health[tier.name].failed(e)
+                continue
+            self._hit(tier, key, None)
+            self._stats[tier.name].bytes_read += len(sections)
+            return data
+        return None
+
+    def _find(self, key: str, read):
+        """(tier, data) for each usable tier that returns data for `key`, in tier order."""
+        for tier in self.tiers:
+            health = self.health[tier.name]
+            if not health.usable():
+                continue
+            try:
+                data = read(tier)
+            except TierError as e:
+                health.failed(e)
+                continue
+            if data is None:
+                self._stats[tier.name].misses += 1
+                continue
+            yield tier, data
+
+    def _hit(self, tier: Tier, key: str, blob: Buffer | None) -> None:
+        stats = self._stats[tier.name]
+        stats.hits += 1
+        if blob is not None:
+            stats.bytes_read += len(blob)
+            if self.promote_on_hit and self.local and tier is not self.local[0]:
+                self._writes.submit(("promote", key, bytes(blob)))
+
+    def _corrupt(self, tier: Tier, key: str, error: Exception) -> None:
+        logger.warning("%s tier: object %s is unusable, deleting it: %s", tier.name, key, error)
+        self._stats[tier.name].corrupt += 1
+        self._remove(tier, key)
+
+    # -- writes (on the writer thread) ---------------------------------------------------------
+
+    def put(self, key: str, kv: KVBlocks) -> bool:
+        """Store `kv` under `key` in the background; False if the write queue was full."""
+        return self._writes.submit(("put", key, kv))
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every queued write is done (tests and benchmarks)."""
+        self._writes.flush(timeout)
+
+    def _write(self, item: tuple[str, str, KVBlocks | bytes]) -> None:
+        kind, key, value = item
+        if kind == "put":
+            self._store(key, value)
+        else:  # a promotion: the object's bytes, into the first local tier
+            self._put_local(0, key, value)
+
+    def _store(self, key: str, kv: KVBlocks) -> None:
+        self.puts += 1
+        encoded: dict[str, bytes] = {}
+
+        def blob_for(tier: Tier) -> bytes:
+            codec = self.codecs[tier.name]
+            if codec.name not in encoded:
+                encoded[codec.name] = encode_object(kv, self.fingerprint, codec)
+            return encoded[codec.name]
+
+        if self.local:
+            self._put_local(0, key, blob_for(self.local[0]))
+        for tier in self.tiers[len(self.local):]:
+            self._put(tier, key, blob_for)
+
+    def _put_local(self, i: int, key: str, blob: bytes) -> None:
+        """Put into local tier `i`, demoting its LRU objects down the chain to make room."""
+        if i >= len(self.local):
+            return
+        tier = self.local[i]
+        if tier.contains(key):
+            return
+        blob = self._transcode(blob, tier)
+        if not self.health[tier.name].writable() or len(blob) > tier.capacity_bytes:
+            self._put_local(i + 1, key, blob)
+            return
+        for victim in tier.victims(len(blob)):
+            try:
+                demoted = tier.get(victim) if i + 1 < len(self.local) else None
+            except TierError:
+                demoted = None
+            self._remove(tier, victim)
+            self._stats[tier.name].evictions += 1
+            if demoted is not None:
+                self._put_local(i + 1, victim, bytes(demoted))
+        if not self._put(tier, key, lambda _: blob):
+            self._put_local(i + 1, key, blob)
+
+    def _put(self, tier: Tier, key: str, blob_for) -> bool:
+        health = self.health[tier.name]
+        try:
+            if not health.writable() or (tier.shared and tier.contains(key)):
+                return False
+            blob = blob_for(tier)
+            tier.put(key, blob)
+        except TierError as e:
+            health.failed(e)
+            return False
+        self._stats[tier.name].bytes_written += len(blob)
+        if not tier.shared:
+            self.index.added(key)
+        return True
+
+    def _transcode(self, blob: bytes, tier: Tier) -> bytes:
+        """`blob` in `tier`'s codec (demotion between tiers that code differently)."""
+        codec = self.codecs[tier.name]
+        header = read_header(memoryview(blob)[:HEADER_READ_BYTES], self.fingerprint, self.spec)
+        if header.codec == codec.name:
+            return blob
+        return encode_object(decode_object(blob, self.fingerprint, self.spec),
+                             self.fingerprint, codec)
+
+    def _remove(self, tier: Tier, key: str) -> None:
+        try:
+            held = tier.contains(key)
+            tier.remove(key)
+        except TierError as e:
+            self.health[tier.name].failed(e)
+            return
+        if held and not tier.shared:
+            self.index.removed(key)
+
+    # -- introspection -------------------------------------------------------------------------
+
+    def stats(self) -> StoreStats:
+        tiers = []
+        for tier in self.tiers:
+            health, stats = self.health[tier.name], self._stats[tier.name]
+            stats.healthy, stats.error = health.healthy, health.error
+            stats.writes_paused = time.monotonic() < health.writes_paused_until
+            stats.used_bytes = tier.used_bytes
+            tiers.append(TierStats(**vars(stats)))
+        return StoreStats(self.chunk_tokens, tiers, self.puts, self._writes.dropped,
+                          self._writes.pending)
+
+    def close(self) -> None:
+        self._writes.close()
+        for tier in self.tiers:
+            tier.close()

@@ -1,0 +1,1 @@
+"""Tiers: byte stores for KV objects under content keys (GPU, CPU, SSD, Redis)."""

@@ -1,0 +1,64 @@
+"""`MemoryTier`: objects in host memory (pinned when CUDA is present) or in device memory."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from tandem.kv_store.tiers.base import Buffer, LruIndex, Tier
+
+
+class MemoryTier(Tier):
+    """The CPU tier (`device="cpu"`) or the GPU tier (`device="cuda"`)."""
+
+    def __init__(self, name: str, capacity_bytes: int, device: str = "cpu") -> None:
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"the {name} tier needs CUDA, which this process does not have")
+        self.name, self.capacity_bytes, self.device = name, capacity_bytes, torch.device(device)
+        self.pin = self.device.type == "cpu" and torch.cuda.is_available()
+        self._index = LruIndex(capacity_bytes)
+        self._objects: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Buffer | None:
+        with self._lock:
+            tensor = self._objects.get(key)
+        if tensor is None:
+            return None
+        self._index.touch(key)
+        # Objects are never written after `put`, so a view of host memory is safe to hand out.
+        host = tensor if tensor.device.type == "cpu" else tensor.cpu()
+        return memoryview(host.numpy())
+
+    def contains(self, key: str) -> bool:
+        return key in self._index
+
+    def put(self, key: str, data: Buffer) -> None:
+        source = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else \
+            torch.empty(0, dtype=torch.uint8)
+        if self.device.type == "cuda":
+            tensor = source.to(self.device)
+        elif self.pin:
+            tensor = torch.empty(len(source), dtype=torch.uint8, pin_memory=True)
+            tensor.copy_(source)
+        else:
+            tensor = source
+        with self._lock:
+            self._objects[key] = tensor
+        self._index.add(key, len(data))
+
+    def remove(self, key: str) -> None:
+        with self._lock:
+            self._objects.pop(key, None)
+        self._index.discard(key)
+
+    def victims(self, num_bytes: int) -> list[str]:
+        return self._index.victims(num_bytes)
+
+    def stored_keys(self) -> list[str]:
+        return self._index.keys()
+
+    @property
+    def used_bytes(self) -> int:
+        return self._index.used_bytes

@@ -1,0 +1,103 @@
+"""`SsdTier`: one file per object under a directory, written atomically (temp file + rename).
+
+Objects already in the directory when the tier opens are kept (oldest first in LRU order), so
+a restarted worker finds its cache again; a torn or damaged file is caught by its checksum.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import uuid
+from pathlib import Path
+
+from tandem.kv_store.errors import TierFull, TierUnavailable
+from tandem.kv_store.tiers.base import Buffer, LruIndex, Tier
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = ".kv"
+_KEY_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyz:")
+
+
+class SsdTier(Tier):
+    def __init__(self, directory: Path, capacity_bytes: int, name: str = "ssd") -> None:
+        self.name, self.capacity_bytes, self.directory = name, capacity_bytes, Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._index = LruIndex(capacity_bytes)
+        self._reopen()
+
+    def _reopen(self) -> None:
+        found = []
+        for path in self.directory.iterdir():
+            if path.name.startswith(".tmp-"):  # a write that never finished
+                path.unlink(missing_ok=True)
+            elif path.suffix == SUFFIX:
+                stat = path.stat()
+                found.append((stat.st_mtime, path.stem.replace('_', ':'), stat.st_size))
+        for _, key, size in sorted(found):
+            self._index.add(key, size)
+        if found:
+            logger.info("ssd tier: %d objects (%.1f MB) already in %s", len(found),
+                        self._index.used_bytes / 1e6, self.directory)
+
+    def _path(self, key: str) -> Path:
+        if not _KEY_CHARS.issuperset(key):
+            raise ValueError(f"ssd tier: key {key!r} has characters other than [0-9a-z:]")
+        return self.directory / f"{key.replace(':', '_')}{SUFFIX}"
+
+    def get(self, key: str) -> Buffer | None:
+        if not self._index.touch(key):
+            return None
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:  # evicted or removed meanwhile
+            self._index.discard(key)
+            return None
+        except OSError as e:
+            raise TierUnavailable(f"ssd tier: cannot read {self._path(key)}: {e}") from None
+
+    def get_range(self, key: str, offset: int, length: int) -> Buffer | None:
+        if not self._index.touch(key):
+            return None
+        try:
+            with open(self._path(key), "rb") as f:
+                f.seek(offset)
+                return f.read(length)
+        except FileNotFoundError:
+            self._index.discard(key)
+            return None
+        except OSError as e:
+            raise TierUnavailable(f"ssd tier: cannot read {self._path(key)}: {e}") from None
+
+    def contains(self, key: str) -> bool:
+        return key in self._index
+
+    def put(self, key: str, data: Buffer) -> None:
+        tmp = self.directory / f".tmp-{uuid.uuid4().hex}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self._path(key))
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise TierFull(f"ssd tier: {self.directory} is full ({e.strerror})") from None
+            raise TierUnavailable(f"ssd tier: cannot write to {self.directory}: {e}") from None
+        self._index.add(key, len(data))
+
+    def remove(self, key: str) -> None:
+        self._index.discard(key)
+        self._path(key).unlink(missing_ok=True)
+
+    def victims(self, num_bytes: int) -> list[str]:
+        return self._index.victims(num_bytes)
+
+    def stored_keys(self) -> list[str]:
+        return self._index.keys()
+
+    @property
+    def used_bytes(self) -> int:
+        return self._index.used_bytes
+
