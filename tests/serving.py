@@ -57,6 +57,9 @@ class ServerThread:
             for s in stats), timeout)
 
     def close(self) -> None:
+        """Stop the server (a second call does nothing)."""
+        if not self.thread.is_alive():
+            return
         try:
             self.run(self.server.stop(), 120)
         finally:

@@ -108,3 +108,13 @@ def test_a_transfer_header_is_not_stored_kv():
     header = KVHeader("model-a", SPEC, 3, SPEC.bytes_per_block, 0).encode()
     with pytest.raises(KVFormatError, match="transfer"):
         read_header(header, "model-a", SPEC)
+
+
+def test_a_damaged_header_field_is_caught_even_when_the_sizes_still_fit():
+    blob = encode_object(kv_of(8), "model-a", RAW)  # 2 blocks: 5 tokens would still fit
+    tampered = blob.replace(b'"num_tokens": 8', b'"num_tokens": 5')
+    assert tampered != blob
+    with pytest.raises(KVChecksumError, match="header"):
+        decode_object(tampered, "model-a", SPEC)
+    with pytest.raises(KVFormatError, match="malformed"):
+        decode_object(blob.replace(b'"num_tokens": 8', b'"num_tokens": 1e999'), "model-a", SPEC)

@@ -87,6 +87,16 @@ def test_ssd_tier_finds_its_objects_again_after_a_restart(tmp_path):
     assert not (tmp_path / ".tmp-leftover").exists()
 
 
+def test_an_ssd_directory_serves_one_process_at_a_time(tmp_path):
+    from tandem.kv_store.errors import TierUnavailable
+
+    first = SsdTier(tmp_path, 1 << 20)
+    with pytest.raises(TierUnavailable, match="in use by another process"):
+        SsdTier(tmp_path, 1 << 20)
+    first.close()
+    SsdTier(tmp_path, 1 << 20).close()
+
+
 # -- the store ------------------------------------------------------------------------------------
 
 
@@ -357,3 +367,33 @@ def test_gpu_tier_without_cuda_is_a_clear_error():
         pytest.skip("CUDA is present")
     with pytest.raises(ValueError, match="needs CUDA"):
         MemoryTier("gpu", 1 << 20, "cuda")
+
+
+def test_a_file_deleted_behind_the_stores_back_is_a_miss_and_leaves_the_index(tmp_path):
+    ssd = SsdTier(tmp_path, cap(4))
+    store = make_store([ssd])
+    store.put("k0", kv(0))
+    store.flush()
+    version = store.index.changes_since(0).version
+    next(tmp_path.glob("*.kv")).unlink()
+    assert store.get("k0") is None and not ssd.contains("k0")
+    assert store.index.changes_since(version).removed == ["k0"]
+    store.close()
+
+
+def test_a_redis_out_of_memory_pauses_writes_but_keeps_reads(redis_server, redis_tier):
+    store = make_store([redis_tier])
+    store.put("k0", kv(0))
+    store.flush()
+    redis_tier.client.config_set("maxmemory-policy", "noeviction")
+    redis_tier.client.config_set("maxmemory", "1")
+    try:
+        store.put("k1", kv(1))
+        store.flush()
+        stats = {t.name: t for t in store.stats().tiers}["redis"]
+        assert stats.healthy and stats.writes_paused
+        assert same(store.get("k0"), kv(0))
+    finally:
+        redis_tier.client.config_set("maxmemory", str(redis_server.maxmemory_bytes))
+        redis_tier.client.config_set("maxmemory-policy", "allkeys-lru")
+    store.close()

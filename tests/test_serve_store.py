@@ -177,3 +177,27 @@ def test_requests_go_on_while_redis_is_down_and_it_is_used_again_after(cluster, 
             break
         assert time.monotonic() < deadline, "the Redis tier was never used again"
     assert store_stats(cluster, 0)[0]["redis"].healthy
+
+
+def test_a_wrong_redis_password_leaves_the_tier_unhealthy_and_requests_served(
+        ray_cluster, reference, tmp_path, cluster):
+    from tandem.cluster.redis_server import RedisServer
+
+    from .serving import ServerThread
+
+    cluster.close()  # one cluster at a time on 2 cores
+    redis = RedisServer(64 << 20, password="right").start()
+    running = None
+    try:
+        running = ServerThread(serve_config(worker={"kv_store": {
+            "ssd_dir": str(tmp_path), "redis": {"url": redis.url, "password": "wrong"}}}))
+        ids = prompt(7, 70, prefix=300)
+        out, usage = generate(running, ids)
+        assert out == reference(ids) and usage.cached_tokens == 0
+        wait_for_writes(running)
+        tiers, _ = store_stats(running, 0)
+        assert not tiers["redis"].healthy and "password" in tiers["redis"].error
+    finally:
+        if running is not None:
+            running.close()
+        redis.close()

@@ -7,18 +7,29 @@ installed (`apt-get install redis-server`).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 import redis
 
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 10.0
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the parent dies, even by SIGKILL (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def find_redis_server() -> str | None:
@@ -59,8 +70,10 @@ class RedisServer:
                 "--maxmemory", str(self.maxmemory_bytes), "--maxmemory-policy", "allkeys-lru"]
         if self.password:
             args += ["--requirepass", self.password]
-        self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.PIPE)
+        log = open(Path(self._dir.name) / "redis.log", "ab")  # noqa: SIM115 (child owns it)
+        with log:
+            self._process = subprocess.Popen(args, stdout=log, stderr=log,
+                                             preexec_fn=_die_with_parent)
         client = redis.Redis.from_url(self.url, password=self.password, socket_timeout=1.0,
                                       socket_connect_timeout=1.0,
                                       **({"ssl_ca_certs": self.tls[0]} if self.tls else {}))
@@ -68,8 +81,8 @@ class RedisServer:
         try:
             while True:
                 if self._process.poll() is not None:
-                    error = self._process.stderr.read().decode(errors="replace")[-500:]
-                    raise RuntimeError(f"redis-server exited at start: {error}")
+                    error = (Path(self._dir.name) / "redis.log").read_text(errors="replace")
+                    raise RuntimeError(f"redis-server exited at start: {error[-500:]}")
                 try:
                     client.ping()
                     break

@@ -43,7 +43,8 @@ class TandemServer:
 
     async def start(self) -> str:
         """Start everything; returns the gateway's HOST:PORT."""
-        c = self.config = await asyncio.to_thread(self._with_redis, self.config)
+        # Started from this thread: redis-server is told to exit when its parent thread dies.
+        c = self.config = self._with_redis(self.config)
         self._owns_ray = connect_ray(c)
         if c.colocated:
             self.decode_workers = start_pool("colocated", c.prefill_workers + c.decode_workers, c)

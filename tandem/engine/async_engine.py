@@ -66,6 +66,10 @@ class AsyncEngine:
             raise KeyError(f"no open stream for request {request_id!r}")
         return stream
 
+    def has_stream(self, request_id: str) -> bool:
+        """Whether `request_id`'s stream is still open (an abort closes it)."""
+        return request_id in self._streams
+
     def close_stream(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
 

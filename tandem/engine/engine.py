@@ -176,7 +176,11 @@ class LLMEngine:
         if not self.blocks.grow(seq, kv.num_tokens):
             raise OutOfBlocksError(f"request {seq.request_id}: not enough free KV blocks to "
                                    f"load {kv.num_tokens} tokens of KV")
-        self.cache.load(seq.block_table, kv)
+        try:
+            self.cache.load(seq.block_table, kv)
+        except BaseException:  # the sequence is not registered yet: nobody else frees them
+            self.blocks.free_blocks(seq)
+            raise
         seq.num_computed_tokens = seq.num_cached_tokens = kv.num_tokens
         self.blocks.register_full_blocks(seq)
 

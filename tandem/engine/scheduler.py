@@ -89,7 +89,7 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> Sequence:
         self.running.remove(seq)
         self.blocks.free_blocks(seq)
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_cached_tokens = 0  # loaded KV is recomputed too
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -11,6 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tandem.engine.kv_cache import KVSpec
+from tandem.kv_store.errors import TierError
 from tandem.kv_store.store import TieredStore
 from tandem.kv_store.tiers.base import Tier
 from tandem.kv_store.tiers.memory import MemoryTier
@@ -58,6 +59,9 @@ class StoreConfig(_Strict):
     ssd_codec: CodecName = Field("raw", description="How objects are coded in the SSD tier.")
     redis: RedisConfig = Field(default_factory=RedisConfig)
     promote_on_hit: bool = Field(True, description="Copy a lower-tier hit into the first tier.")
+    lookup_timeout_s: float = Field(
+        2.0, gt=0, description="Time a prefill may spend loading cached chunks; past it, the "
+        "rest of the prompt is computed.")
     max_pending_writes: int = Field(
         64, gt=0, description="Queued background writes before new ones are dropped.")
 
@@ -89,8 +93,11 @@ def open_store(config: StoreConfig, fingerprint: str, spec: KVSpec, worker: str)
         tiers.append(MemoryTier("cpu", int(config.cpu_gb * GB)))
         codecs["cpu"] = config.cpu_codec
     if config.ssd_gb > 0:
-        tiers.append(SsdTier(config.ssd_root / worker, int(config.ssd_gb * GB)))
-        codecs["ssd"] = config.ssd_codec
+        try:
+            tiers.append(SsdTier(config.ssd_root / worker, int(config.ssd_gb * GB)))
+            codecs["ssd"] = config.ssd_codec
+        except (OSError, TierError) as e:
+            logger.warning("KV store: no SSD tier: %s", e)
     redis = config.redis
     if redis.url:
         tiers.append(RedisTier(redis.url, int(redis.capacity_gb * GB), password=redis.password,

@@ -15,6 +15,7 @@ Two payload layouts share the header:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ class KVHeader:
                          checksum=int(meta["checksum"]),
                          layer_bytes=tuple(int(n) for n in meta["layer_bytes"]),
                          layer_checksums=tuple(int(c) for c in meta["layer_checksums"]))
-        except (ValueError, KeyError, TypeError, ValidationError) as e:
+        except (ValueError, KeyError, TypeError, ArithmeticError, ValidationError) as e:
             raise KVFormatError(f"KV header metadata is malformed: {e}") from None
         header._check_sizes()
         return header
@@ -96,6 +97,13 @@ class KVHeader:
                                 f"{fingerprint!r}")
         if self.spec != spec:
             raise KVFormatError(f"KV layout {self.spec} differs from this engine's {spec}")
+
+    def object_checksum(self) -> int:
+        """What a stored object's `checksum` must be: over every other header field and the
+        layer checksums, so a damaged header is caught like a damaged payload."""
+        meta = json.dumps([self.fingerprint, self.spec.model_dump(), self.num_tokens, self.codec,
+                           self.payload_bytes, list(self.layer_bytes)]).encode()
+        return combined_checksum([checksum(meta), *self.layer_checksums])
 
     def layer_span(self, layers: range) -> tuple[int, int]:
         """(offset in the payload, length) of the sections of `layers` in a stored object."""
@@ -138,8 +146,9 @@ def encode_object(kv: KVBlocks, fingerprint: str, codec: Codec) -> bytes:
     """`kv` as a stored object: header, then each layer as `codec` encodes it."""
     sections = [codec.encode_layer(layer, kv.data[layer]) for layer in range(kv.spec.num_layers)]
     sums = tuple(checksum(s) for s in sections)
-    header = KVHeader(fingerprint, kv.spec, kv.num_tokens, sum(map(len, sections)),
-                      combined_checksum(sums), codec.name, tuple(map(len, sections)), sums)
+    header = KVHeader(fingerprint, kv.spec, kv.num_tokens, sum(map(len, sections)), 0,
+                      codec.name, tuple(map(len, sections)), sums)
+    header = dataclasses.replace(header, checksum=header.object_checksum())
     return b"".join([header.encode(), *sections])
 
 
@@ -149,6 +158,8 @@ def read_header(data: bytes | memoryview, fingerprint: str, spec: KVSpec) -> KVH
     header = KVHeader.decode(view[:header_length(view)])
     if not header.layer_bytes:
         raise KVFormatError("KV object has no layer sections: it is a transfer, not stored KV")
+    if header.object_checksum() != header.checksum:
+        raise KVChecksumError("KV header checksum mismatch: the header was corrupted")
     header.check_compatible(fingerprint, spec)
     return header
 
@@ -177,7 +188,5 @@ def decode_object(data: bytes | memoryview, fingerprint: str, spec: KVSpec) -> K
     if len(view) - start != header.payload_bytes:
         raise KVFormatError(f"KV payload is {len(view) - start} bytes, the header says "
                             f"{header.payload_bytes}")
-    if combined_checksum(header.layer_checksums) != header.checksum:
-        raise KVChecksumError("KV header checksum mismatch: the header was corrupted")
     return KVBlocks(spec, header.num_tokens,
                     decode_layers(header, view[start:], range(spec.num_layers)))

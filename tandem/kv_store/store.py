@@ -19,7 +19,7 @@ import torch
 from tandem.engine.kv_cache import KVBlocks, KVSpec
 from tandem.kv_store import keys
 from tandem.kv_store.codec import Codec, get_codec
-from tandem.kv_store.errors import KVObjectError, TierError
+from tandem.kv_store.errors import KVFormatError, KVObjectError, TierError
 from tandem.kv_store.health import TierHealth
 from tandem.kv_store.index_log import IndexLog
 from tandem.kv_store.kv_object import (
@@ -66,13 +66,19 @@ class TieredStore:
     def prefix_keys(self, tokens: list[int]) -> list[str]:
         return keys.prefix_keys(self.namespace, tokens, self.chunk_tokens)
 
-    def load_prefix(self, tokens: list[int]) -> KVBlocks | None:
+    def load_prefix(self, tokens: list[int], timeout_s: float | None = None) -> KVBlocks | None:
         """KV of the longest run of cached whole chunks that starts `tokens`, leaving at least
-        one token to compute; None when the first chunk is not cached."""
+        one token to compute; None when the first chunk is not cached. Past `timeout_s` no
+        further chunk is fetched: computing the rest beats waiting on a slow tier."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         chunks = []
         for key in self.prefix_keys(tokens[:-1]):
-            kv = self.get(key)
-            if kv is None or kv.num_tokens != self.chunk_tokens:
+            if deadline is not None and time.monotonic() > deadline:
+                logger.info("KV lookup stopped after %d chunks: past its %.1f s budget",
+                            len(chunks), timeout_s)
+                break
+            kv = self.get(key, num_tokens=self.chunk_tokens)
+            if kv is None:
                 break
             chunks.append(kv.data)
         if not chunks:
@@ -80,11 +86,15 @@ class TieredStore:
         data = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
         return KVBlocks(self.spec, len(chunks) * self.chunk_tokens, data)
 
-    def get(self, key: str) -> KVBlocks | None:
-        """The object under `key` from the first tier that has a sound copy, or None."""
+    def get(self, key: str, num_tokens: int | None = None) -> KVBlocks | None:
+        """The object under `key` from the first tier that has a sound copy (of `num_tokens`
+        tokens, when given), or None."""
         for tier, blob in self._find(key, lambda t: t.get(key)):
             try:
                 kv = decode_object(blob, self.fingerprint, self.spec)
+                if num_tokens is not None and kv.num_tokens != num_tokens:
+                    raise KVFormatError(f"object holds {kv.num_tokens} tokens, its key "
+                                        f"{num_tokens}")
             except KVObjectError as e:
                 self._corrupt(tier, key, e)
                 continue
@@ -127,6 +137,8 @@ class TieredStore:
                 continue
             if data is None:
                 self._stats[tier.name].misses += 1
+                if not tier.shared and tier.contains(key):  # listed but gone: forget it
+                    self._remove(tier, key)
                 continue
             yield tier, data
 
@@ -148,6 +160,10 @@ class TieredStore:
     def put(self, key: str, kv: KVBlocks) -> bool:
         """Store `kv` under `key` in the background; False if the write queue was full."""
         return self._writes.submit(("put", key, kv))
+
+    def free_write_slots(self) -> int:
+        """How many more writes the queue takes now."""
+        return max(0, self._writes.max_pending - self._writes.pending)
 
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until every queued write is done (tests and benchmarks)."""
@@ -224,12 +240,11 @@ class TieredStore:
 
     def _remove(self, tier: Tier, key: str) -> None:
         try:
-            held = tier.contains(key)
-            tier.remove(key)
+            removed = tier.remove(key)
         except TierError as e:
             self.health[tier.name].failed(e)
             return
-        if held and not tier.shared:
+        if removed and not tier.shared:
             self.index.removed(key)
 
     # -- introspection -------------------------------------------------------------------------

@@ -20,7 +20,7 @@ _STOP = object()
 
 class WriteQueue:
     def __init__(self, handle: Callable[[Any], None], max_pending: int, name: str) -> None:
-        self.handle = handle
+        self.handle, self.max_pending = handle, max_pending
         self.dropped = 0
         self._queue: queue.Queue = queue.Queue(max_pending)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)

@@ -94,11 +94,13 @@ class PrefillWorker(EngineWorker):
             have = ", ".join(self.transports)
             raise TransportNotUsable(f"this prefill worker cannot send KV over "
                                        f"{receiver.transport} (it has {have})")
-        cached = await self._load_prefix(request_id, prompt_token_ids)
-        stream = engine.open_stream(request_id)
+        stream = engine.open_stream(request_id)  # before the lookup: an abort closes it
         session: SendSession | None = None
-        layerwise, handed_off = self.streams_layerwise(n), False
+        layerwise, handed_off, publish = self.streams_layerwise(n), False, False
         try:
+            cached = await self._load_prefix(request_id, prompt_token_ids)
+            if not engine.has_stream(request_id):
+                raise RequestAborted(f"request {request_id} was aborted during its KV lookup")
             session = self._sessions[request_id] = self.transports[receiver.transport] \
                 .open_session(engine.engine.cache, engine.engine.fingerprint,
                               KVTarget(receiver, tuple(block_ids), n), request_id)
@@ -115,8 +117,7 @@ class PrefillWorker(EngineWorker):
             await session.finish(Handoff(request_id, item.token_ids),
                                  timeout=self.config.handoff_timeout_s)
             handed_off = True
-            if self.store is not None:
-                await self._publish(request_id, prompt_token_ids, item.num_cached_tokens)
+            publish = self.store is not None
             self.handoffs[f"{receiver.transport}/{'layerwise' if layerwise else 'onepiece'}"] += 1
             return PrefillResult(item.token_ids, item.num_cached_tokens, prefilled - started,
                                  time.perf_counter() - prefilled, receiver.transport, layerwise)
@@ -129,6 +130,12 @@ class PrefillWorker(EngineWorker):
                     self._give_up(request_id, session))
                 self._cleanups.add(task)
                 task.add_done_callback(self._cleanups.discard)
+            elif publish:  # the result goes out now; the blocks once the new chunks are copied
+                self._sessions.pop(request_id, None)
+                task = asyncio.get_running_loop().create_task(self._publish_and_release(
+                    request_id, prompt_token_ids, item.num_cached_tokens))
+                self._cleanups.add(task)
+                task.add_done_callback(self._cleanups.discard)
             else:
                 self._sessions.pop(request_id, None)
                 await engine.call(lambda e: e.abort(request_id))  # frees the blocks
@@ -139,18 +146,28 @@ class PrefillWorker(EngineWorker):
         if self.store is None:
             return None
         try:
-            return await asyncio.to_thread(self.store.load_prefix, prompt)
+            return await asyncio.to_thread(self.store.load_prefix, prompt,
+                                           self.config.kv_store.lookup_timeout_s)
         except Exception:
             logger.exception("request %s: KV store lookup failed; computing the prompt",
                              request_id)
             return None
+
+    async def _publish_and_release(self, request_id: str, prompt: list[int],
+                                   num_cached: int) -> None:
+        try:
+            await self._publish(request_id, prompt, num_cached)
+        finally:
+            await self._engine.call(lambda e: e.abort(request_id))  # frees the blocks
 
     async def _publish(self, request_id: str, prompt: list[int], num_cached: int) -> None:
         """Queue the prompt's whole chunks that did not come from the store for writing."""
         assert self.store is not None
         chunk_tokens = self.store.chunk_tokens
         first = num_cached // chunk_tokens
-        keys = self.store.prefix_keys(prompt)[first:]
+        # Earliest first: a chunk is reusable only after all before it. Chunks that would not
+        # fit in the write queue are not even copied.
+        keys = self.store.prefix_keys(prompt)[first:][:self.store.free_write_slots()]
         if not keys:
             return
         try:

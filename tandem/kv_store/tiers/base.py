@@ -38,7 +38,8 @@ class Tier(ABC):
         """Store `data` (the caller made room with `victims` first)."""
 
     @abstractmethod
-    def remove(self, key: str) -> None: ...
+    def remove(self, key: str) -> bool:
+        """Delete the object; True if this call removed it (False: it was not there)."""
 
     def victims(self, num_bytes: int) -> list[str]:
         """Least recently used keys to remove so that `num_bytes` more fit ([] if they do)."""
@@ -87,9 +88,12 @@ class LruIndex:
             self.used_bytes += size - self._sizes.pop(key, 0)
             self._sizes[key] = size
 
-    def discard(self, key: str) -> None:
+    def discard(self, key: str) -> bool:
         with self._lock:
-            self.used_bytes -= self._sizes.pop(key, 0)
+            if key not in self._sizes:
+                return False
+            self.used_bytes -= self._sizes.pop(key)
+            return True
 
     def victims(self, num_bytes: int) -> list[str]:
         with self._lock:

@@ -48,10 +48,10 @@ class MemoryTier(Tier):
             self._objects[key] = tensor
         self._index.add(key, len(data))
 
-    def remove(self, key: str) -> None:
+    def remove(self, key: str) -> bool:
         with self._lock:
             self._objects.pop(key, None)
-        self._index.discard(key)
+        return self._index.discard(key)
 
     def victims(self, num_bytes: int) -> list[str]:
         return self._index.victims(num_bytes)

@@ -16,10 +16,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tandem.kv_store.errors import TierUnavailable
+from tandem.kv_store.errors import TierFull, TierUnavailable
 from tandem.kv_store.tiers.base import Buffer, Tier
 
-MANIFEST = b"TDPARTS1"
+MANIFEST = b"TDPARTS2"
 
 
 class RedisTier(Tier):
@@ -38,6 +38,8 @@ class RedisTier(Tier):
     def _call(self, fn, *args):
         try:
             return fn(*args)
+        except (redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError) as e:
+            raise TierFull(f"redis tier at {self.location} takes no writes: {e}") from None
         except redis.AuthenticationError as e:
             raise TierUnavailable(f"redis tier at {self.location} refused our credentials "
                                   f"({e}); check the Redis password") from None
@@ -45,21 +47,23 @@ class RedisTier(Tier):
             raise TierUnavailable(f"redis tier at {self.location}: {type(e).__name__}: {e}") \
                 from None
 
-    def _manifest(self, key: str) -> tuple[int, int] | None:
+    def _manifest(self, key: str) -> tuple[int, int, int] | None:
+        """(parts, size, part size) of the object under `key`, or None."""
         raw = self._call(self.client.get, key)
         if raw is None or not raw.startswith(MANIFEST):
             return None
         try:
             meta = json.loads(raw[len(MANIFEST):])
-            return int(meta["parts"]), int(meta["size"])
-        except (ValueError, KeyError, TypeError):
+            parts, size, part_bytes = int(meta["parts"]), int(meta["size"]), int(meta["part"])
+        except (ValueError, KeyError, TypeError, ArithmeticError):
             return None
+        return (parts, size, part_bytes) if parts > 0 and part_bytes > 0 else None
 
     def get(self, key: str) -> Buffer | None:
         manifest = self._manifest(key)
         if manifest is None:
             return None
-        parts, size = manifest
+        parts, size, _ = manifest
         values = self._call(self.client.mget, [f"{key}#{i}" for i in range(parts)])
         if any(v is None for v in values) or sum(map(len, values)) != size:
             self.remove(key)  # a part was evicted: the object is gone
@@ -70,8 +74,8 @@ class RedisTier(Tier):
         manifest = self._manifest(key)
         if manifest is None:
             return None
-        _, size = manifest
-        end, p, pipe = min(offset + length, size), self.part_bytes, self.client.pipeline(False)
+        _, size, p = manifest  # the writer's part size, whatever ours is
+        end, pipe = min(offset + length, size), self.client.pipeline(False)
         for part in range(offset // p, -(-end // p)):
             lo, hi = max(offset, part * p), min(end, (part + 1) * p)
             pipe.getrange(f"{key}#{part}", lo - part * p, hi - part * p - 1)
@@ -89,13 +93,14 @@ class RedisTier(Tier):
         parts = max(1, -(-len(view) // self.part_bytes))
         for i in range(parts):
             pipe.set(f"{key}#{i}", bytes(view[i * self.part_bytes:(i + 1) * self.part_bytes]))
-        pipe.set(key, MANIFEST + json.dumps({"parts": parts, "size": len(view)}).encode())
+        pipe.set(key, MANIFEST + json.dumps(
+            {"parts": parts, "size": len(view), "part": self.part_bytes}).encode())
         self._call(pipe.execute)
 
-    def remove(self, key: str) -> None:
+    def remove(self, key: str) -> bool:
         manifest = self._manifest(key)
         parts = manifest[0] if manifest else 0
-        self._call(self.client.delete, key, *(f"{key}#{i}" for i in range(parts)))
+        return bool(self._call(self.client.delete, key, *(f"{key}#{i}" for i in range(parts))))
 
     def ping(self) -> None:
         self._call(self.client.ping)

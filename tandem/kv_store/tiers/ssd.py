@@ -7,6 +7,7 @@ a restarted worker finds its cache again; a torn or damaged file is caught by it
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import uuid
@@ -25,6 +26,14 @@ class SsdTier(Tier):
     def __init__(self, directory: Path, capacity_bytes: int, name: str = "ssd") -> None:
         self.name, self.capacity_bytes, self.directory = name, capacity_bytes, Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        # One process per directory: another's index would not see our files, nor we its.
+        self._lock = open(self.directory / ".lock", "a+b")  # noqa: SIM115 (held while open)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise TierUnavailable(f"ssd tier: {self.directory} is in use by another process; "
+                                  "give each cluster its own kv_store.ssd_dir") from None
         self._index = LruIndex(capacity_bytes)
         self._reopen()
 
@@ -52,8 +61,7 @@ class SsdTier(Tier):
             return None
         try:
             return self._path(key).read_bytes()
-        except FileNotFoundError:  # evicted or removed meanwhile
-            self._index.discard(key)
+        except FileNotFoundError:  # removed meanwhile (or by hand): the store forgets it
             return None
         except OSError as e:
             raise TierUnavailable(f"ssd tier: cannot read {self._path(key)}: {e}") from None
@@ -66,7 +74,6 @@ class SsdTier(Tier):
                 f.seek(offset)
                 return f.read(length)
         except FileNotFoundError:
-            self._index.discard(key)
             return None
         except OSError as e:
             raise TierUnavailable(f"ssd tier: cannot read {self._path(key)}: {e}") from None
@@ -87,9 +94,10 @@ class SsdTier(Tier):
             raise TierUnavailable(f"ssd tier: cannot write to {self.directory}: {e}") from None
         self._index.add(key, len(data))
 
-    def remove(self, key: str) -> None:
-        self._index.discard(key)
+    def remove(self, key: str) -> bool:
+        removed = self._index.discard(key)
         self._path(key).unlink(missing_ok=True)
+        return removed
 
     def victims(self, num_bytes: int) -> list[str]:
         return self._index.victims(num_bytes)
@@ -100,4 +108,7 @@ class SsdTier(Tier):
     @property
     def used_bytes(self) -> int:
         return self._index.used_bytes
+
+    def close(self) -> None:
+        self._lock.close()  # releases the flock
 
