@@ -53,6 +53,35 @@ def generate(
     sys.stdout.write(out.text + "\n")
 
 
+@app.command("cachegen-profile")
+def cachegen_profile(
+    model: Annotated[str | None, typer.Option(help="HF directory or .gguf file.")] = None,
+    text: Annotated[Path | None, typer.Option(
+        help="Calibration text (natural prose, ~2K tokens); default: the shipped one.")] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Where to write the profile; default: ~/.cache/tandem/cachegen/.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+) -> None:
+    """Measure a model's CacheGen profile (KV statistics and per-layer sensitivity), which the
+    CacheGen codec needs for that model. Takes about a minute for the shipped model."""
+    from tandem.engine.config import EngineConfig
+    from tandem.engine.engine import LLMEngine
+    from tandem.kv_store.codec.profile import SHIPPED, build_profile, cache_dir, profile_path
+
+    engine = LLMEngine(EngineConfig(model=model, num_threads=threads, kv_cache_gb=0.5,
+                                    enable_prefix_caching=False))
+    tokens = engine.tokenizer.encode((text or SHIPPED / "calibration.txt").read_text())
+    typer.echo(f"profiling {engine.fingerprint} on {len(tokens)} tokens", err=True)
+    try:
+        profile = build_profile(engine, tokens)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    path = out or profile_path(engine.fingerprint, cache_dir())
+    profile.save(path)
+    typer.echo(f"wrote {path} (profile {profile.id})")
+
+
 @app.command()
 def serve(
     config: Annotated[Path | None, typer.Option(
@@ -68,6 +97,9 @@ def serve(
         help="KV handoff: auto (NIXL where both ends have it, else gRPC) | nixl | grpc.")] = None,
     kv_streaming: Annotated[str | None, typer.Option(
         help="auto | layerwise (overlap with prefill) | onepiece (after prefill).")] = None,
+    kv_codec: Annotated[str | None, typer.Option(
+        help="gRPC KV handoff coding: raw | cachegen[:LEVEL] (0 near-lossless .. 4 compact).")
+    ] = None,
     kv_store: Annotated[bool | None, typer.Option(
         "--kv-store/--no-kv-store", help="Reuse cached prefixes (tiered KV store).")] = None,
     kv_chunk_tokens: Annotated[int | None, typer.Option(
@@ -101,7 +133,8 @@ def serve(
         "prefill_workers": prefill_workers, "decode_workers": decode_workers,
         "colocated": colocated, "gateway.host": grpc_host, "gateway.port": grpc_port,
         "worker.kv_transport": kv_transport, "worker.kv_streaming": kv_streaming,
-        "worker.kv_store.enabled": kv_store, "worker.kv_store.chunk_tokens": kv_chunk_tokens,
+        "worker.kv_codec": kv_codec, "worker.kv_store.enabled": kv_store,
+        "worker.kv_store.chunk_tokens": kv_chunk_tokens,
         "worker.kv_store.cpu_gb": kv_cpu_gb, "worker.kv_store.gpu_gb": kv_gpu_gb,
         "worker.kv_store.ssd_gb": kv_ssd_gb, "worker.kv_store.ssd_dir": kv_ssd_dir,
         "worker.kv_store.redis.url": kv_redis_url,

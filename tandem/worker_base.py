@@ -22,7 +22,7 @@ from tandem.engine.engine import LLMEngine
 from tandem.engine.kv_cache import KVSpec
 from tandem.engine.outputs import EngineStats, RequestOutput
 from tandem.faults import Faults, active_faults
-from tandem.kv_store.config import StoreConfig
+from tandem.kv_store.config import CodecName, StoreConfig
 from tandem.kv_store.stats import StoreStats
 from tandem.kv_store.store import TieredStore
 from tandem.log import setup_logging
@@ -51,6 +51,9 @@ class WorkerConfig(BaseModel):
         30.0, gt=0, description="Deadline for a KV handoff after the prefill, seconds.")
     host: str | None = Field(
         None, description="Address the KV receiver binds; None = this node's IP.")
+    kv_codec: CodecName = Field(
+        "raw", description="How gRPC KV handoffs code the KV on the wire: raw, or "
+        "cachegen[:LEVEL] (CacheGen bitstreams; NIXL always writes raw blocks).")
     kv_store: StoreConfig = Field(
         default_factory=StoreConfig, description="Prefill workers' tiered KV store (prefix "
         "reuse across requests and workers).")

@@ -397,3 +397,24 @@ def test_a_redis_out_of_memory_pauses_writes_but_keeps_reads(redis_server, redis
         redis_tier.client.config_set("maxmemory", str(redis_server.maxmemory_bytes))
         redis_tier.client.config_set("maxmemory-policy", "allkeys-lru")
     store.close()
+
+
+def test_the_controller_recomputes_instead_of_loading_from_a_slow_tier():
+    import time
+
+    class SlowTier(MemoryTier):
+        def get(self, key):
+            time.sleep(0.05)  # ~40 KB/s for these small objects
+            return super().get(key)
+
+    store = make_store([SlowTier("slow", cap(8))])
+    tokens = list(range(100, 125))
+    for i, key in enumerate(store.prefix_keys(tokens)):
+        store.put(key, kv(i))
+    store.flush()
+    fast = store.load_prefix(tokens, recompute_s_per_token=1.0)  # recomputing is slower
+    assert fast.num_tokens == 24
+    slow = store.load_prefix(tokens, recompute_s_per_token=1e-5)  # the first read measured it
+    assert slow is None
+    assert store.stats().controller == {"slow:raw": 3, "text": 1}
+    store.close()

@@ -51,12 +51,12 @@ def filled_pool(num_blocks: int = 16) -> KVCache:
 
 async def exchange(name: str, num_tokens: int = 100, *, layerwise: bool = True,
                    fingerprint: str = "model-a", sink: Sink | None = None,
-                   receiver: ReceiverInfo | None = None, timeout: float = 10):
+                   receiver: ReceiverInfo | None = None, timeout: float = 10, codec=None):
     """Send a request's KV from one pool to another; returns (source, destination, sink)."""
     n = SPEC.num_blocks_for(num_tokens)
     src, dst = filled_pool(), KVCache(SPEC, 16, torch.device("cpu"))
     sink = sink or Sink({"r1": DST_BLOCKS[:n]})
-    receiving, sending = make_transport(name), make_transport(name)
+    receiving, sending = make_transport(name), make_transport(name, codec)
     try:
         info = await receiving.start_receiver("127.0.0.1", IDENTITY, dst, sink)
         session = sending.open_session(src, fingerprint,
@@ -275,3 +275,35 @@ def test_a_request_id_reserved_again_gets_a_fresh_transfer(transport):
         return sink.completed
 
     assert asyncio.run(main()) == [Handoff("r1", [7])] * 2
+
+
+@pytest.mark.parametrize("layerwise", [True, False], ids=["layerwise", "onepiece"])
+def test_grpc_with_cachegen_lands_within_the_codecs_error(tmp_path, monkeypatch, layerwise):
+    import numpy as np
+
+    from tandem.kv_store.codec import get_codec
+    from tandem.kv_store.codec import profile as profiles
+    from tandem.kv_store.codec.profile import CacheGenProfile, profile_path
+
+    channels = SPEC.num_kv_heads * SPEC.head_dim
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    profiles._profiles_by_id.cache_clear()
+    shape = (SPEC.num_layers, 2, channels)
+    profile = CacheGenProfile("model-a", SPEC.num_layers, channels,
+                              np.zeros(shape, np.float32), np.full(shape, 0.8, np.float32),
+                              np.full(shape, 0.5, np.float32))
+    profile.save(profile_path("model-a", profiles.cache_dir()))
+    codec = get_codec(f"cachegen:1:{profile.id}")
+    try:
+        n = SPEC.num_blocks_for(100)
+        src, dst, sink = asyncio.run(exchange("grpc", 100, layerwise=layerwise, codec=codec))
+    finally:
+        profiles._profiles_by_id.cache_clear()
+    assert sink.completed == [Handoff("r1", [7])]
+    layers = range(SPEC.num_layers)
+    sent = src.gather(layers, SRC_BLOCKS[:n]).float().reshape(4, 2, -1, channels)[:, :, :100]
+    got = dst.gather(layers, DST_BLOCKS[:n]).float().reshape(4, 2, -1, channels)[:, :, :100]
+    bound = codec.max_error(0, 0) + sent.abs() * 2**-8
+    assert bool(((sent - got).abs() <= bound).all())
+    assert torch.equal(got[:, :, :4], sent[:, :, :4])  # the sink tokens travel exact
+    assert not torch.equal(got, sent)  # it really was coded lossily

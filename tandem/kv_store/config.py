@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from tandem.engine.kv_cache import KVSpec
+from tandem.kv_store.codec import codec_for
 from tandem.kv_store.errors import TierError
 from tandem.kv_store.store import TieredStore
 from tandem.kv_store.tiers.base import Tier
@@ -21,7 +22,8 @@ from tandem.kv_store.tiers.ssd import SsdTier
 logger = logging.getLogger(__name__)
 
 GB = 2**30
-CodecName = Literal["raw"]
+# raw, or cachegen[:LEVEL] (LEVEL 0 = near-lossless ... 4 = most compact; default 1)
+CodecName = Annotated[str, StringConstraints(pattern=r"^(raw|cachegen(:[0-4])?)$")]
 
 
 class _Strict(BaseModel):
@@ -41,7 +43,8 @@ class RedisConfig(_Strict):
         "by its own maxmemory and policy; use allkeys-lru).")
     timeout_s: float = Field(0.5, gt=0, description="Deadline of one Redis call, seconds.")
     part_mb: float = Field(4.0, gt=0, description="Objects are stored in parts of this size.")
-    codec: CodecName = Field("raw", description="How objects are coded in this tier.")
+    codec: CodecName = Field(
+        "cachegen", description="How objects are coded in this tier: raw or cachegen[:LEVEL].")
 
 
 class StoreConfig(_Strict):
@@ -56,7 +59,9 @@ class StoreConfig(_Strict):
         "(~/.cache/tandem/kv). Each worker uses its own subdirectory.")
     gpu_codec: CodecName = Field("raw", description="How objects are coded in the GPU tier.")
     cpu_codec: CodecName = Field("raw", description="How objects are coded in the CPU tier.")
-    ssd_codec: CodecName = Field("raw", description="How objects are coded in the SSD tier.")
+    ssd_codec: CodecName = Field(
+        "cachegen", description="How objects are coded in the SSD tier: raw or "
+        "cachegen[:LEVEL] (CacheGen bitstreams; level 1 unless given).")
     redis: RedisConfig = Field(default_factory=RedisConfig)
     promote_on_hit: bool = Field(True, description="Copy a lower-tier hit into the first tier.")
     lookup_timeout_s: float = Field(
@@ -83,19 +88,27 @@ def open_store(config: StoreConfig, fingerprint: str, spec: KVSpec, worker: str)
                          f"the engine's block size ({spec.block_size})")
     tiers: list[Tier] = []
     codecs: dict[str, str] = {}
+
+    def codec(name: str) -> str:
+        try:
+            return codec_for(name, fingerprint).name
+        except ValueError as e:  # e.g. no CacheGen profile for this model
+            logger.warning("KV store: %s; storing raw KV instead", e)
+            return "raw"
+
     if config.gpu_gb > 0:
         if torch.cuda.is_available():
             tiers.append(MemoryTier("gpu", int(config.gpu_gb * GB), "cuda"))
-            codecs["gpu"] = config.gpu_codec
+            codecs["gpu"] = codec(config.gpu_codec)
         else:
             logger.warning("kv_store.gpu_gb=%s ignored: no CUDA device", config.gpu_gb)
     if config.cpu_gb > 0:
         tiers.append(MemoryTier("cpu", int(config.cpu_gb * GB)))
-        codecs["cpu"] = config.cpu_codec
+        codecs["cpu"] = codec(config.cpu_codec)
     if config.ssd_gb > 0:
         try:
             tiers.append(SsdTier(config.ssd_root / worker, int(config.ssd_gb * GB)))
-            codecs["ssd"] = config.ssd_codec
+            codecs["ssd"] = codec(config.ssd_codec)
         except (OSError, TierError) as e:
             logger.warning("KV store: no SSD tier: %s", e)
     redis = config.redis
@@ -103,7 +116,7 @@ def open_store(config: StoreConfig, fingerprint: str, spec: KVSpec, worker: str)
         tiers.append(RedisTier(redis.url, int(redis.capacity_gb * GB), password=redis.password,
                                ssl_ca_certs=redis.ssl_ca_certs, timeout_s=redis.timeout_s,
                                part_bytes=int(redis.part_mb * 2**20)))
-        codecs["redis"] = redis.codec
+        codecs["redis"] = codec(redis.codec)
     return TieredStore(tiers, fingerprint, spec, chunk_tokens=config.chunk_tokens,
                        codecs=codecs, promote_on_hit=config.promote_on_hit,
                        max_pending_writes=config.max_pending_writes)

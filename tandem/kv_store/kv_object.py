@@ -44,6 +44,7 @@ class KVHeader:
     codec: str = "raw"
     layer_bytes: tuple[int, ...] = ()
     layer_checksums: tuple[int, ...] = ()
+    first_position: int = 0  # where the KV's first token sits in its sequence
 
     def encode(self) -> bytes:
         meta = json.dumps({
@@ -51,6 +52,7 @@ class KVHeader:
             "num_tokens": self.num_tokens, "codec": self.codec,
             "payload_bytes": self.payload_bytes, "checksum": self.checksum,
             "layer_bytes": list(self.layer_bytes), "layer_checksums": list(self.layer_checksums),
+            "first_position": self.first_position,
         }, sort_keys=True).encode()
         return PREFIX.pack(MAGIC, FORMAT_VERSION, len(meta)) + meta
 
@@ -68,15 +70,17 @@ class KVHeader:
                          payload_bytes=int(meta["payload_bytes"]),
                          checksum=int(meta["checksum"]),
                          layer_bytes=tuple(int(n) for n in meta["layer_bytes"]),
-                         layer_checksums=tuple(int(c) for c in meta["layer_checksums"]))
+                         layer_checksums=tuple(int(c) for c in meta["layer_checksums"]),
+                         first_position=int(meta["first_position"]))
         except (ValueError, KeyError, TypeError, ArithmeticError, ValidationError) as e:
             raise KVFormatError(f"KV header metadata is malformed: {e}") from None
         header._check_sizes()
         return header
 
     def _check_sizes(self) -> None:
-        if self.num_tokens <= 0:
-            raise KVFormatError(f"KV header says {self.num_tokens} tokens")
+        if self.num_tokens <= 0 or self.first_position < 0:
+            raise KVFormatError(f"KV header says {self.num_tokens} tokens from position "
+                                f"{self.first_position}")
         if self.layer_bytes:
             if len(self.layer_bytes) != self.spec.num_layers \
                     or len(self.layer_checksums) != self.spec.num_layers \
@@ -102,7 +106,8 @@ class KVHeader:
         """What a stored object's `checksum` must be: over every other header field and the
         layer checksums, so a damaged header is caught like a damaged payload."""
         meta = json.dumps([self.fingerprint, self.spec.model_dump(), self.num_tokens, self.codec,
-                           self.payload_bytes, list(self.layer_bytes)]).encode()
+                           self.payload_bytes, list(self.layer_bytes),
+                           self.first_position]).encode()
         return combined_checksum([checksum(meta), *self.layer_checksums])
 
     def layer_span(self, layers: range) -> tuple[int, int]:
@@ -142,12 +147,15 @@ def combined_checksum(checksums: list[int] | tuple[int, ...]) -> int:
 # -- stored objects ------------------------------------------------------------------------------
 
 
-def encode_object(kv: KVBlocks, fingerprint: str, codec: Codec) -> bytes:
-    """`kv` as a stored object: header, then each layer as `codec` encodes it."""
-    sections = [codec.encode_layer(layer, kv.data[layer]) for layer in range(kv.spec.num_layers)]
+def encode_object(kv: KVBlocks, fingerprint: str, codec: Codec, first_position: int = 0) \
+        -> bytes:
+    """`kv` (whose first token sits at `first_position` in its sequence) as a stored object:
+    header, then each layer as `codec` encodes it."""
+    sections = [codec.encode_layer(layer, kv.data[layer], kv.num_tokens, first_position)
+                for layer in range(kv.spec.num_layers)]
     sums = tuple(checksum(s) for s in sections)
     header = KVHeader(fingerprint, kv.spec, kv.num_tokens, sum(map(len, sections)), 0,
-                      codec.name, tuple(map(len, sections)), sums)
+                      codec.name, tuple(map(len, sections)), sums, first_position)
     header = dataclasses.replace(header, checksum=header.object_checksum())
     return b"".join([header.encode(), *sections])
 

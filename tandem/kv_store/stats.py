@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -30,3 +30,6 @@ class StoreStats:
     puts: int = 0
     puts_dropped: int = 0  # the write queue was full
     pending_writes: int = 0
+    # The streaming controller's calls on prefix loads: "redis:cachegen:1" (loaded from that
+    # tier) or "text" (recomputed instead) -> count
+    controller: dict[str, int] = field(default_factory=dict)

@@ -19,6 +19,7 @@ import torch
 from tandem.engine.kv_cache import KVBlocks, KVSpec
 from tandem.kv_store import keys
 from tandem.kv_store.codec import Codec, get_codec
+from tandem.kv_store.codec.controller import TEXT, BandwidthMeter, StreamingController
 from tandem.kv_store.errors import KVFormatError, KVObjectError, TierError
 from tandem.kv_store.health import TierHealth
 from tandem.kv_store.index_log import IndexLog
@@ -36,6 +37,7 @@ from tandem.kv_store.write_queue import WriteQueue
 logger = logging.getLogger(__name__)
 
 HEADER_READ_BYTES = 8192  # a first ranged read that holds the header of any stored object
+INITIAL_BANDWIDTH_BPS = 1e9  # a tier's read bandwidth before any read measured it
 
 
 class TieredStore:
@@ -60,22 +62,34 @@ class TieredStore:
                 self.index.added(key)
         self.puts = 0
         self._writes = WriteQueue(self._write, max_pending_writes, "kv-store-writer")
+        # What the streaming controller weighs: each tier's measured read bandwidth and the
+        # size per token of what it stores.
+        self.controller = StreamingController()
+        self._bandwidth = {t.name: BandwidthMeter(INITIAL_BANDWIDTH_BPS) for t in tiers}
+        self._bytes_per_token = {t.name: self.codecs[t.name].bytes_per_token(spec)
+                                 for t in tiers}
 
     # -- reads (on the request path) -----------------------------------------------------------
 
     def prefix_keys(self, tokens: list[int]) -> list[str]:
         return keys.prefix_keys(self.namespace, tokens, self.chunk_tokens)
 
-    def load_prefix(self, tokens: list[int], timeout_s: float | None = None) -> KVBlocks | None:
+    def load_prefix(self, tokens: list[int], timeout_s: float | None = None,
+                    recompute_s_per_token: float | None = None) -> KVBlocks | None:
         """KV of the longest run of cached whole chunks that starts `tokens`, leaving at least
         one token to compute; None when the first chunk is not cached. Past `timeout_s` no
-        further chunk is fetched: computing the rest beats waiting on a slow tier."""
+        further chunk is fetched, and with the prefill's `recompute_s_per_token` the
+        controller stops at the first chunk that recomputing gets faster than loading."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         chunks = []
         for key in self.prefix_keys(tokens[:-1]):
-            if deadline is not None and time.monotonic() > deadline:
+            left = float("inf") if deadline is None else deadline - time.monotonic()
+            if left <= 0:
                 logger.info("KV lookup stopped after %d chunks: past its %.1f s budget",
                             len(chunks), timeout_s)
+                break
+            if recompute_s_per_token is not None and \
+                    not self._worth_loading(key, left, recompute_s_per_token):
                 break
             kv = self.get(key, num_tokens=self.chunk_tokens)
             if kv is None:
@@ -85,6 +99,22 @@ class TieredStore:
             return None
         data = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
         return KVBlocks(self.spec, len(chunks) * self.chunk_tokens, data)
+
+    def _worth_loading(self, key: str, budget_s: float, recompute_s_per_token: float) -> bool:
+        """The controller's call for the first tier holding `key`: load it, or recompute."""
+        for tier in self.tiers:
+            try:
+                if not self.health[tier.name].usable() or not tier.contains(key):
+                    continue
+            except TierError as e:
+                self.health[tier.name].failed(e)
+                continue
+            option = f"{tier.name}:{self.codecs[tier.name].name.rsplit(':', 1)[0]}"
+            choice = self.controller.choose(
+                {option: self._bytes_per_token[tier.name]}, self.chunk_tokens,
+                self._bandwidth[tier.name].bps, budget_s, recompute_s_per_token)
+            return choice.option != TEXT
+        return True  # nowhere: the read will miss
 
     def get(self, key: str, num_tokens: int | None = None) -> KVBlocks | None:
         """The object under `key` from the first tier that has a sound copy (of `num_tokens`
@@ -99,6 +129,9 @@ class TieredStore:
                 self._corrupt(tier, key, e)
                 continue
             self._hit(tier, key, blob)
+            per_token = self._bytes_per_token[tier.name]
+            self._bytes_per_token[tier.name] = per_token + 0.3 * (
+                len(blob) / kv.num_tokens - per_token)
             return kv
         return None
 
@@ -130,11 +163,14 @@ class TieredStore:
             health = self.health[tier.name]
             if not health.usable():
                 continue
+            started = time.perf_counter()
             try:
                 data = read(tier)
             except TierError as e:
                 health.failed(e)
                 continue
+            if data is not None:
+                self._bandwidth[tier.name].observe(len(data), time.perf_counter() - started)
             if data is None:
                 self._stats[tier.name].misses += 1
                 if not tier.shared and tier.contains(key):  # listed but gone: forget it
@@ -157,9 +193,10 @@ class TieredStore:
 
     # -- writes (on the writer thread) ---------------------------------------------------------
 
-    def put(self, key: str, kv: KVBlocks) -> bool:
-        """Store `kv` under `key` in the background; False if the write queue was full."""
-        return self._writes.submit(("put", key, kv))
+    def put(self, key: str, kv: KVBlocks, first_position: int = 0) -> bool:
+        """Store `kv` (whose first token sits at `first_position` in its sequence) under `key`
+        in the background; False if the write queue was full."""
+        return self._writes.submit(("put", key, (kv, first_position)))
 
     def free_write_slots(self) -> int:
         """How many more writes the queue takes now."""
@@ -169,21 +206,21 @@ class TieredStore:
         """Wait until every queued write is done (tests and benchmarks)."""
         self._writes.flush(timeout)
 
-    def _write(self, item: tuple[str, str, KVBlocks | bytes]) -> None:
+    def _write(self, item: tuple[str, str, tuple[KVBlocks, int] | bytes]) -> None:
         kind, key, value = item
         if kind == "put":
-            self._store(key, value)
+            self._store(key, *value)
         else:  # a promotion: the object's bytes, into the first local tier
             self._put_local(0, key, value)
 
-    def _store(self, key: str, kv: KVBlocks) -> None:
+    def _store(self, key: str, kv: KVBlocks, first_position: int) -> None:
         self.puts += 1
         encoded: dict[str, bytes] = {}
 
         def blob_for(tier: Tier) -> bytes:
             codec = self.codecs[tier.name]
             if codec.name not in encoded:
-                encoded[codec.name] = encode_object(kv, self.fingerprint, codec)
+                encoded[codec.name] = encode_object(kv, self.fingerprint, codec, first_position)
             return encoded[codec.name]
 
         if self.local:
@@ -236,7 +273,7 @@ class TieredStore:
         if header.codec == codec.name:
             return blob
         return encode_object(decode_object(blob, self.fingerprint, self.spec),
-                             self.fingerprint, codec)
+                             self.fingerprint, codec, header.first_position)
 
     def _remove(self, tier: Tier, key: str) -> None:
         try:
@@ -258,7 +295,7 @@ class TieredStore:
             stats.used_bytes = tier.used_bytes
             tiers.append(TierStats(**vars(stats)))
         return StoreStats(self.chunk_tokens, tiers, self.puts, self._writes.dropped,
-                          self._writes.pending)
+                          self._writes.pending, dict(self.controller.choices))
 
     def close(self) -> None:
         self._writes.close()

@@ -25,6 +25,7 @@ from tandem.engine.errors import OutOfBlocksError
 from tandem.engine.kv_cache import KVBlocks
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import SamplingParams
+from tandem.kv_store.codec import codec_for
 from tandem.kv_store.config import open_store
 from tandem.kv_store.index_log import IndexDelta
 from tandem.prefill_worker.streamer import LayerStreamer
@@ -33,6 +34,8 @@ from tandem.transfer.base import Handoff, KVTarget, KVTransport, ReceiverInfo, S
 from tandem.worker_base import EngineWorker, WorkerConfig, WorkerInfo
 
 logger = logging.getLogger(__name__)
+
+MIN_MEASURED_TOKENS = 64  # shorter prefills say more about overheads than about the rate
 
 
 class RequestAborted(Exception):
@@ -60,13 +63,15 @@ class PrefillWorker(EngineWorker):
         self._sessions: dict[str, SendSession] = {}
         self._computed_at: dict[str, float] = {}  # request -> when its first token was sampled
         self._cleanups: set[asyncio.Task] = set()
+        self._prefill_s_per_token: float | None = None  # measured: the store's controller
 
     async def start(self) -> WorkerInfo:
         names = available_transports(self.config.kv_transport)
         await super().start()
-        self.transports = {name: make_transport(name) for name in names}
-        self.kv_transports = names
         e = self._engine.engine
+        codec = codec_for(self.config.kv_codec, e.fingerprint)  # ValueError: no profile
+        self.transports = {name: make_transport(name, codec) for name in names}
+        self.kv_transports = names
         self.store = await asyncio.to_thread(open_store, self.config.kv_store, e.fingerprint,
                                              e.kv_spec, f"prefill-{self.index}")
         return self.info()
@@ -118,6 +123,7 @@ class PrefillWorker(EngineWorker):
                                  timeout=self.config.handoff_timeout_s)
             handed_off = True
             publish = self.store is not None
+            self._measure_prefill(n - item.num_cached_tokens, prefilled - started)
             self.handoffs[f"{receiver.transport}/{'layerwise' if layerwise else 'onepiece'}"] += 1
             return PrefillResult(item.token_ids, item.num_cached_tokens, prefilled - started,
                                  time.perf_counter() - prefilled, receiver.transport, layerwise)
@@ -140,6 +146,15 @@ class PrefillWorker(EngineWorker):
                 self._sessions.pop(request_id, None)
                 await engine.call(lambda e: e.abort(request_id))  # frees the blocks
 
+    def _measure_prefill(self, computed_tokens: int, seconds: float) -> None:
+        """Keep a running prefill time per token (it includes queueing: what a chunk that is
+        not loaded really costs)."""
+        if computed_tokens < MIN_MEASURED_TOKENS:
+            return
+        rate = seconds / computed_tokens
+        last = self._prefill_s_per_token
+        self._prefill_s_per_token = rate if last is None else last + 0.3 * (rate - last)
+
     async def _load_prefix(self, request_id: str, prompt: list[int]) -> KVBlocks | None:
         """The KV of the longest cached prefix; None on a miss (the store never fails a
         request: whatever goes wrong there, the prompt is computed)."""
@@ -147,7 +162,8 @@ class PrefillWorker(EngineWorker):
             return None
         try:
             return await asyncio.to_thread(self.store.load_prefix, prompt,
-                                           self.config.kv_store.lookup_timeout_s)
+                                           self.config.kv_store.lookup_timeout_s,
+                                           self._prefill_s_per_token)
         except Exception:
             logger.exception("request %s: KV store lookup failed; computing the prompt",
                              request_id)
@@ -176,8 +192,8 @@ class PrefillWorker(EngineWorker):
         except Exception:  # the request itself is done: only its reuse is lost
             logger.exception("request %s: copying its KV for the store failed", request_id)
             return
-        for key, kv in zip(keys, chunks, strict=True):
-            self.store.put(key, kv)
+        for i, (key, kv) in enumerate(zip(keys, chunks, strict=True)):
+            self.store.put(key, kv, first_position=(first + i) * chunk_tokens)
 
     async def kv_index_changes(self, since: int) -> IndexDelta | None:
         """Which prefix chunks this worker's local tiers gained or lost since version `since`."""

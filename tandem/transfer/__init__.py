@@ -11,6 +11,7 @@ import functools
 import logging
 from typing import Literal
 
+from tandem.kv_store.codec import Codec
 from tandem.transfer.base import KVTransport, ReceiverInfo
 
 logger = logging.getLogger(__name__)
@@ -51,12 +52,13 @@ def available_transports(mode: TransportMode) -> tuple[str, ...]:
     return ("grpc",) if problem else ("nixl", "grpc")
 
 
-def make_transport(name: str) -> KVTransport:
-    """The transport called `name` (see TRANSPORTS); needs a running event loop."""
+def make_transport(name: str, codec: Codec | None = None) -> KVTransport:
+    """The transport called `name` (see TRANSPORTS); needs a running event loop. `codec`
+    codes the KV on the wire where the transport copies it (gRPC); NIXL writes raw blocks."""
     if name == "grpc":
         from tandem.transfer.grpc_transport import GrpcTransport
 
-        return GrpcTransport()
+        return GrpcTransport(codec)
     if name == "nixl":
         problem = nixl_problem()
         if problem:

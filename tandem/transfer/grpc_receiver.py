@@ -19,10 +19,12 @@ import torch
 from google.protobuf.message import DecodeError
 
 from tandem.engine.kv_cache import KVCache, KVSpec
+from tandem.kv_store.codec import Codec, get_codec
 from tandem.kv_store.errors import KVFormatError
 from tandem.kv_store.kv_object import KVHeader
 from tandem.proto.v1 import kv_transfer_pb2 as pb
 from tandem.transfer.base import Handoff, KVIdentity, KVSink
+from tandem.transfer.coded_piece import decode_piece, piece_tokens
 from tandem.transfer.errors import TransferRejected
 from tandem.transfer.layout import Piece, Reception, checksum_bytes, combined_checksum
 
@@ -92,7 +94,7 @@ class GrpcReceiver:
         if self._blocks(request_id, reception) is None:
             raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                            f"request {request_id}: no KV blocks are reserved for it here")
-        piece, buf, filled = None, bytearray(), 0
+        piece, buf, filled, codec = None, bytearray(), 0, None
         async for wire in stream:
             try:
                 part = _payload_view(wire)
@@ -105,7 +107,7 @@ class GrpcReceiver:
                 buf[filled:filled + len(part)] = part
                 filled += len(part)
                 if filled == len(buf):
-                    await self._write(request_id, reception, piece, buf)
+                    await self._write(request_id, reception, piece, buf, codec)
                     piece = None
                 continue
             if piece is not None:
@@ -115,7 +117,13 @@ class GrpcReceiver:
             kind = message.WhichOneof("part")
             if kind == "piece":
                 piece, filled = self._start_piece(message.piece, reception), 0
-                buf = bytearray(piece.num_bytes(reception.spec))
+                codec = self._codec(message.piece)
+                raw_bytes = piece.num_bytes(reception.spec)
+                if codec is not None and message.piece.payload_bytes > raw_bytes:
+                    raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"coded piece of {message.piece.payload_bytes} bytes is "
+                                   f"larger than its raw KV ({raw_bytes})")
+                buf = bytearray(message.piece.payload_bytes if codec else raw_bytes)
             elif kind == "end":
                 handoff = Handoff(request_id, list(message.end.output_token_ids))
                 self._check_end(message.end.kv_header, header, reception)
@@ -158,8 +166,18 @@ class GrpcReceiver:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         return piece
 
+    @staticmethod
+    def _codec(header: pb.PieceHeader) -> Codec | None:
+        """The codec a piece names (None: raw bytes); refused if unknown here."""
+        if not header.codec:
+            return None
+        try:
+            return get_codec(header.codec)
+        except KVFormatError as e:
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+
     async def _write(self, request_id: str, reception: Reception, piece: Piece,
-                     buf: bytearray) -> None:
+                     buf: bytearray, codec: Codec | None) -> None:
         if await asyncio.to_thread(checksum_bytes, buf) != piece.checksum:
             raise _Refused(grpc.StatusCode.DATA_LOSS,
                            f"request {request_id}: KV checksum mismatch in layers "
@@ -168,7 +186,17 @@ class GrpcReceiver:
         if blocks is None:
             raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                            f"request {request_id}: its reserved blocks were released")
-        data = _as_tensor(buf, reception.spec, piece)
+        if codec is None:
+            data = _as_tensor(buf, reception.spec, piece)
+        else:
+            spec = reception.spec
+            tokens = piece_tokens(spec, reception.num_tokens, piece.first_block, piece.num_blocks)
+            try:
+                data = await asyncio.to_thread(decode_piece, codec, buf, spec, piece.layers,
+                                               tokens)
+            except KVFormatError as e:
+                raise _Refused(grpc.StatusCode.DATA_LOSS,
+                               f"request {request_id}: coded KV piece is unusable: {e}") from None
         self.cache.scatter(piece.layers, [blocks[b] for b in piece.blocks], data)
         reception.add(piece)
         self.sink.piece_arrived(request_id, piece.layers)

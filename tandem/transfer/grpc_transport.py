@@ -22,6 +22,7 @@ import grpc
 import torch
 
 from tandem.engine.kv_cache import KVCache
+from tandem.kv_store.codec import Codec
 from tandem.proto.v1 import kv_transfer_pb2 as pb
 from tandem.transfer.base import (
     Handoff,
@@ -34,6 +35,7 @@ from tandem.transfer.base import (
     apply_send_faults,
     corrupts_transfer,
 )
+from tandem.transfer.coded_piece import encode_piece, piece_tokens
 from tandem.transfer.errors import TransferCorrupted, TransferRejected, TransferUnavailable
 from tandem.transfer.grpc_receiver import (
     CHUNK_BYTES,
@@ -60,9 +62,12 @@ _END = object()
 
 
 class GrpcTransport(KVTransport):
+    """`codec` (None = raw) codes each piece for the wire, e.g. as a CacheGen bitstream."""
+
     name = "grpc"
 
-    def __init__(self) -> None:
+    def __init__(self, codec: Codec | None = None) -> None:
+        self.codec = codec if codec is not None and codec.name != "raw" else None
         self._server: grpc.aio.Server | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -86,7 +91,7 @@ class GrpcTransport(KVTransport):
     def open_session(self, cache: KVCache, fingerprint: str, target: KVTarget,
                      request_id: str) -> SendSession:
         return _GrpcSession(self._channel(target.receiver.address), cache, fingerprint, target,
-                            request_id)
+                            request_id, self.codec)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
@@ -106,8 +111,8 @@ class _GrpcSession(SendSession):
     """Pieces go on a queue (from the engine thread); the stream starts with the first one."""
 
     def __init__(self, channel: grpc.aio.Channel, cache: KVCache, fingerprint: str,
-                 target: KVTarget, request_id: str) -> None:
-        self.channel, self.cache, self.target = channel, cache, target
+                 target: KVTarget, request_id: str, codec: Codec | None) -> None:
+        self.channel, self.cache, self.target, self.codec = channel, cache, target, codec
         self.request_id, self.fingerprint = request_id, fingerprint
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -180,13 +185,21 @@ class _GrpcSession(SendSession):
             -> AsyncIterator[bytes]:
         """A piece's header, then its bytes in wire-form payload chunks."""
         data = await asyncio.to_thread(self.cache.gather, layers, src_blocks)
-        payload = memoryview(data.view(torch.uint8).view(-1).numpy())
+        if self.codec is None:
+            payload = memoryview(data.view(torch.uint8).view(-1).numpy())
+        else:
+            spec = self.cache.spec
+            tokens = piece_tokens(spec, self.target.num_tokens, first_block, len(src_blocks))
+            payload = memoryview(await asyncio.to_thread(
+                encode_piece, self.codec, data, layers, tokens, first_block * spec.block_size))
         piece = Piece(layers, first_block, len(src_blocks),
                       await asyncio.to_thread(checksum_bytes, payload))
         self._pieces.append(piece)
         yield pb.KVChunk(piece=pb.PieceHeader(
             first_layer=layers.start, num_layers=len(layers), first_block=first_block,
-            num_blocks=piece.num_blocks, checksum=piece.checksum)).SerializeToString()
+            num_blocks=piece.num_blocks, checksum=piece.checksum,
+            codec=self.codec.name if self.codec else "",
+            payload_bytes=len(payload))).SerializeToString()
         for offset in range(0, len(payload), CHUNK_BYTES):
             part = payload[offset:offset + CHUNK_BYTES]
             wire = b"".join((PAYLOAD_TAG, varint(len(part)), part))

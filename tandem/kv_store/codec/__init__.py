@@ -16,23 +16,72 @@ from tandem.kv_store.errors import KVFormatError
 
 
 class Codec(ABC):
-    """Encodes one layer's KV, shape [2, num_blocks, block_size, kv_heads, head_dim]."""
+    """Encodes one layer's KV, shape [2, num_blocks, block_size, kv_heads, head_dim], of which
+    the first `num_tokens` token slots hold data (the rest is padding, decoded as zeros)."""
 
     name: str
 
     @abstractmethod
-    def encode_layer(self, layer: int, kv: torch.Tensor) -> bytes: ...
+    def encode_layer(self, layer: int, kv: torch.Tensor, num_tokens: int,
+                     first_position: int = 0) -> bytes:
+        """`first_position`: where the first token sits in its sequence (lossy codecs keep the
+        sequence's first tokens exact)."""
 
     @abstractmethod
     def decode_layer(self, layer: int, data: memoryview, spec: KVSpec, num_tokens: int) \
             -> torch.Tensor:
         """The layer's KV in `spec.dtype`; raises KVFormatError if `data` cannot be it."""
 
+    def bytes_per_token(self, spec: KVSpec) -> float:
+        """Expected encoded size per token (a first guess until sizes are measured)."""
+        return float(spec.bytes_per_token)
+
+
+_CODECS: dict[str, Codec] = {}
+
 
 def get_codec(name: str) -> Codec:
+    """The codec a header names: `raw`, or `cachegen:<level>:<profile id>`."""
+    codec = _CODECS.get(name)
+    if codec is None:
+        codec = _CODECS[name] = _make(name)
+    return codec
+
+
+def _make(name: str) -> Codec:
     from tandem.kv_store.codec.raw import RawCodec
 
-    codecs: dict[str, type[Codec]] = {"raw": RawCodec}
-    if name not in codecs:
-        raise KVFormatError(f"KV codec {name!r} is not supported (known: {', '.join(codecs)})")
-    return codecs[name]()
+    if name == "raw":
+        return RawCodec()
+    kind, _, rest = name.partition(":")
+    level, _, profile_id = rest.partition(":")
+    if kind != "cachegen" or not level.isdigit() or not profile_id:
+        raise KVFormatError(f"KV codec {name!r} is not supported (known: raw, "
+                            "cachegen:<level>:<profile>)")
+    from tandem.kv_store.codec.cachegen import LEVELS, CacheGenCodec
+    from tandem.kv_store.codec.profile import profile_by_id
+
+    if int(level) not in LEVELS:
+        raise KVFormatError(f"CacheGen level {level} does not exist (levels: {list(LEVELS)})")
+    return CacheGenCodec(profile_by_id(profile_id), int(level))
+
+
+DEFAULT_LEVEL = 1
+
+
+def codec_for(setting: str, fingerprint: str) -> Codec:
+    """The codec a tier or transfer is configured with: `raw`, or `cachegen[:LEVEL]` with this
+    model's profile (ValueError if the model has none: run `tandem cachegen-profile`)."""
+    kind, _, level_text = setting.partition(":")
+    if setting == "raw":
+        return get_codec("raw")
+    if kind != "cachegen" or (level_text and not level_text.isdigit()):
+        raise ValueError(f"unknown KV codec {setting!r}; use raw or cachegen[:LEVEL]")
+    level = int(level_text) if level_text else DEFAULT_LEVEL
+    from tandem.kv_store.codec.profile import find_profile
+
+    profile = find_profile(fingerprint)
+    if profile is None:
+        raise ValueError(f"no CacheGen profile for model {fingerprint!r}; build one with "
+                         "`tandem cachegen-profile`")
+    return get_codec(f"cachegen:{level}:{profile.id}")

@@ -12,7 +12,8 @@ from tandem.kv_store.errors import KVFormatError
 class RawCodec(Codec):
     name = "raw"
 
-    def encode_layer(self, layer: int, kv: torch.Tensor) -> bytes:
+    def encode_layer(self, layer: int, kv: torch.Tensor, num_tokens: int,
+                     first_position: int = 0) -> bytes:
         return kv.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes()
 
     def decode_layer(self, layer: int, data: memoryview, spec: KVSpec, num_tokens: int) \

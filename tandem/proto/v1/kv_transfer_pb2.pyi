@@ -15,18 +15,22 @@ class Begin(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., kv_header: _Optional[bytes] = ...) -> None: ...
 
 class PieceHeader(_message.Message):
-    __slots__ = ("first_layer", "num_layers", "first_block", "num_blocks", "checksum")
+    __slots__ = ("first_layer", "num_layers", "first_block", "num_blocks", "checksum", "codec", "payload_bytes")
     FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     first_layer: int
     num_layers: int
     first_block: int
     num_blocks: int
     checksum: int
-    def __init__(self, first_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., checksum: _Optional[int] = ...) -> None: ...
+    codec: str
+    payload_bytes: int
+    def __init__(self, first_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., checksum: _Optional[int] = ..., codec: _Optional[str] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class End(_message.Message):
     __slots__ = ("kv_header", "output_token_ids")
