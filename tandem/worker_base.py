@@ -12,9 +12,9 @@ import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import EngineConfig
@@ -22,7 +22,7 @@ from tandem.engine.engine import LLMEngine
 from tandem.engine.kv_cache import KVSpec
 from tandem.engine.outputs import EngineStats, RequestOutput
 from tandem.faults import Faults, active_faults
-from tandem.kv_store.config import CodecName, StoreConfig
+from tandem.kv_store.config import StoreConfig
 from tandem.kv_store.stats import StoreStats
 from tandem.kv_store.store import TieredStore
 from tandem.log import setup_logging
@@ -51,9 +51,13 @@ class WorkerConfig(BaseModel):
         30.0, gt=0, description="Deadline for a KV handoff after the prefill, seconds.")
     host: str | None = Field(
         None, description="Address the KV receiver binds; None = this node's IP.")
-    kv_codec: CodecName = Field(
-        "raw", description="How gRPC KV handoffs code the KV on the wire: raw, or "
-        "cachegen[:LEVEL] (CacheGen bitstreams; NIXL always writes raw blocks).")
+    kv_codec: Annotated[str, StringConstraints(pattern=r"^(raw|cachegen(:([0-4]|auto))?)$")] \
+        = Field("raw", description="How gRPC KV handoffs code the KV on the wire: raw, "
+                "cachegen[:LEVEL], or cachegen:auto (per piece, the finest level that fits "
+                "kv_codec_budget_s at the measured bandwidth). NIXL always writes raw blocks.")
+    kv_codec_budget_s: float = Field(
+        0.5, gt=0, description="Under kv_codec cachegen:auto: the time a handoff's KV may take "
+        "on the wire, seconds.")
     kv_store: StoreConfig = Field(
         default_factory=StoreConfig, description="Prefill workers' tiered KV store (prefix "
         "reuse across requests and workers).")
@@ -84,6 +88,7 @@ class WorkerStats:
     num_open_requests: int  # requests this worker still tracks (streams not yet drained)
     handoffs: dict[str, int] = field(default_factory=dict)  # "nixl/layerwise" -> count sent
     kv_store: StoreStats | None = None  # prefill workers with a KV store
+    kv_codec_choices: dict[str, int] = field(default_factory=dict)  # cachegen:auto: level -> n
 
 
 class WorkerStepError(RuntimeError):
@@ -146,10 +151,14 @@ class EngineWorker:
 
     async def stats(self) -> WorkerStats:
         return WorkerStats(await self._engine.call(LLMEngine.stats), self.num_open_requests(),
-                           dict(self.handoffs), self.store.stats() if self.store else None)
+                           dict(self.handoffs), self.store.stats() if self.store else None,
+                           self.codec_choices())
 
     def num_open_requests(self) -> int:
         return 0
+
+    def codec_choices(self) -> dict[str, int]:
+        return {}
 
     async def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks; wakes anyone waiting on its outputs."""

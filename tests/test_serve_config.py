@@ -26,7 +26,10 @@ def test_flags_override_the_file(tmp_path):
 
 
 @pytest.mark.parametrize("text", ["decode_worker: 2\n", "gateway:\n  prot: 1\n",
-                                  "prefill_workers: 0\n", "worker:\n  kv_transport: smoke\n"])
+                                  "prefill_workers: 0\n", "worker:\n  kv_transport: smoke\n",
+                                  "worker:\n  kv_codec: zip\n",
+                                  "worker:\n  kv_codec: cachegen:9\n",
+                                  "worker:\n  kv_store:\n    ssd_codec: cachegen:auto\n"])
 def test_unknown_or_bad_keys_are_errors(tmp_path, text):
     path = tmp_path / "c.yaml"
     path.write_text(text)
@@ -44,6 +47,13 @@ def test_kv_store_settings_come_from_the_file_and_flags(tmp_path):
     assert store.enabled and store.cpu_gb == 0.5 and store.chunk_tokens == 512
     assert store.redis.url == "redis://10.0.0.5:6379/0" and store.redis.password == "pw"
     assert store.ssd_root == tmp_path / "kv"
+
+
+def test_codecs_are_set_per_tier_and_for_the_wire():
+    c = ServeConfig.load(None, {"worker.kv_codec": "cachegen:auto",
+                                "worker.kv_store.ssd_codec": "cachegen:3"})
+    assert c.worker.kv_codec == "cachegen:auto" and c.worker.kv_store.ssd_codec == "cachegen:3"
+    assert ServeConfig().worker.kv_store.redis.codec == "cachegen"  # CacheGen by default
 
 
 def test_chunks_must_be_whole_kv_blocks():

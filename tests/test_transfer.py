@@ -277,11 +277,11 @@ def test_a_request_id_reserved_again_gets_a_fresh_transfer(transport):
     assert asyncio.run(main()) == [Handoff("r1", [7])] * 2
 
 
-@pytest.mark.parametrize("layerwise", [True, False], ids=["layerwise", "onepiece"])
-def test_grpc_with_cachegen_lands_within_the_codecs_error(tmp_path, monkeypatch, layerwise):
+@pytest.fixture
+def cachegen_profile(tmp_path, monkeypatch):
+    """A CacheGen profile for SPEC's shape, where `get_codec` finds it."""
     import numpy as np
 
-    from tandem.kv_store.codec import get_codec
     from tandem.kv_store.codec import profile as profiles
     from tandem.kv_store.codec.profile import CacheGenProfile, profile_path
 
@@ -293,12 +293,18 @@ def test_grpc_with_cachegen_lands_within_the_codecs_error(tmp_path, monkeypatch,
                               np.zeros(shape, np.float32), np.full(shape, 0.8, np.float32),
                               np.full(shape, 0.5, np.float32))
     profile.save(profile_path("model-a", profiles.cache_dir()))
-    codec = get_codec(f"cachegen:1:{profile.id}")
-    try:
-        n = SPEC.num_blocks_for(100)
-        src, dst, sink = asyncio.run(exchange("grpc", 100, layerwise=layerwise, codec=codec))
-    finally:
-        profiles._profiles_by_id.cache_clear()
+    yield profile
+    profiles._profiles_by_id.cache_clear()
+
+
+@pytest.mark.parametrize("layerwise", [True, False], ids=["layerwise", "onepiece"])
+def test_grpc_with_cachegen_lands_within_the_codecs_error(cachegen_profile, layerwise):
+    from tandem.kv_store.codec import get_codec
+
+    channels = SPEC.num_kv_heads * SPEC.head_dim
+    codec = get_codec(f"cachegen:1:{cachegen_profile.id}")
+    n = SPEC.num_blocks_for(100)
+    src, dst, sink = asyncio.run(exchange("grpc", 100, layerwise=layerwise, codec=codec))
     assert sink.completed == [Handoff("r1", [7])]
     layers = range(SPEC.num_layers)
     sent = src.gather(layers, SRC_BLOCKS[:n]).float().reshape(4, 2, -1, channels)[:, :, :100]
@@ -307,3 +313,16 @@ def test_grpc_with_cachegen_lands_within_the_codecs_error(tmp_path, monkeypatch,
     assert bool(((sent - got).abs() <= bound).all())
     assert torch.equal(got[:, :, :4], sent[:, :, :4])  # the sink tokens travel exact
     assert not torch.equal(got, sent)  # it really was coded lossily
+
+
+def test_adaptive_coding_picks_coarser_levels_as_the_measured_bandwidth_drops(cachegen_profile):
+    from tandem.kv_store.codec import get_codec
+    from tandem.transfer.coded_piece import AdaptiveCoding
+
+    codecs = {level: get_codec(f"cachegen:{level}:{cachegen_profile.id}") for level in (0, 4)}
+    coding = AdaptiveCoding(codecs, SPEC, budget_s=0.1)
+    *_, sink = asyncio.run(exchange("grpc", 100, codec=coding))  # loopback: fast
+    assert sink.completed and set(coding.controller.choices) == {"0"}
+    assert coding.pick("10.0.0.9:1", 100, 100) is codecs[0]
+    coding.observe("10.0.0.9:1", 100_000, 1.0)  # 100 kB/s to that receiver
+    assert coding.pick("10.0.0.9:1", 100, 100) is codecs[4]

@@ -22,15 +22,17 @@ from dataclasses import dataclass
 from tandem.engine.config import EngineConfig
 from tandem.engine.engine import LLMEngine
 from tandem.engine.errors import OutOfBlocksError
-from tandem.engine.kv_cache import KVBlocks
+from tandem.engine.kv_cache import KVBlocks, KVSpec
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import SamplingParams
-from tandem.kv_store.codec import codec_for
+from tandem.kv_store.codec import Codec, codec_for
+from tandem.kv_store.codec.cachegen import LEVELS
 from tandem.kv_store.config import open_store
 from tandem.kv_store.index_log import IndexDelta
 from tandem.prefill_worker.streamer import LayerStreamer
 from tandem.transfer import TransportNotUsable, available_transports, make_transport
 from tandem.transfer.base import Handoff, KVTarget, KVTransport, ReceiverInfo, SendSession
+from tandem.transfer.coded_piece import AdaptiveCoding
 from tandem.worker_base import EngineWorker, WorkerConfig, WorkerInfo
 
 logger = logging.getLogger(__name__)
@@ -64,13 +66,14 @@ class PrefillWorker(EngineWorker):
         self._computed_at: dict[str, float] = {}  # request -> when its first token was sampled
         self._cleanups: set[asyncio.Task] = set()
         self._prefill_s_per_token: float | None = None  # measured: the store's controller
+        self.coding: Codec | AdaptiveCoding | None = None  # how gRPC handoffs code the KV
 
     async def start(self) -> WorkerInfo:
         names = available_transports(self.config.kv_transport)
         await super().start()
         e = self._engine.engine
-        codec = codec_for(self.config.kv_codec, e.fingerprint)  # ValueError: no profile
-        self.transports = {name: make_transport(name, codec) for name in names}
+        self.coding = wire_coding(self.config, e.fingerprint, e.kv_spec)  # ValueError: no profile
+        self.transports = {name: make_transport(name, self.coding) for name in names}
         self.kv_transports = names
         self.store = await asyncio.to_thread(open_store, self.config.kv_store, e.fingerprint,
                                              e.kv_spec, f"prefill-{self.index}")
@@ -224,6 +227,11 @@ class PrefillWorker(EngineWorker):
     def num_open_requests(self) -> int:
         return len(self._sessions)
 
+    def codec_choices(self) -> dict[str, int]:
+        if isinstance(self.coding, AdaptiveCoding):
+            return {f"cachegen:{k}": n for k, n in self.coding.controller.choices.items()}
+        return {}
+
     async def shutdown(self) -> None:
         for transport in self.transports.values():
             await transport.close()
@@ -254,3 +262,12 @@ def _copy_chunks(engine: LLMEngine, request_id: str, first: int, count: int,
     return [KVBlocks(spec, chunk_tokens,
                      engine.cache.gather(layers, table[i * per:(i + 1) * per]).cpu())
             for i in range(first, first + count)]
+
+
+def wire_coding(config: WorkerConfig, fingerprint: str, spec: KVSpec) \
+        -> Codec | AdaptiveCoding:
+    """What `kv_codec` asks of gRPC handoffs: one codec, or a level per piece."""
+    if config.kv_codec != "cachegen:auto":
+        return codec_for(config.kv_codec, fingerprint)
+    codecs = {level: codec_for(f"cachegen:{level}", fingerprint) for level in LEVELS}
+    return AdaptiveCoding(codecs, spec, config.kv_codec_budget_s)

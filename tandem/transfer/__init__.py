@@ -13,6 +13,7 @@ from typing import Literal
 
 from tandem.kv_store.codec import Codec
 from tandem.transfer.base import KVTransport, ReceiverInfo
+from tandem.transfer.coded_piece import AdaptiveCoding
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def available_transports(mode: TransportMode) -> tuple[str, ...]:
     return ("grpc",) if problem else ("nixl", "grpc")
 
 
-def make_transport(name: str, codec: Codec | None = None) -> KVTransport:
+def make_transport(name: str, codec: Codec | AdaptiveCoding | None = None) -> KVTransport:
     """The transport called `name` (see TRANSPORTS); needs a running event loop. `codec`
     codes the KV on the wire where the transport copies it (gRPC); NIXL writes raw blocks."""
     if name == "grpc":

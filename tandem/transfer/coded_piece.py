@@ -10,9 +10,11 @@ import torch
 
 from tandem.engine.kv_cache import KVSpec
 from tandem.kv_store.codec import Codec
+from tandem.kv_store.codec.controller import BandwidthMeter, StreamingController
 from tandem.kv_store.errors import KVFormatError
 
 _LENGTH = struct.Struct("<I")
+INITIAL_BANDWIDTH_BPS = 1e9  # to a receiver no handoff has measured yet
 
 
 def piece_tokens(spec: KVSpec, total_tokens: int, first_block: int, num_blocks: int) -> int:
@@ -48,3 +50,30 @@ def decode_piece(codec: Codec, payload: bytes | bytearray | memoryview, spec: KV
     if offset != len(view):
         raise KVFormatError(f"coded KV piece has {len(view) - offset} bytes left over")
     return torch.stack(out)
+
+
+class AdaptiveCoding:
+    """`--kv-codec cachegen:auto`: each piece at the finest CacheGen level that reaches the
+    receiver within its share of `budget_s` (its tokens / the request's tokens) at the
+    bandwidth measured to that receiver so far (CacheGen's controller, per peer)."""
+
+    def __init__(self, codecs: dict[int, Codec], spec: KVSpec, budget_s: float) -> None:
+        self.codecs, self.spec, self.budget_s = codecs, spec, budget_s
+        self.controller = StreamingController()
+        self._bandwidth: dict[str, BandwidthMeter] = {}
+
+    def pick(self, address: str, num_tokens: int, total_tokens: int) -> Codec:
+        sizes = {str(level): codec.bytes_per_token(self.spec)
+                 for level, codec in sorted(self.codecs.items())}
+        meter = self._meter(address)
+        share = self.budget_s * num_tokens / max(total_tokens, 1)
+        choice = self.controller.choose(sizes, num_tokens, meter.bps, share)
+        return self.codecs[int(choice.option)]
+
+    def observe(self, address: str, num_bytes: int, seconds: float) -> None:
+        self._meter(address).observe(num_bytes, seconds)
+
+    def _meter(self, address: str) -> BandwidthMeter:
+        if address not in self._bandwidth:
+            self._bandwidth[address] = BandwidthMeter(INITIAL_BANDWIDTH_BPS)
+        return self._bandwidth[address]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -35,7 +36,7 @@ from tandem.transfer.base import (
     apply_send_faults,
     corrupts_transfer,
 )
-from tandem.transfer.coded_piece import encode_piece, piece_tokens
+from tandem.transfer.coded_piece import AdaptiveCoding, encode_piece, piece_tokens
 from tandem.transfer.errors import TransferCorrupted, TransferRejected, TransferUnavailable
 from tandem.transfer.grpc_receiver import (
     CHUNK_BYTES,
@@ -62,12 +63,14 @@ _END = object()
 
 
 class GrpcTransport(KVTransport):
-    """`codec` (None = raw) codes each piece for the wire, e.g. as a CacheGen bitstream."""
+    """`codec` (None = raw) codes each piece for the wire, e.g. as a CacheGen bitstream;
+    `AdaptiveCoding` picks a level per piece from the measured bandwidth."""
 
     name = "grpc"
 
-    def __init__(self, codec: Codec | None = None) -> None:
-        self.codec = codec if codec is not None and codec.name != "raw" else None
+    def __init__(self, codec: Codec | AdaptiveCoding | None = None) -> None:
+        raw = codec is None or (isinstance(codec, Codec) and codec.name == "raw")
+        self.codec = None if raw else codec
         self._server: grpc.aio.Server | None = None
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -111,7 +114,8 @@ class _GrpcSession(SendSession):
     """Pieces go on a queue (from the engine thread); the stream starts with the first one."""
 
     def __init__(self, channel: grpc.aio.Channel, cache: KVCache, fingerprint: str,
-                 target: KVTarget, request_id: str, codec: Codec | None) -> None:
+                 target: KVTarget, request_id: str, codec: Codec | AdaptiveCoding | None) \
+            -> None:
         self.channel, self.cache, self.target, self.codec = channel, cache, target, codec
         self.request_id, self.fingerprint = request_id, fingerprint
         self._loop = asyncio.get_running_loop()
@@ -185,21 +189,28 @@ class _GrpcSession(SendSession):
             -> AsyncIterator[bytes]:
         """A piece's header, then its bytes in wire-form payload chunks."""
         data = await asyncio.to_thread(self.cache.gather, layers, src_blocks)
-        if self.codec is None:
+        codec = self.codec
+        if codec is None:
             payload = memoryview(data.view(torch.uint8).view(-1).numpy())
         else:
             spec = self.cache.spec
             tokens = piece_tokens(spec, self.target.num_tokens, first_block, len(src_blocks))
+            if isinstance(codec, AdaptiveCoding):
+                adaptive = codec
+                codec = adaptive.pick(self.target.receiver.address,
+                                      tokens * len(layers) // spec.num_layers,
+                                      self.target.num_tokens)
             payload = memoryview(await asyncio.to_thread(
-                encode_piece, self.codec, data, layers, tokens, first_block * spec.block_size))
+                encode_piece, codec, data, layers, tokens, first_block * spec.block_size))
         piece = Piece(layers, first_block, len(src_blocks),
                       await asyncio.to_thread(checksum_bytes, payload))
         self._pieces.append(piece)
         yield pb.KVChunk(piece=pb.PieceHeader(
             first_layer=layers.start, num_layers=len(layers), first_block=first_block,
             num_blocks=piece.num_blocks, checksum=piece.checksum,
-            codec=self.codec.name if self.codec else "",
+            codec=codec.name if codec else "",
             payload_bytes=len(payload))).SerializeToString()
+        started = time.perf_counter()
         for offset in range(0, len(payload), CHUNK_BYTES):
             part = payload[offset:offset + CHUNK_BYTES]
             wire = b"".join((PAYLOAD_TAG, varint(len(part)), part))
@@ -207,6 +218,9 @@ class _GrpcSession(SendSession):
                 self._corrupt = False
                 wire = wire[:-1] + bytes([wire[-1] ^ 0x01])  # one bit flipped in transit
             yield wire
+        if isinstance(self.codec, AdaptiveCoding):  # flow control paces the yields
+            self.codec.observe(self.target.receiver.address, len(payload),
+                               time.perf_counter() - started)
 
 
 def _transfer_error(e: grpc.aio.AioRpcError, address: str) -> Exception:
