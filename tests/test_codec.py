@@ -104,8 +104,25 @@ def test_a_stream_for_another_model_or_layout_is_refused(installed):
 def test_a_stream_naming_an_unknown_profile_is_refused(installed):
     with pytest.raises(KVFormatError, match="profile 0123456789abcdef is not on this machine"):
         get_codec("cachegen:1:0123456789abcdef")
-    with pytest.raises(KVFormatError, match="level 9"):
-        get_codec(f"cachegen:9:{installed.id}")
+    for name in (f"cachegen:9:{installed.id}", f"cachegen:01:{installed.id}",
+                 f"cachegen:\u00b2:{installed.id}", "zip"):
+        with pytest.raises(KVFormatError, match="not supported"):
+            get_codec(name)
+
+
+def test_a_stream_coded_with_another_models_profile_is_refused(installed):
+    blob = encode_object(kv_of(8), "model-b", CacheGenCodec(installed, 1))  # model-a's profile
+    with pytest.raises(KVFormatError, match="is for model 'model-a'"):
+        decode_object(blob, "model-b", SPEC)
+
+
+def test_nan_and_inf_escape_and_come_back_as_they_were(installed):
+    kv = kv_of(12)
+    flat = kv.data.view(2, 2, -1, CHANNELS)
+    flat[0, 1, 7, 2], flat[1, 0, 9, 5] = float("nan"), float("inf")
+    back = decode_object(encode_object(kv, "model-a", CacheGenCodec(installed, 2), 50),
+                         "model-a", SPEC).data.view(2, 2, -1, CHANNELS)
+    assert back[0, 1, 7, 2].isnan() and back[1, 0, 9, 5].item() == float("inf")
 
 
 def test_truncation_and_bit_flips_are_caught(installed):

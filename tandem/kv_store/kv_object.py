@@ -31,6 +31,7 @@ from tandem.kv_store.errors import KVChecksumError, KVFormatError
 MAGIC = b"TDKV"
 FORMAT_VERSION = 2
 MAX_META_BYTES = 1 << 16
+MAX_TOKENS = 1 << 22  # more than any context: a header claiming more is damaged
 PREFIX = struct.Struct("<4sHI")
 
 
@@ -78,7 +79,7 @@ class KVHeader:
         return header
 
     def _check_sizes(self) -> None:
-        if self.num_tokens <= 0 or self.first_position < 0:
+        if not 0 < self.num_tokens <= MAX_TOKENS or self.first_position < 0:
             raise KVFormatError(f"KV header says {self.num_tokens} tokens from position "
                                 f"{self.first_position}")
         if self.layer_bytes:
@@ -176,6 +177,7 @@ def decode_layers(header: KVHeader, sections: bytes | memoryview, layers: range)
     """Decode `layers` from their sections (`header.layer_span(layers)` of the payload), each
     checked against its checksum: [len(layers), 2, num_blocks, block_size, heads, head_dim]."""
     view, codec, out, offset = memoryview(sections), get_codec(header.codec), [], 0
+    codec.check(header.fingerprint, header.spec)
     if len(view) != header.layer_span(layers)[1]:
         raise KVFormatError(f"KV sections are {len(view)} bytes, the header says "
                             f"{header.layer_span(layers)[1]}")
@@ -188,10 +190,14 @@ def decode_layers(header: KVHeader, sections: bytes | memoryview, layers: range)
     return torch.stack(out)
 
 
-def decode_object(data: bytes | memoryview, fingerprint: str, spec: KVSpec) -> KVBlocks:
-    """A whole stored object back as `KVBlocks`; raises KVObjectError if it is unusable."""
+def decode_object(data: bytes | memoryview, fingerprint: str, spec: KVSpec,
+                  num_tokens: int | None = None) -> KVBlocks:
+    """A whole stored object (of `num_tokens` tokens, when given) back as `KVBlocks`; raises
+    KVObjectError if it is unusable."""
     view = memoryview(data)
     header = read_header(view, fingerprint, spec)
+    if num_tokens is not None and header.num_tokens != num_tokens:
+        raise KVFormatError(f"KV object holds {header.num_tokens} tokens, expected {num_tokens}")
     start = header_length(view)
     if len(view) - start != header.payload_bytes:
         raise KVFormatError(f"KV payload is {len(view) - start} bytes, the header says "

@@ -20,7 +20,7 @@ from tandem.engine.kv_cache import KVBlocks, KVSpec
 from tandem.kv_store import keys
 from tandem.kv_store.codec import Codec, get_codec
 from tandem.kv_store.codec.controller import TEXT, BandwidthMeter, StreamingController
-from tandem.kv_store.errors import KVFormatError, KVObjectError, TierError
+from tandem.kv_store.errors import KVObjectError, TierError
 from tandem.kv_store.health import TierHealth
 from tandem.kv_store.index_log import IndexLog
 from tandem.kv_store.kv_object import (
@@ -121,10 +121,7 @@ class TieredStore:
         tokens, when given), or None."""
         for tier, blob in self._find(key, lambda t: t.get(key)):
             try:
-                kv = decode_object(blob, self.fingerprint, self.spec)
-                if num_tokens is not None and kv.num_tokens != num_tokens:
-                    raise KVFormatError(f"object holds {kv.num_tokens} tokens, its key "
-                                        f"{num_tokens}")
+                kv = decode_object(blob, self.fingerprint, self.spec, num_tokens)
             except KVObjectError as e:
                 self._corrupt(tier, key, e)
                 continue

@@ -107,6 +107,7 @@ class PrefillWorker(EngineWorker):
         layerwise, handed_off, publish = self.streams_layerwise(n), False, False
         try:
             cached = await self._load_prefix(request_id, prompt_token_ids)
+            computing = time.perf_counter()
             if not engine.has_stream(request_id):
                 raise RequestAborted(f"request {request_id} was aborted during its KV lookup")
             session = self._sessions[request_id] = self.transports[receiver.transport] \
@@ -126,7 +127,7 @@ class PrefillWorker(EngineWorker):
                                  timeout=self.config.handoff_timeout_s)
             handed_off = True
             publish = self.store is not None
-            self._measure_prefill(n - item.num_cached_tokens, prefilled - started)
+            self._measure_prefill(n - item.num_cached_tokens, prefilled - computing)
             self.handoffs[f"{receiver.transport}/{'layerwise' if layerwise else 'onepiece'}"] += 1
             return PrefillResult(item.token_ids, item.num_cached_tokens, prefilled - started,
                                  time.perf_counter() - prefilled, receiver.transport, layerwise)

@@ -166,15 +166,16 @@ class GrpcReceiver:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
         return piece
 
-    @staticmethod
-    def _codec(header: pb.PieceHeader) -> Codec | None:
+    def _codec(self, header: pb.PieceHeader) -> Codec | None:
         """The codec a piece names (None: raw bytes); refused if unknown here."""
         if not header.codec:
             return None
         try:
-            return get_codec(header.codec)
+            codec = get_codec(header.codec)
+            codec.check(self.identity.fingerprint, self.identity.spec)
         except KVFormatError as e:
             raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, str(e)) from None
+        return codec
 
     async def _write(self, request_id: str, reception: Reception, piece: Piece,
                      buf: bytearray, codec: Codec | None) -> None:

@@ -60,6 +60,9 @@ logger = logging.getLogger(__name__)
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
               grpc.StatusCode.CANCELLED}
 _END = object()
+# A handoff's bandwidth is measured over what it sends after the prefill ended, up to the
+# reply: the part on the critical path. Less than this says more about latency than bandwidth.
+MEASURED_BYTES = 1 << 20
 
 
 class GrpcTransport(KVTransport):
@@ -124,6 +127,8 @@ class _GrpcSession(SendSession):
         self._pieces: list[Piece] = []
         self._corrupt = corrupts_transfer()
         self._aborted = False
+        self._finishing: float | None = None  # when the prefill ended (finish was called)
+        self._bytes_since_finish = 0
 
     def post(self, layers: range, first_block: int, src_blocks: list[int]) -> None:
         self._loop.call_soon_threadsafe(self._enqueue, (layers, first_block, list(src_blocks)))
@@ -143,10 +148,15 @@ class _GrpcSession(SendSession):
         await asyncio.sleep(0)  # run the posts already scheduled on the loop before the End
         if self._aborted:
             raise TransferRejected(f"request {self.request_id}: the handoff was aborted")
+        self._finishing = time.perf_counter()
         self._enqueue(handoff)
         self._enqueue(_END)
         try:
             await asyncio.wait_for(asyncio.shield(self._call), timeout)
+            if isinstance(self.codec, AdaptiveCoding) and \
+                    self._bytes_since_finish >= MEASURED_BYTES:
+                self.codec.observe(self.target.receiver.address, self._bytes_since_finish,
+                                   time.perf_counter() - self._finishing)
         except asyncio.CancelledError:
             if not self._aborted:
                 raise
@@ -210,7 +220,6 @@ class _GrpcSession(SendSession):
             num_blocks=piece.num_blocks, checksum=piece.checksum,
             codec=codec.name if codec else "",
             payload_bytes=len(payload))).SerializeToString()
-        started = time.perf_counter()
         for offset in range(0, len(payload), CHUNK_BYTES):
             part = payload[offset:offset + CHUNK_BYTES]
             wire = b"".join((PAYLOAD_TAG, varint(len(part)), part))
@@ -218,9 +227,8 @@ class _GrpcSession(SendSession):
                 self._corrupt = False
                 wire = wire[:-1] + bytes([wire[-1] ^ 0x01])  # one bit flipped in transit
             yield wire
-        if isinstance(self.codec, AdaptiveCoding):  # flow control paces the yields
-            self.codec.observe(self.target.receiver.address, len(payload),
-                               time.perf_counter() - started)
+        if self._finishing is not None:
+            self._bytes_since_finish += len(payload)
 
 
 def _transfer_error(e: grpc.aio.AioRpcError, address: str) -> Exception:

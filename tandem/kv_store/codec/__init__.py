@@ -32,6 +32,10 @@ class Codec(ABC):
             -> torch.Tensor:
         """The layer's KV in `spec.dtype`; raises KVFormatError if `data` cannot be it."""
 
+    def check(self, fingerprint: str, spec: KVSpec) -> None:
+        """Raise KVFormatError unless this codec can code KV of this model and layout."""
+        return None
+
     def bytes_per_token(self, spec: KVSpec) -> float:
         """Expected encoded size per token (a first guess until sizes are measured)."""
         return float(spec.bytes_per_token)
@@ -53,17 +57,14 @@ def _make(name: str) -> Codec:
 
     if name == "raw":
         return RawCodec()
-    kind, _, rest = name.partition(":")
-    level, _, profile_id = rest.partition(":")
-    if kind != "cachegen" or not level.isdigit() or not profile_id:
-        raise KVFormatError(f"KV codec {name!r} is not supported (known: raw, "
-                            "cachegen:<level>:<profile>)")
-    from tandem.kv_store.codec.cachegen import LEVELS, CacheGenCodec
+    from tandem.kv_store.codec.cachegen import LEVELS, NAME, CacheGenCodec
     from tandem.kv_store.codec.profile import profile_by_id
 
-    if int(level) not in LEVELS:
-        raise KVFormatError(f"CacheGen level {level} does not exist (levels: {list(LEVELS)})")
-    return CacheGenCodec(profile_by_id(profile_id), int(level))
+    match = NAME.fullmatch(name)
+    if match is None:
+        raise KVFormatError(f"KV codec {name[:80]!r} is not supported (known: raw, "
+                            f"cachegen:<level {min(LEVELS)}-{max(LEVELS)}>:<profile id>)")
+    return CacheGenCodec(profile_by_id(match[2]), int(match[1]))
 
 
 DEFAULT_LEVEL = 1

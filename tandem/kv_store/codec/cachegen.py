@@ -7,22 +7,31 @@ Per layer, keys and values separately:
    Measured on SmolLM2-135M, this beat per-token max-abs scaling (the public code) and the
    paper's anchor/delta grouping at every rate (see bench/codec.py --compare).
 3. The symbols are range-coded (constriction) channel by channel, each channel with its own
-   distribution: the profile's Laplace fit, discretized at the step. |q| > MAX_SYMBOL escapes
-   to the exact value, so every value is within step / 2 of the original.
+   distribution: the profile's Laplace fit, discretized at the step. |q| > MAX_SYMBOL (and
+   NaN) escapes to the exact value. A nonzero symbol decodes to the centre of mass of its
+   interval, so every value is within `max_error` (step / 2 + that shift) of the original.
 Layers are independent streams: one decodes alone. Identical input gives identical bytes.
 
-Layer section: for K then V: u32 coded words, u32 escapes, the words (u32), the escapes
-(u32 index + the exact value); then the sink tokens' exact K and V.
+The entropy models are integer frequency tables computed from the profile; floating point
+could round them differently on another machine or library version, so each part carries a
+digest of its table (and the constriction version), and a decoder whose table differs refuses
+the stream instead of decoding garbage.
+
+Layer section: u32 sink tokens; for K then V: u32 table digest, u32 coded words, u32 escapes,
+the words (u32), the escapes (u32 index + the exact value); then the sink tokens' exact K, V.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
 import struct
 from functools import cached_property
 
 import constriction
 import numpy as np
 import torch
+import xxhash
 
 from tandem.engine.kv_cache import KVSpec
 from tandem.kv_store.codec import Codec
@@ -37,7 +46,8 @@ MAX_SYMBOL = 63
 ESCAPE = 2 * MAX_SYMBOL + 1
 ALPHABET = ESCAPE + 1
 PROB_BITS = 16
-_COUNTS = struct.Struct("<II")
+_COUNTS = struct.Struct("<III")  # table digest, coded words, escapes
+NAME = re.compile(r"cachegen:([0-4]):([0-9a-f]{16})")
 
 
 class CacheGenCodec(Codec):
@@ -48,11 +58,18 @@ class CacheGenCodec(Codec):
         self.name = f"cachegen:{level}:{profile.id}"
         self.steps = profile.step * LEVELS[level]  # [layers, 2, channels]
 
+    def check(self, fingerprint: str, spec: KVSpec) -> None:
+        if fingerprint != self.profile.fingerprint:
+            raise KVFormatError(f"CacheGen profile {self.profile.id} is for model "
+                                f"{self.profile.fingerprint!r}, not {fingerprint!r}")
+        self.profile.check(spec)
+
     @cached_property
-    def _models(self) -> list[list[list]]:
-        """Entropy models [layer][K|V][channel], built once: integer frequencies (identical on
-        every machine) from the discretized Laplace fit."""
+    def _models(self) -> list[list[tuple[int, list]]]:
+        """Per [layer][K|V]: the digest of its frequency table and its entropy models, one per
+        channel: integer frequencies from the discretized Laplace fit."""
         q = np.arange(-MAX_SYMBOL, MAX_SYMBOL + 1, dtype=np.float64)
+        version = importlib.metadata.version("constriction").encode()
         models = []
         for layer in range(self.profile.num_layers):
             parts = []
@@ -65,8 +82,9 @@ class CacheGenCodec(Codec):
                 probs = np.concatenate([cdf_hi - cdf_lo, tail], axis=1)
                 freqs = np.maximum(1, np.floor(probs * (1 << PROB_BITS)))
                 probs32 = (freqs / freqs.sum(axis=1, keepdims=True)).astype(np.float32)
-                parts.append([constriction.stream.model.Categorical(p, perfect=False)
-                              for p in probs32])
+                digest = xxhash.xxh32_intdigest(version + probs32.tobytes())
+                parts.append((digest, [constriction.stream.model.Categorical(p, perfect=False)
+                                       for p in probs32]))
             models.append(parts)
         return models
 
@@ -112,17 +130,17 @@ class CacheGenCodec(Codec):
     def _encode_part(self, layer: int, part: int, x: torch.Tensor) -> bytes:
         mean = torch.from_numpy(self.profile.mean[layer, part])
         q = torch.round((x.float() - mean) / torch.from_numpy(self.steps[layer, part]))
-        escaped = q.abs() > MAX_SYMBOL
+        escaped = ~(q.abs() <= MAX_SYMBOL)  # NaN and inf escape too
         symbols = torch.where(escaped, ESCAPE, q + MAX_SYMBOL).to(torch.int32)
         symbols = symbols.t().contiguous().numpy()  # channel-major
         encoder = constriction.stream.queue.RangeEncoder()
-        models = self._models[layer][part]
+        digest, models = self._models[layer][part]
         for channel in range(symbols.shape[0]):
             encoder.encode(symbols[channel], models[channel])
         words = encoder.get_compressed()
         where = escaped.t().contiguous().view(-1).nonzero().view(-1)
         exact = x.t().contiguous().view(-1)[where]
-        return b"".join([_COUNTS.pack(len(words), len(where)), words.tobytes(),
+        return b"".join([_COUNTS.pack(digest, len(words), len(where)), words.tobytes(),
                          where.to(torch.int32).numpy().tobytes(),
                          exact.contiguous().view(torch.uint8).numpy().tobytes()])
 
@@ -149,17 +167,22 @@ class CacheGenCodec(Codec):
 
     def _decode_part(self, layer: int, part: int, reader: _Reader, n: int, channels: int,
                      dtype: torch.dtype, elem: int) -> torch.Tensor:
-        num_words, num_escapes = reader.u32(), reader.u32()
+        digest, num_words, num_escapes = reader.u32(), reader.u32(), reader.u32()
+        expected, models = self._models[layer][part]
+        if digest != expected:
+            raise KVFormatError(f"CacheGen layer {layer}: coded with other entropy tables "
+                                "(another profile build or constriction version)")
         if num_escapes > n * channels:
             raise KVFormatError(f"CacheGen layer {layer}: {num_escapes} escapes in "
                                 f"{n * channels} values")
         words = np.frombuffer(reader.take(4 * num_words), dtype=np.uint32)
         decoder = constriction.stream.queue.RangeDecoder(words)
-        models = self._models[layer][part]
         try:
             symbols = np.stack([decoder.decode(models[c], n) for c in range(channels)])
         except Exception as e:  # constriction reports a malformed stream as a plain error
             raise KVFormatError(f"CacheGen layer {layer}: bad bitstream ({e})") from None
+        if not decoder.maybe_exhausted():
+            raise KVFormatError(f"CacheGen layer {layer}: bitstream longer than its symbols")
         q = torch.from_numpy(symbols.astype(np.float32)) - MAX_SYMBOL  # [channels, n]
         step = torch.from_numpy(self.steps[layer, part]).unsqueeze(1)
         mean = torch.from_numpy(self.profile.mean[layer, part]).unsqueeze(1)
@@ -169,8 +192,7 @@ class CacheGenCodec(Codec):
                                  .astype(np.int64))
         exact = torch.frombuffer(bytearray(reader.take(num_escapes * elem)), dtype=dtype) \
             if num_escapes else torch.empty(0, dtype=dtype)
-        if bool(((where < 0) | (where >= n * channels)).any()) or \
-                int((torch.from_numpy(symbols).reshape(-1) == ESCAPE).sum()) != num_escapes:
+        if not np.array_equal(where.numpy(), np.flatnonzero(symbols.reshape(-1) == ESCAPE)):
             raise KVFormatError(f"CacheGen layer {layer}: escapes do not match the stream")
         values[where] = exact.float()
         return values.view(channels, n).t().to(dtype)
