@@ -1,0 +1,103 @@
+"""CacheBlend in the engine: RoPE correction, full recompute equals full prefill, full reuse
+runs no layer. (The quality at the default ratio, against full reuse, is issue 7's next step.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tandem.engine.blend import blend, shift_keys
+from tandem.engine.kv_cache import KVBlocks
+
+from .conftest import greedy, run_to_completion
+
+TEXT = (Path(__file__).parents[1] / "bench" / "data" / "harbour.txt").read_text()
+
+
+@pytest.fixture(scope="module")
+def engine(loaded_fp32):
+    from tandem.engine.config import EngineConfig
+    from tandem.engine.engine import LLMEngine
+
+    return LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=0.2, num_threads=2,
+                                  enable_prefix_caching=False), loaded=loaded_fp32)
+
+
+def dense_kv(engine, ids: list[int]) -> torch.Tensor:
+    """The KV of `ids` computed on their own from position 0: [layers, 2, n, heads, dim]."""
+    engine.add_request("kv", ids, greedy(1), prefill_only=True)
+    while not engine.step():
+        pass
+    kv = engine.export_kv("kv")
+    engine.release("kv")
+    s = engine.kv_spec
+    return kv.data.reshape(s.num_layers, 2, -1, s.num_kv_heads, s.head_dim)[:, :, :len(ids)]
+
+
+def blended(engine, prefix: list[int], chunks: list[list[int]], ratio: float):
+    """Blend `chunks` (each computed alone) after `prefix` (computed exactly)."""
+    prefix_kv = dense_kv(engine, prefix)
+    parts, offset = [], len(prefix)
+    for chunk in chunks:
+        kv = dense_kv(engine, chunk).clone()
+        for layer in range(engine.kv_spec.num_layers):
+            kv[layer, 0] = shift_keys(engine.loaded.model, kv[layer, 0], offset)
+        parts.append(kv)
+        offset += len(chunk)
+    s = engine.kv_spec
+    padded = torch.zeros(s.num_layers, 2, s.num_blocks_for(len(prefix)) * s.block_size,
+                         s.num_kv_heads, s.head_dim)
+    padded[:, :, :len(prefix)] = prefix_kv
+    prefix_blocks = KVBlocks(s, len(prefix), padded.view(
+        s.num_layers, 2, -1, s.block_size, s.num_kv_heads, s.head_dim))
+    ids = [t for chunk in chunks for t in chunk]
+    return blend(engine.loaded.model, s, prefix_blocks, ids, torch.cat(parts, dim=2), ratio)
+
+
+def split_text(engine):
+    ids = engine.tokenizer.encode(TEXT)
+    prefix, chunks = ids[:24], [ids[100:160], ids[400:470], ids[800:850]]
+    question = engine.tokenizer.encode("\n\nQuestion: What did the keeper keep?\nAnswer:",
+                                       add_special_tokens=False)
+    return prefix, chunks, question
+
+
+def test_keys_moved_to_an_offset_equal_keys_computed_there(engine):
+    ids = engine.tokenizer.encode(TEXT)[:80]
+    alone = dense_kv(engine, ids[40:])
+    within = dense_kv(engine, ids)
+    moved = shift_keys(engine.loaded.model, alone[0, 0], 40)
+    assert torch.allclose(moved, within[0, 0, 40:], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(alone[0, 0], within[0, 0, 40:], atol=1e-2)  # RoPE did differ
+
+
+def test_full_recompute_equals_full_prefill(engine):
+    prefix, chunks, question = split_text(engine)
+    result = blended(engine, prefix, chunks, 1.0)
+    prompt = prefix + [t for c in chunks for t in c] + question
+    full = dense_kv(engine, prompt[:result.kv.num_tokens])
+    s = engine.kv_spec
+    got = result.kv.data.reshape(s.num_layers, 2, -1, s.num_kv_heads, s.head_dim)
+    assert torch.allclose(got[:, :, :result.kv.num_tokens], full, atol=1e-4, rtol=1e-3)
+    assert result.recomputed_tokens == sum(map(len, chunks))
+    want = run_to_completion(engine, [prompt], greedy(8))[0]
+    engine.add_request("b", prompt, greedy(8), prefix_kv=result.kv)
+    got_tokens = None
+    while got_tokens is None:
+        got_tokens = next((o.token_ids for o in engine.step() if o.finished), None)
+    assert got_tokens == want
+
+
+def test_full_reuse_runs_no_layer_for_chunk_tokens(engine):
+    prefix, chunks, _ = split_text(engine)
+    result = blended(engine, prefix, chunks, 0.0)
+    assert result.recomputed_tokens == 0
+    s = engine.kv_spec
+    got = result.kv.data.reshape(s.num_layers, 2, -1, s.num_kv_heads, s.head_dim)
+    first = dense_kv(engine, chunks[0])
+    n = len(prefix)
+    assert torch.equal(got[:, 1, n:n + len(chunks[0])], first[:, 1])  # values as loaded
+    assert torch.allclose(got[:, 0, n:n + len(chunks[0])], torch.stack(
+        [shift_keys(engine.loaded.model, first[layer, 0], n) for layer in range(s.num_layers)]))
