@@ -108,3 +108,24 @@ class LruIndex:
     def keys(self) -> list[str]:
         with self._lock:
             return list(self._sizes)
+
+
+class LocalTier(Tier):
+    """A tier on this worker's own memory or disk: it keeps its objects' sizes in LRU order."""
+
+    def __init__(self, name: str, capacity_bytes: int) -> None:
+        self.name, self.capacity_bytes = name, capacity_bytes
+        self._index = LruIndex(capacity_bytes)
+
+    def contains(self, key: str) -> bool:
+        return key in self._index
+
+    def victims(self, num_bytes: int) -> list[str]:
+        return self._index.victims(num_bytes)
+
+    def stored_keys(self) -> list[str]:
+        return self._index.keys()
+
+    @property
+    def used_bytes(self) -> int:
+        return self._index.used_bytes

@@ -6,18 +6,18 @@ import threading
 
 import torch
 
-from tandem.kv_store.tiers.base import Buffer, LruIndex, Tier
+from tandem.kv_store.tiers.base import Buffer, LocalTier
 
 
-class MemoryTier(Tier):
+class MemoryTier(LocalTier):
     """The CPU tier (`device="cpu"`) or the GPU tier (`device="cuda"`)."""
 
     def __init__(self, name: str, capacity_bytes: int, device: str = "cpu") -> None:
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"the {name} tier needs CUDA, which this process does not have")
-        self.name, self.capacity_bytes, self.device = name, capacity_bytes, torch.device(device)
+        super().__init__(name, capacity_bytes)
+        self.device = torch.device(device)
         self.pin = self.device.type == "cpu" and torch.cuda.is_available()
-        self._index = LruIndex(capacity_bytes)
         self._objects: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
 
@@ -30,9 +30,6 @@ class MemoryTier(Tier):
         # Objects are never written after `put`, so a view of host memory is safe to hand out.
         host = tensor if tensor.device.type == "cpu" else tensor.cpu()
         return memoryview(host.numpy())
-
-    def contains(self, key: str) -> bool:
-        return key in self._index
 
     def put(self, key: str, data: Buffer) -> None:
         source = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else \
@@ -52,13 +49,3 @@ class MemoryTier(Tier):
         with self._lock:
             self._objects.pop(key, None)
         return self._index.discard(key)
-
-    def victims(self, num_bytes: int) -> list[str]:
-        return self._index.victims(num_bytes)
-
-    def stored_keys(self) -> list[str]:
-        return self._index.keys()
-
-    @property
-    def used_bytes(self) -> int:
-        return self._index.used_bytes

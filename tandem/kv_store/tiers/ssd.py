@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 
 from tandem.kv_store.errors import TierFull, TierUnavailable
-from tandem.kv_store.tiers.base import Buffer, LruIndex, Tier
+from tandem.kv_store.tiers.base import Buffer, LocalTier
 
 logger = logging.getLogger(__name__)
 
@@ -22,9 +22,10 @@ SUFFIX = ".kv"
 _KEY_CHARS = frozenset("0123456789abcdefghijklmnopqrstuvwxyz:")
 
 
-class SsdTier(Tier):
+class SsdTier(LocalTier):
     def __init__(self, directory: Path, capacity_bytes: int, name: str = "ssd") -> None:
-        self.name, self.capacity_bytes, self.directory = name, capacity_bytes, Path(directory)
+        super().__init__(name, capacity_bytes)
+        self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         # One process per directory: another's index would not see our files, nor we its.
         self._lock = open(self.directory / ".lock", "a+b")  # noqa: SIM115 (held while open)
@@ -34,7 +35,6 @@ class SsdTier(Tier):
             self._lock.close()
             raise TierUnavailable(f"ssd tier: {self.directory} is in use by another process; "
                                   "give each cluster its own kv_store.ssd_dir") from None
-        self._index = LruIndex(capacity_bytes)
         self._reopen()
 
     def _reopen(self) -> None:
@@ -78,9 +78,6 @@ class SsdTier(Tier):
         except OSError as e:
             raise TierUnavailable(f"ssd tier: cannot read {self._path(key)}: {e}") from None
 
-    def contains(self, key: str) -> bool:
-        return key in self._index
-
     def put(self, key: str, data: Buffer) -> None:
         tmp = self.directory / f".tmp-{uuid.uuid4().hex}"
         try:
@@ -98,16 +95,6 @@ class SsdTier(Tier):
         removed = self._index.discard(key)
         self._path(key).unlink(missing_ok=True)
         return removed
-
-    def victims(self, num_bytes: int) -> list[str]:
-        return self._index.victims(num_bytes)
-
-    def stored_keys(self) -> list[str]:
-        return self._index.keys()
-
-    @property
-    def used_bytes(self) -> int:
-        return self._index.used_bytes
 
     def close(self) -> None:
         self._lock.close()  # releases the flock
