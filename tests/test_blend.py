@@ -38,22 +38,14 @@ def dense_kv(engine, ids: list[int]) -> torch.Tensor:
 
 def blended(engine, prefix: list[int], chunks: list[list[int]], ratio: float):
     """Blend `chunks` (each computed alone) after `prefix` (computed exactly)."""
-    prefix_kv = dense_kv(engine, prefix)
-    parts, offset = [], len(prefix)
-    for chunk in chunks:
-        kv = dense_kv(engine, chunk).clone()
-        for layer in range(engine.kv_spec.num_layers):
-            kv[layer, 0] = shift_keys(engine.loaded.model, kv[layer, 0], offset)
-        parts.append(kv)
-        offset += len(chunk)
     s = engine.kv_spec
     padded = torch.zeros(s.num_layers, 2, s.num_blocks_for(len(prefix)) * s.block_size,
                          s.num_kv_heads, s.head_dim)
-    padded[:, :, :len(prefix)] = prefix_kv
+    padded[:, :, :len(prefix)] = dense_kv(engine, prefix)
     prefix_blocks = KVBlocks(s, len(prefix), padded.view(
         s.num_layers, 2, -1, s.block_size, s.num_kv_heads, s.head_dim))
-    ids = [t for chunk in chunks for t in chunk]
-    return blend(engine.loaded.model, s, prefix_blocks, ids, torch.cat(parts, dim=2), ratio)
+    alone = torch.cat([dense_kv(engine, chunk) for chunk in chunks], dim=2)
+    return blend(engine.loaded.model, s, prefix_blocks, [], chunks, lambda i: alone[i], ratio)
 
 
 def split_text(engine):
@@ -126,3 +118,98 @@ def test_default_ratio_halves_the_divergence_of_full_reuse(engine):
         assert result.recomputed_tokens == round(0.15 * sum(map(len, chunks)))
         blend_kl.append(next_token_kl(engine, prompt, result.kv, exact))
     assert sum(blend_kl) < sum(reuse) / 2, (blend_kl, reuse)
+
+
+def test_the_next_layer_is_fetched_while_a_layer_computes(engine):
+    """Layer i's compute waits until layer i + 1's fetch has begun: without prefetching it
+    would wait in vain."""
+    import threading
+
+    prefix, chunks, _ = split_text(engine)
+    alone = torch.cat([dense_kv(engine, chunk) for chunk in chunks], dim=2)
+    layers = engine.loaded.model.layers
+    started = [threading.Event() for _ in layers]
+    overlapped = []
+
+    def fetch(i: int) -> torch.Tensor:
+        started[i].set()
+        return alone[i]
+
+    def before_compute(i: int):
+        def hook(module, args):
+            if i + 1 < len(layers):
+                overlapped.append(started[i + 1].wait(2))
+        return hook
+
+    handles = [layer.self_attn.qkv_proj.register_forward_pre_hook(before_compute(i))
+               for i, layer in enumerate(layers)]
+    try:
+        blend(engine.loaded.model, engine.kv_spec, None, prefix, chunks, fetch, 0.15)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(overlapped) == len(layers) - 1 and all(overlapped)
+
+
+def test_llm_serves_segmented_prompts_and_keeps_blended_kv_out_of_its_prefix_cache(
+        loaded_fp32):
+    from tandem.engine.chunk_cache import MemoryChunkCache
+    from tandem.engine.config import EngineConfig
+    from tandem.engine.engine import LLMEngine
+    from tandem.engine.llm import LLM
+
+    engine = LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=0.2, num_threads=2),
+                       loaded=loaded_fp32)
+    cache = MemoryChunkCache(1 << 30)
+    llm = LLM.from_engine(engine, cache)
+    paragraphs = [p for p in TEXT.split("\n") if len(p) > 300]
+    segments = [paragraphs[0], paragraphs[1], paragraphs[2], "Question: Who kept it?\nAnswer:"]
+    first = llm.generate({"segments": segments}, greedy(4))[0]
+    chunk_tokens = sum(len(engine.tokenizer.encode(s, add_special_tokens=False))
+                       for s in segments[1:3])
+    assert first.num_cached_tokens == 0 and first.num_recomputed_tokens > 0
+    assert cache.contains(engine.tokenizer.encode(segments[1], add_special_tokens=False))
+    again = llm.generate({"segments": segments}, greedy(4))[0]
+    prefix_blocks = len(engine.tokenizer.encode(segments[0])) // engine.config.block_size
+    assert again.num_cached_tokens == prefix_blocks * engine.config.block_size + chunk_tokens
+    assert again.token_ids == first.token_ids
+    # The same tokens as one plain prompt: only the prefix's blocks may be prefix-cache hits.
+    plain = llm.generate(first.prompt_token_ids, greedy(4))[0]
+    assert plain.num_cached_tokens == prefix_blocks * engine.config.block_size
+    exact = llm.generate({"segments": segments, "blend": False}, greedy(4))[0]
+    assert exact.num_recomputed_tokens == 0 and exact.token_ids == plain.token_ids
+    with pytest.raises(ValueError, match="recompute_ratio"):
+        llm.generate({"segments": segments, "recompute_ratio": 2})
+    with pytest.raises(ValueError, match=r"segments\[1\]"):
+        llm.generate({"segments": ["", "", "question"]})
+    with pytest.raises(ValueError, match="keys"):
+        llm.generate({"segments": segments, "ratio": 0.2})
+
+
+def test_a_chunk_evicted_during_the_blend_is_computed_and_the_blend_redone(engine):
+    from tandem.engine.blend_planner import BlendPlanner
+    from tandem.engine.chunk_cache import MemoryChunkCache
+    from tandem.engine.segments import SegmentedPrompt
+
+    prefix, chunks, question = split_text(engine)
+    prompt = SegmentedPrompt(prefix, chunks, question)
+    cache = MemoryChunkCache(1 << 30)
+    model, spec = engine.loaded.model, engine.kv_spec
+    want = BlendPlanner(model, spec, cache).plan(prompt)  # computes and caches every chunk
+
+    class Forgetful(MemoryChunkCache):
+        """Loses the second chunk once layer 5 is asked for."""
+
+        def layer(self, token_ids, layer):
+            if token_ids == chunks[1] and layer == 5 and not forgotten:
+                forgotten.append(True)
+                return None
+            return cache.layer(token_ids, layer)
+
+        def contains(self, token_ids):
+            return cache.contains(token_ids)
+
+    forgotten: list[bool] = []
+    got = BlendPlanner(model, spec, Forgetful(0)).plan(prompt)
+    assert forgotten and torch.equal(got.kv.data, want.kv.data)
+    assert got.cached_tokens == len(chunks[0]) + len(chunks[2])

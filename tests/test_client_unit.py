@@ -20,13 +20,15 @@ from tandem.client._request import build_generate_request, channel_options, serv
 from tandem.proto.v1 import tandem_pb2 as pb
 from tandem.proto.v1 import tandem_pb2_grpc as pb_grpc
 
-DEFAULTS = {"max_tokens": 16, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "seed": None,
-            "stop": None, "request_id": None, "model": None, "ignore_eos": False}
-ONE_INPUT = "exactly one of `prompt` or `messages` must be given"
+DEFAULTS = {"recompute_ratio": None, "blend": None, "max_tokens": 16, "temperature": 1.0,
+            "top_p": 1.0, "top_k": 0, "seed": None, "stop": None, "request_id": None,
+            "model": None, "ignore_eos": False}
+ONE_INPUT = "exactly one of `prompt`, `messages` or `segments` must be given"
 
 
-def build(prompt=None, messages=None, **overrides) -> pb.GenerateRequest:
-    return build_generate_request(prompt, messages=messages, **{**DEFAULTS, **overrides})
+def build(prompt=None, messages=None, segments=None, **overrides) -> pb.GenerateRequest:
+    return build_generate_request(prompt, messages=messages, segments=segments,
+                                  **{**DEFAULTS, **overrides})
 
 
 # --- building requests -------------------------------------------------------------------------
@@ -71,13 +73,63 @@ def test_prompt_of_the_wrong_type_is_rejected(prompt):
         build(prompt)
 
 
-@pytest.mark.parametrize(("prompt", "messages"), [
-    (None, None),
-    ("hi", [{"role": "user", "content": "hi"}]),
+@pytest.mark.parametrize(("prompt", "messages", "segments"), [
+    (None, None, None),
+    ("hi", [{"role": "user", "content": "hi"}], None),
+    ("hi", None, ["", "hi"]),
+    (None, [], ["", "hi"]),
 ])
-def test_exactly_one_of_prompt_and_messages_is_required(prompt, messages):
+def test_exactly_one_of_prompt_messages_and_segments_is_required(prompt, messages, segments):
     with pytest.raises(ValueError, match=ONE_INPUT):
-        build(prompt, messages)
+        build(prompt, messages, segments)
+
+
+def test_segments_become_segments_with_options_left_to_the_server():
+    req = build(segments=["", "Passage one.", "Passage two.", "Question?"])
+    assert req.WhichOneof("input") == "segments"
+    assert list(req.segments.texts) == ["", "Passage one.", "Passage two.", "Question?"]
+    assert not req.segments.HasField("recompute_ratio")
+    assert not req.segments.HasField("blend")
+
+
+@pytest.mark.parametrize(("ratio", "blend"), [(0.0, False), (0.5, True), (1, True)])
+def test_segment_options_are_sent_when_given(ratio, blend):
+    req = build(segments=("Prefix.", "Chunk.", "Question?"), recompute_ratio=ratio, blend=blend)
+    assert req.segments.HasField("recompute_ratio") and req.segments.HasField("blend")
+    assert (req.segments.recompute_ratio, req.segments.blend) == (ratio, blend)
+
+
+@pytest.mark.parametrize("options", [{"recompute_ratio": 0.2}, {"blend": False}])
+def test_segment_options_without_segments_are_rejected(options):
+    with pytest.raises(ValueError, match="only to `segments`"):
+        build("hi", **options)
+
+
+@pytest.mark.parametrize("ratio", [-0.01, 1.5, float("nan"), float("inf")])
+def test_recompute_ratio_outside_zero_to_one_is_rejected(ratio):
+    with pytest.raises(ValueError, match=r"recompute_ratio=.* must be in \[0, 1\]"):
+        build(segments=["", "q"], recompute_ratio=ratio)
+
+
+@pytest.mark.parametrize("segments", [[], ["only a question"]])
+def test_segments_need_a_prefix_and_a_question(segments):
+    with pytest.raises(ValueError, match="at least a prefix"):
+        build(segments=segments)
+
+
+@pytest.mark.parametrize("segments", ["prefix and question", ["", 3], [b"", b"q"]])
+def test_segments_of_the_wrong_type_are_rejected(segments):
+    with pytest.raises(TypeError, match="segments must be a list of str"):
+        build(segments=segments)
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    ({"recompute_ratio": "0.2"}, "recompute_ratio"), ({"recompute_ratio": True}, "recompute_ratio"),
+    ({"blend": 1}, "blend"),
+])
+def test_segment_options_of_the_wrong_type_are_rejected(options, match):
+    with pytest.raises(TypeError, match=match):
+        build(segments=["", "q"], **options)
 
 
 def test_generate_and_stream_validate_before_any_rpc():
@@ -86,6 +138,10 @@ def test_generate_and_stream_validate_before_any_rpc():
             client.generate()
         with pytest.raises(ValueError, match=ONE_INPUT):
             client.stream("a", messages=[])
+        with pytest.raises(ValueError, match="recompute_ratio"):
+            client.generate(segments=["", "q"], recompute_ratio=2.0)
+        with pytest.raises(ValueError, match="only to `segments`"):
+            client.stream("a", blend=False)
 
 
 @pytest.mark.parametrize(("stop", "want"), [
@@ -190,7 +246,8 @@ class TinyTandem(pb_grpc.TandemServicer):
             return
         yield pb.GenerateResponse(
             request_id=rid, text="lo", token_ids=[3], finish_reason="length",
-            usage=pb.Usage(prompt_tokens=4, completion_tokens=3, cached_tokens=2),
+            usage=pb.Usage(prompt_tokens=4, completion_tokens=3, cached_tokens=2,
+                           recomputed_tokens=1),
             timings=pb.Timings(ttft_s=0.25, total_s=0.5, prefill_s=0.125, handoff_s=0.0625,
                                queue_s=0.03125))
 
@@ -200,7 +257,7 @@ class TinyTandem(pb_grpc.TandemServicer):
         return pb.TokenizeResponse(token_ids=[ord(c) for c in request.text])
 
 
-WANT_USAGE = Usage(prompt_tokens=4, completion_tokens=3, cached_tokens=2)
+WANT_USAGE = Usage(prompt_tokens=4, completion_tokens=3, cached_tokens=2, recomputed_tokens=1)
 WANT_TIMINGS = Timings(ttft_s=0.25, total_s=0.5, prefill_s=0.125, handoff_s=0.0625,
                        queue_s=0.03125)
 WANT_COMPLETION = Completion(text="Hello", token_ids=[1, 2, 3], finish_reason="length",
@@ -235,6 +292,16 @@ def test_generate_accumulates_the_stream_with_server_usage_and_timings(tiny_serv
     sent = servicer.requests[-1]
     assert (sent.text, sent.sampling.max_tokens, list(sent.sampling.stop)) == ("Hi", 3, ["\n"])
     assert sent.sampling.HasField("temperature")
+
+
+def test_generate_sends_segments_and_reports_recomputed_tokens(tiny_server):
+    address, servicer, _ = tiny_server
+    with Client(address) as client:
+        out = client.generate(segments=["", "A passage.", "Question?"], recompute_ratio=0.25)
+    assert out.usage.recomputed_tokens == 1
+    sent = servicer.requests[-1].segments
+    assert list(sent.texts) == ["", "A passage.", "Question?"]
+    assert sent.recompute_ratio == 0.25 and not sent.HasField("blend")
 
 
 def test_stream_yields_new_tokens_and_only_the_last_chunk_is_final(tiny_server):
@@ -297,6 +364,9 @@ def test_async_client_generates_streams_and_tokenizes(tiny_server):
             assert await client.generate(messages=[{"role": "user", "content": "Hi"}]) == (
                 WANT_COMPLETION)
             assert [c async for c in client.stream("Hi")] == WANT_CHUNKS
+            out = await client.generate(segments=["P", "C", "Q"], blend=False)
+            assert out.usage.recomputed_tokens == 1
+            assert tiny_server[1].requests[-1].segments.blend is False
             assert await client.tokenize("ab") == [97, 98]
             with pytest.raises(TandemError, match="text: is empty") as err:
                 await client.tokenize("")

@@ -418,3 +418,26 @@ def test_the_controller_recomputes_instead_of_loading_from_a_slow_tier():
     assert slow is None
     assert store.stats().controller == {"slow:raw": 3, "text": 1}
     store.close()
+
+
+def test_chunk_caches_round_trip_by_layer_through_every_tier_and_refuse_a_wrong_length(
+        tmp_path, redis_tier):
+    from tandem.kv_store.chunk_cache import StoreChunkCache
+
+    writer = StoreChunkCache(make_store([MemoryTier("cpu", cap(4)), redis_tier]))
+    tokens = [5, 6, 7, 8, 9, 10]  # not a whole number of blocks
+    chunk = torch.randn(3, 2, len(tokens), 2, 8).to(torch.bfloat16)
+    assert not writer.contains(tokens)
+    writer.put(tokens, chunk)
+    writer.store.flush()
+    # Another worker, with only the shared tier: reads each layer from Redis.
+    reader = StoreChunkCache(make_store([MemoryTier("cpu", cap(4)), redis_tier]))
+    assert writer.contains(tokens) and reader.contains(tokens)
+    for layer in range(3):
+        assert torch.equal(writer.layer(tokens, layer), chunk[layer])
+        assert torch.equal(reader.layer(tokens, layer), chunk[layer])
+    # A stored chunk of another length under that key is damaged: deleted and counted.
+    writer.store.put(writer.key(tokens[:5]), kv(1, 6))
+    writer.store.flush()
+    assert writer.layer(tokens[:5], 0) is None
+    assert writer.store.stats().tiers[0].corrupt == 1

@@ -7,6 +7,8 @@
         print(out.text, out.finish_reason, out.usage.completion_tokens, out.ttft_s)
         for chunk in client.stream(messages=[{"role": "user", "content": "Hi!"}]):
             print(chunk.text, end="", flush=True)
+        # prefix, retrieved passages (KV cached and blended), question
+        out = client.generate(segments=["Answer from the passages.", doc_a, doc_b, "Who won?"])
 
 `AsyncClient` has the same methods as coroutines (`stream` is an async iterator) and is
 used with `async with`. Failed calls raise `TandemError`, whose `code()` is the

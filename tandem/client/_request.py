@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
+from numbers import Real
 
 import grpc
 
@@ -84,10 +86,39 @@ def _messages_field(request: pb.GenerateRequest, messages: Sequence[Message]) ->
         request.messages.SetInParent()  # an empty list still selects the `messages` input
 
 
+def _segments_field(
+    request: pb.GenerateRequest,
+    segments: Sequence[str],
+    recompute_ratio: float | None,
+    blend: bool | None,
+) -> None:
+    """Set the request's `segments`; options left as None stay unset (the server's defaults)."""
+    if isinstance(segments, str) or not isinstance(segments, Sequence) or not all(
+        isinstance(text, str) for text in segments
+    ):
+        raise TypeError("segments must be a list of str: prefix, chunk..., question")
+    if len(segments) < 2:
+        raise ValueError("segments needs at least a prefix (may be empty) and a question")
+    request.segments.texts.extend(segments)
+    if recompute_ratio is not None:
+        if isinstance(recompute_ratio, bool) or not isinstance(recompute_ratio, Real):
+            raise TypeError(f"recompute_ratio={recompute_ratio!r} must be a number")
+        if math.isnan(recompute_ratio) or not 0 <= recompute_ratio <= 1:
+            raise ValueError(f"recompute_ratio={recompute_ratio} must be in [0, 1]")
+        request.segments.recompute_ratio = recompute_ratio
+    if blend is not None:
+        if not isinstance(blend, bool):
+            raise TypeError(f"blend={blend!r} must be a bool")
+        request.segments.blend = blend
+
+
 def build_generate_request(
     prompt: Prompt | None,
     *,
     messages: Sequence[Message] | None,
+    segments: Sequence[str] | None,
+    recompute_ratio: float | None,
+    blend: bool | None,
     max_tokens: int,
     temperature: float,
     top_p: float,
@@ -99,13 +130,17 @@ def build_generate_request(
     ignore_eos: bool,
 ) -> pb.GenerateRequest:
     """Validate generate()/stream() arguments and build the GenerateRequest."""
-    if (prompt is None) == (messages is None):
-        raise ValueError("exactly one of `prompt` or `messages` must be given")
+    if sum(x is not None for x in (prompt, messages, segments)) != 1:
+        raise ValueError("exactly one of `prompt`, `messages` or `segments` must be given")
+    if segments is None and (recompute_ratio is not None or blend is not None):
+        raise ValueError("`recompute_ratio` and `blend` apply only to `segments`")
     request = pb.GenerateRequest(model=model or "", request_id=request_id or "")
     if prompt is not None:
         _prompt_field(request, prompt)
-    else:
-        _messages_field(request, messages or [])
+    elif messages is not None:
+        _messages_field(request, messages)
+    elif segments is not None:
+        _segments_field(request, segments, recompute_ratio, blend)
     sampling = request.sampling
     # proto3 `optional`: set explicitly so the server sees the client's values, not its defaults
     sampling.max_tokens = max_tokens

@@ -51,6 +51,9 @@ class AsyncClient:
         prompt: Prompt | None = None,
         *,
         messages: Sequence[Message] | None = None,
+        segments: Sequence[str] | None = None,
+        recompute_ratio: float | None = None,
+        blend: bool | None = None,
         max_tokens: int = 16,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -62,9 +65,11 @@ class AsyncClient:
         model: str | None = None,
         ignore_eos: bool = False,
     ) -> Completion:
-        """Generate a completion for a prompt (str or token ids) or chat messages."""
+        """Generate a completion for exactly one of a prompt (str or token ids), chat messages,
+        or segments; see `Client.generate` for `segments`, `recompute_ratio` and `blend`."""
         request = build_generate_request(
-            prompt, messages=messages, max_tokens=max_tokens, temperature=temperature,
+            prompt, messages=messages, segments=segments, recompute_ratio=recompute_ratio,
+            blend=blend, max_tokens=max_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, seed=seed, stop=stop, request_id=request_id,
             model=model, ignore_eos=ignore_eos)
         return Completion.from_chunks([c async for c in self._chunks(request, timeout)])
@@ -74,6 +79,9 @@ class AsyncClient:
         prompt: Prompt | None = None,
         *,
         messages: Sequence[Message] | None = None,
+        segments: Sequence[str] | None = None,
+        recompute_ratio: float | None = None,
+        blend: bool | None = None,
         max_tokens: int = 16,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -87,7 +95,8 @@ class AsyncClient:
     ) -> AsyncIterator[Chunk]:
         """Like generate(), but an async iterator of chunks as the server decodes them."""
         request = build_generate_request(
-            prompt, messages=messages, max_tokens=max_tokens, temperature=temperature,
+            prompt, messages=messages, segments=segments, recompute_ratio=recompute_ratio,
+            blend=blend, max_tokens=max_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, seed=seed, stop=stop, request_id=request_id,
             model=model, ignore_eos=ignore_eos)
         return self._chunks(request, timeout)

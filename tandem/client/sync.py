@@ -51,6 +51,9 @@ class Client:
         prompt: Prompt | None = None,
         *,
         messages: Sequence[Message] | None = None,
+        segments: Sequence[str] | None = None,
+        recompute_ratio: float | None = None,
+        blend: bool | None = None,
         max_tokens: int = 16,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -62,9 +65,19 @@ class Client:
         model: str | None = None,
         ignore_eos: bool = False,
     ) -> Completion:
-        """Generate a completion for a prompt (str or token ids) or chat messages."""
+        """Generate a completion for exactly one of a prompt (str or token ids), chat messages,
+        or segments.
+
+        `segments` is a segmented prompt (CacheBlend): prefix (may be empty), chunk...,
+        question. Each is tokenized on its own, so a chunk (say, a retrieved passage) has the
+        same tokens wherever it lands: its KV is cached on its own and blended in, with a
+        `recompute_ratio` share of its tokens (server default 0.15; in [0, 1]) recomputed to
+        restore attention across segments. `blend=False` prefills the same tokens the ordinary
+        way. `usage.recomputed_tokens` counts the recomputed tokens.
+        """
         request = build_generate_request(
-            prompt, messages=messages, max_tokens=max_tokens, temperature=temperature,
+            prompt, messages=messages, segments=segments, recompute_ratio=recompute_ratio,
+            blend=blend, max_tokens=max_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, seed=seed, stop=stop, request_id=request_id,
             model=model, ignore_eos=ignore_eos)
         return Completion.from_chunks(list(self._chunks(request, timeout)))
@@ -74,6 +87,9 @@ class Client:
         prompt: Prompt | None = None,
         *,
         messages: Sequence[Message] | None = None,
+        segments: Sequence[str] | None = None,
+        recompute_ratio: float | None = None,
+        blend: bool | None = None,
         max_tokens: int = 16,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -87,7 +103,8 @@ class Client:
     ) -> Iterator[Chunk]:
         """Like generate(), but yield chunks as the server decodes them."""
         request = build_generate_request(
-            prompt, messages=messages, max_tokens=max_tokens, temperature=temperature,
+            prompt, messages=messages, segments=segments, recompute_ratio=recompute_ratio,
+            blend=blend, max_tokens=max_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, seed=seed, stop=stop, request_id=request_id,
             model=model, ignore_eos=ignore_eos)
         return self._chunks(request, timeout)

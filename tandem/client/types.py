@@ -14,12 +14,14 @@ class Usage:
 
     prompt_tokens: int
     completion_tokens: int
-    cached_tokens: int
+    cached_tokens: int  # prompt tokens whose KV came from a cache
+    recomputed_tokens: int = 0  # blended chunk tokens (of `segments`) whose KV was recomputed
 
     @classmethod
     def from_proto(cls, msg: pb.Usage) -> Usage:
         """Convert a `tandem.v1.Usage` message."""
-        return cls(msg.prompt_tokens, msg.completion_tokens, msg.cached_tokens)
+        return cls(msg.prompt_tokens, msg.completion_tokens, msg.cached_tokens,
+                   msg.recomputed_tokens)
 
 
 @dataclass(frozen=True)

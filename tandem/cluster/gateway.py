@@ -25,6 +25,7 @@ from tandem.cluster.errors import (
 from tandem.cluster.router import RoutedRequest, Router
 from tandem.engine.detokenizer import IncrementalDetokenizer
 from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.segments import DEFAULT_RECOMPUTE_RATIO, SegmentedPrompt
 from tandem.engine.tokenizer import Tokenizer
 from tandem.proto.v1 import tandem_pb2 as pb
 from tandem.proto.v1 import tandem_pb2_grpc as pb_grpc
@@ -89,7 +90,8 @@ class Gateway(pb_grpc.TandemServicer):
                     reply.finish_reason = delta.finish_reason
                     reply.usage.CopyFrom(pb.Usage(
                         prompt_tokens=len(req.prompt_token_ids), completion_tokens=num_tokens,
-                        cached_tokens=req.num_cached_tokens))
+                        cached_tokens=req.num_cached_tokens,
+                        recomputed_tokens=req.num_recomputed_tokens))
                     reply.timings.CopyFrom(pb.Timings(
                         ttft_s=ttft or 0.0, total_s=time.perf_counter() - received,
                         queue_s=req.queue_s,
@@ -110,7 +112,7 @@ class Gateway(pb_grpc.TandemServicer):
 
     def _routed(self, request: pb.GenerateRequest) -> RoutedRequest:
         self._check_model(request.model)
-        prompt = self._prompt(request)
+        prompt, segments = self._prompt(request)
         s = request.sampling
         try:
             params = SamplingParams(
@@ -122,17 +124,21 @@ class Gateway(pb_grpc.TandemServicer):
                 stop=list(s.stop) or None, ignore_eos=s.ignore_eos)
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
-        return RoutedRequest(request.request_id or uuid.uuid4().hex, prompt, params)
+        return RoutedRequest(request.request_id or uuid.uuid4().hex, prompt, params,
+                             segments=segments)
 
     def _check_model(self, model: str) -> None:
         if model and model != self.model.id:
             raise InvalidRequest(f"model: unknown model {model!r}; this gateway serves "
                                  f"{self.model.id!r}")
 
-    def _prompt(self, request: pb.GenerateRequest) -> list[int]:
+    def _prompt(self, request: pb.GenerateRequest) \
+            -> tuple[list[int], SegmentedPrompt | None]:
+        """The prompt's token ids, and its segments when it came as `segments`."""
         kind = request.WhichOneof("input")
+        segments = None
         if kind is None:
-            raise InvalidRequest("prompt: missing; set text, token_ids or messages")
+            raise InvalidRequest("prompt: missing; set text, token_ids, messages or segments")
         if kind == "text":
             ids = self.tokenizer.encode(request.text) if request.text else []
         elif kind == "token_ids":
@@ -141,6 +147,9 @@ class Gateway(pb_grpc.TandemServicer):
             if bad is not None:
                 raise InvalidRequest(f"prompt: token id {bad} is outside the vocabulary "
                                      f"[0, {self.vocab_size})")
+        elif kind == "segments":
+            segments = _segmented(self.tokenizer, request.segments)
+            ids = segments.token_ids
         else:
             ids = self._chat(request.messages.messages)
         if not ids:
@@ -149,7 +158,7 @@ class Gateway(pb_grpc.TandemServicer):
         if len(ids) >= limit:
             raise InvalidRequest(f"prompt: {len(ids)} tokens leave no room to generate within "
                                  f"the context of {limit} tokens")
-        return ids
+        return ids, segments
 
     def _chat(self, messages) -> list[int]:
         if not messages:
@@ -190,6 +199,20 @@ class Gateway(pb_grpc.TandemServicer):
         except ClusterError as e:
             await context.abort(status_of(e), str(e))
         return pb.AbortResponse(found=found)
+
+
+def _segmented(tokenizer: Tokenizer, segments: pb.Segments) -> SegmentedPrompt:
+    """Tokenize a `segments` input segment by segment; unset options take their defaults."""
+    try:
+        return SegmentedPrompt.tokenize(
+            tokenizer, list(segments.texts),
+            round(segments.recompute_ratio, 6) if segments.HasField("recompute_ratio")
+            else DEFAULT_RECOMPUTE_RATIO,
+            segments.blend if segments.HasField("blend") else True)
+    except ValueError as e:  # the message names a segment or an option
+        message = str(e)
+        raise InvalidRequest(message if message.startswith("segments")
+                             else f"segments.{message}") from None
 
 
 def _prefill_hint(context: grpc.aio.ServicerContext) -> int | None:

@@ -32,6 +32,7 @@ from tandem.cluster.kv_index import KVIndex
 from tandem.decode_worker.worker import TokenDelta
 from tandem.engine.errors import OutOfBlocksError
 from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.segments import SegmentedPrompt
 from tandem.prefill_worker.worker import PrefillResult, RequestAborted
 from tandem.transfer import TransportNotUsable, choose_receiver, log_fallback
 from tandem.transfer.base import ReceiverInfo
@@ -48,6 +49,7 @@ class RoutedRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    segments: SegmentedPrompt | None = None  # a segmented prompt (CacheBlend)
     prefill_worker: int | None = None  # pin to this prefill worker (tests, debugging)
     # Workers know the request by this id, fresh per request, so a client that reuses its
     # request_id never meets the previous request's leftovers (late aborts, streams).
@@ -56,6 +58,7 @@ class RoutedRequest:
     queue_s: float = 0.0
     prefill: PrefillResult | None = None
     num_cached_tokens: int = 0
+    num_recomputed_tokens: int = 0  # blended chunk tokens recomputed in the deeper layers
 
 
 @dataclass
@@ -198,8 +201,10 @@ class Router:
         try:
             # No call timeout: a long prompt may queue; the request's deadline bounds this.
             req.prefill = await self.prefill_workers[index].prefill.remote(
-                req.worker_id, req.prompt_token_ids, req.params, receiver, block_ids)
+                req.worker_id, req.prompt_token_ids, req.params, receiver, block_ids,
+                req.segments)
             req.num_cached_tokens = req.prefill.num_cached_tokens
+            req.num_recomputed_tokens = req.prefill.num_recomputed_tokens
             return req.prefill
         finally:
             self.queued_prompt_tokens[index] -= n

@@ -1,137 +1,216 @@
 """CacheBlend: reuse the KV of text chunks that are not a prefix, recomputing a few tokens.
 
 A chunk's KV is computed on its own from position 0, so wherever the chunk lands it misses the
-attention to what comes before it, and its keys carry RoPE for the wrong positions. Blending,
-for `prefix + chunk 1 + ... + chunk N` (the question is computed afterwards, as ordinary
-prefill on top of the blended KV):
+attention to what comes before it, and its keys carry RoPE for the wrong positions. Blending
+`prefix + chunk 1 + ... + chunk N` (the question is computed afterwards, as ordinary prefill on
+top of the blended KV), one layer at a time:
 1. Move each chunk's keys to their real positions: R(p + d) = R(d) R(p), values unchanged.
-2. Run layers 0 and 1 for every chunk token over the prefix KV plus the chunks' KV.
-3. At layer 1, keep the chunk tokens whose recomputed K/V deviate most from the reused ones
-   (the HKVD tokens): `GRADUAL_START` x `recompute_ratio` of them, shrunk layer by layer (by
-   the same deviation, among those still kept) to `recompute_ratio` at the middle layer: the
-   paper's gradual filtering. Measured on SmolLM2-135M over 4 built prompts at ratio 0.15,
-   next-token KL from full prefill: full reuse 0.354, one selection at layer 1 0.260, gradual
-   0.106, for 28% of full prefill's token-layers instead of 21%.
-4. In the later layers compute Q/K/V for the kept tokens only, write their K/V over the reused
-   ones, and let their queries attend to every key before them.
-`recompute_ratio=1` recomputes everything (full prefill); `0` uses the chunks' KV as loaded.
+2. Layer 0 runs for every token (its K/V depend only on token and position, so the loaded ones
+   are already right, but its output feeds layer 1).
+3. From layer 1 on, the selected tokens' K/V are computed and compared with the reused ones; the
+   tokens that moved most (the HKVD tokens) stay selected: `GRADUAL_START` x `recompute_ratio`
+   of the chunk tokens at layer 1, shrinking to `recompute_ratio` at the middle layer (the
+   paper's gradual filtering). Only they go on through attention and the MLP, their queries
+   attending to every key before them; everyone's fresh K/V are written over the reused ones.
+Measured on SmolLM2-135M over 4 built prompts at ratio 0.15, next-token KL from full prefill:
+full reuse 0.354, one selection at layer 1 0.260, gradual 0.106.
+Uncached prefix tokens are computed in every layer. `recompute_ratio=1` is full prefill; `0`
+uses the chunks' KV as loaded. While layer i computes, layer i + 1's chunk KV is fetched.
 Dense, one sequence at a time: blending is a prefill-side step before the engine takes over.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from tandem.engine.errors import EngineError
 from tandem.engine.kv_cache import KVBlocks, KVSpec
 from tandem.engine.model import LlamaModel
 from tandem.engine.rotary import rotate
 
-FULL_LAYERS = 2  # layers computed for every chunk token (the deviation is first read at the last)
+ChunkLayer = Callable[[int], torch.Tensor]
+"""layer -> the chunks' KV of that layer [2, chunk tokens, kv_heads, head_dim], each chunk's
+keys as computed from position 0."""
+
 GRADUAL_START = 3.0  # x recompute_ratio: the share kept at layer 1, shrunk to the ratio
+SHRINK_UNTIL = 0.5  # ... at this fraction of the layers
+ATTENTION_GROUPS = 4  # scattered queries attend in this many groups, each to the keys it needs
+FETCH_TIMEOUT_S = 30.0  # one layer's chunk KV; the source bounds each of its own reads
+
+
+class ChunkKVUnavailable(EngineError):
+    """A chunk's cached KV could not be read while blending."""
 
 
 @dataclass
 class BlendResult:
     kv: KVBlocks  # the prefix and the chunks, blended
-    recomputed_tokens: int  # chunk tokens recomputed in every layer
+    exact_tokens: int  # leading tokens whose KV is exact (the prefix): cacheable as a prefix
+    cached_tokens: int  # tokens whose KV was loaded from a cache rather than computed
+    recomputed_tokens: int  # chunk tokens recomputed through the deepest layers
 
 
-def shift_keys(model: LlamaModel, keys: torch.Tensor, delta: int) -> torch.Tensor:
-    """Keys [n, kv_heads, head_dim] computed at positions p, moved to p + `delta`."""
-    if delta == 0:
-        return keys
-    positions = torch.full((keys.shape[0],), delta, dtype=torch.long, device=keys.device)
-    return rotate(keys, model.rotary.lookup(positions, keys.dtype))
+def shift_keys(model: LlamaModel, keys: torch.Tensor, delta: int | torch.Tensor) -> torch.Tensor:
+    """Keys [n, kv_heads, head_dim] computed at positions p, moved to p + `delta` (one offset,
+    or one per key), rotated in float32."""
+    if isinstance(delta, int):
+        if delta == 0:
+            return keys
+        delta = torch.full((keys.shape[0],), delta, dtype=torch.long)
+    rope = model.rotary.lookup(delta.to(keys.device), torch.float32)
+    return rotate(keys.float(), rope).to(keys.dtype)
 
 
-@torch.inference_mode()
-def blend(model: LlamaModel, spec: KVSpec, prefix: KVBlocks | None, chunk_ids: list[int],
-          chunk_kv: torch.Tensor, recompute_ratio: float) -> BlendResult:
-    """Blend chunks (token ids `chunk_ids`, KV `chunk_kv` [layers, 2, n, kv_heads, head_dim]
-    with keys already at their real positions) after `prefix` (exact KV, or None)."""
-    if not 0.0 <= recompute_ratio <= 1.0 or math.isnan(recompute_ratio):
-        raise ValueError(f"recompute_ratio: {recompute_ratio} is not in [0, 1]")
-    p = prefix.num_tokens if prefix is not None else 0
-    n = len(chunk_ids)
-    device = chunk_kv.device
-    keys, values = _dense_kv(spec, prefix, chunk_kv)  # [layers, p + n, kv_heads, head_dim]
-    if recompute_ratio > 0 and n:
-        selected = torch.arange(n, device=device)
-        x = model.embed_tokens(torch.tensor(chunk_ids, device=device))
-        for index, layer in enumerate(model.layers):
-            positions = p + selected
-            k, v, x = _layer(model, layer, index, x, positions, keys, values)
-            count = _kept(index, len(model.layers), recompute_ratio, n)
-            if count < len(selected):  # keep the tokens whose K/V moved most
-                deviation = (k.float() - keys[index, positions].float()).pow(2).sum((1, 2)) \
-                    + (v.float() - values[index, positions].float()).pow(2).sum((1, 2))
-                keys[index, positions], values[index, positions] = k, v
-                top = torch.topk(deviation, count).indices.sort().values
-                selected, x = selected[top], x[top]
-                continue
-            keys[index, positions], values[index, positions] = k, v
-        recomputed = len(selected)
-    else:
-        recomputed = 0
-    return BlendResult(_blocks(spec, keys, values), recomputed)
-
-
-def _kept(layer: int, num_layers: int, ratio: float, n: int) -> int:
-    """How many chunk tokens stay selected after `layer`: all through the first layers, then
+def kept_tokens(layer: int, num_layers: int, ratio: float, n: int) -> int:
+    """How many of `n` chunk tokens stay selected at `layer`: all at layer 0, then
     GRADUAL_START x ratio of them, shrinking linearly to `ratio` at the middle layer."""
-    if layer < FULL_LAYERS - 1:
+    if ratio == 0 or n == 0:
+        return 0
+    if layer == 0:
         return n
-    last = max(FULL_LAYERS, num_layers // 2)
+    last = max(2, int(num_layers * SHRINK_UNTIL))
     start = min(1.0, GRADUAL_START * ratio)
-    t = min(1.0, (layer - (FULL_LAYERS - 1)) / (last - (FULL_LAYERS - 1)))
+    t = min(1.0, (layer - 1) / (last - 1))
     return max(1, min(n, round((start + (ratio - start) * t) * n)))
 
 
-def _layer(model: LlamaModel, layer, index: int, x: torch.Tensor, positions: torch.Tensor,
-           keys: torch.Tensor, values: torch.Tensor) \
-        -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One decoder layer for the tokens at `positions` (their hidden states `x`), attending to
-    the sequence's KV with their own new K/V in place; returns (k, v, new hidden states)."""
-    attn = layer.self_attn
-    m = x.shape[0]
-    qkv = attn.qkv_proj(layer.input_layernorm(x))
-    rope = model.rotary.lookup(positions, x.dtype)
-    qk = rotate(qkv[:, :attn.q_size + attn.kv_size].view(m, -1, attn.head_dim), rope)
-    q, k = qk[:, :attn.num_heads], qk[:, attn.num_heads:]
-    v = qkv[:, attn.q_size + attn.kv_size:].view(m, attn.num_kv_heads, attn.head_dim)
-    layer_k, layer_v = keys[index].clone(), values[index].clone()
-    layer_k[positions], layer_v[positions] = k, v
-    total = int(positions.max()) + 1
-    group = attn.num_heads // attn.num_kv_heads
-    kk = layer_k[:total].repeat_interleave(group, dim=1).transpose(0, 1)
-    vv = layer_v[:total].repeat_interleave(group, dim=1).transpose(0, 1)
-    mask = torch.arange(total, device=x.device).unsqueeze(0) <= positions.unsqueeze(1)
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), kk, vv, attn_mask=mask,
-                                         scale=attn.scale)
-    x = x + attn.o_proj(out.transpose(0, 1).reshape(m, attn.q_size))
-    x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return k, v, x
+@torch.inference_mode()
+def blend(model: LlamaModel, spec: KVSpec, prefix_kv: KVBlocks | None, fresh_ids: list[int],
+          chunks: list[list[int]], chunk_layer: ChunkLayer, recompute_ratio: float, *,
+          cached_tokens: int = 0, fetch_timeout_s: float = FETCH_TIMEOUT_S) -> BlendResult:
+    """Blend `chunks` (their KV from `chunk_layer`) after the prefix: `prefix_kv` (exact KV of
+    its first tokens, or None) then `fresh_ids` (its tokens without KV, computed in full)."""
+    if not 0.0 <= recompute_ratio <= 1.0 or math.isnan(recompute_ratio):
+        raise ValueError(f"recompute_ratio: {recompute_ratio} is not in [0, 1]")
+    device = next(model.parameters()).device
+    c = prefix_kv.num_tokens if prefix_kv is not None else 0
+    f, n = len(fresh_ids), sum(map(len, chunks))
+    total = c + f + n
+    out = torch.zeros((spec.num_layers, 2, spec.num_blocks_for(total) * spec.block_size,
+                       spec.num_kv_heads, spec.head_dim), dtype=spec.torch_dtype, device=device)
+    if prefix_kv is not None:
+        flat = prefix_kv.data.reshape(spec.num_layers, 2, -1, spec.num_kv_heads, spec.head_dim)
+        out[:, :, :c] = flat[:, :, :c].to(device)
+    starts = torch.tensor([c + f + sum(map(len, chunks[:j])) for j, chunk in enumerate(chunks)
+                           for _ in chunk], dtype=torch.long)
+    ids = torch.tensor(fresh_ids + [t for chunk in chunks for t in chunk], device=device)
+    active = torch.arange(c, c + f + (n if recompute_ratio > 0 else 0), device=device)
+    x = model.embed_tokens(ids[:len(active)]) if len(active) else None
+    with LayerPrefetch(chunk_layer, spec.num_layers if n else 0, fetch_timeout_s) as fetch:
+        for index, layer in enumerate(model.layers):
+            keys, values = out[index, 0, :total], out[index, 1, :total]
+            if n:
+                loaded = fetch.get(index).to(device)
+                keys[c + f:] = shift_keys(model, loaded[0], starts)
+                values[c + f:] = loaded[1]
+            if x is None:
+                continue
+            want = f + kept_tokens(index, len(model.layers), recompute_ratio, n)
+            active, x = _layer(model, layer, index, x, active, keys, values, f, want)
+    recomputed = max(0, len(active) - f) if recompute_ratio > 0 else 0
+    kv = KVBlocks(spec, total, out.view(spec.num_layers, 2, -1, spec.block_size,
+                                        spec.num_kv_heads, spec.head_dim).cpu())
+    return BlendResult(kv, c + f, cached_tokens, recomputed)
 
 
-def _dense_kv(spec: KVSpec, prefix: KVBlocks | None, chunk_kv: torch.Tensor) \
+@torch.inference_mode()
+def compute_kv(model: LlamaModel, spec: KVSpec, token_ids: list[int]) -> torch.Tensor:
+    """The KV of `token_ids` computed on their own from position 0: [layers, 2, n, heads, dim]."""
+    result = blend(model, spec, None, token_ids, [], _no_chunks, 1.0)
+    data = result.kv.data.reshape(spec.num_layers, 2, -1, spec.num_kv_heads, spec.head_dim)
+    return data[:, :, :len(token_ids)]
+
+
+def _no_chunks(layer: int) -> torch.Tensor:
+    raise AssertionError("no chunks to fetch")
+
+
+def _layer(model: LlamaModel, layer, index: int, x: torch.Tensor, active: torch.Tensor,
+           keys: torch.Tensor, values: torch.Tensor, num_fresh: int, want: int) \
         -> tuple[torch.Tensor, torch.Tensor]:
-    parts = [chunk_kv]
-    if prefix is not None:
-        flat = prefix.data.reshape(spec.num_layers, 2, -1, spec.num_kv_heads, spec.head_dim)
-        parts.insert(0, flat[:, :, :prefix.num_tokens].to(chunk_kv.device, chunk_kv.dtype))
-    kv = torch.cat(parts, dim=2)
-    return kv[:, 0].clone(), kv[:, 1].clone()
+    """One decoder layer for the `active` positions (the first `num_fresh` of them always kept,
+    hidden states `x`): write their new K/V into this layer's `keys`/`values` [tokens, heads,
+    dim], keep the `want` whose K/V moved most, run attention and the MLP for those; returns
+    (the kept positions, their new hidden states)."""
+    attn = layer.self_attn
+    qkv = attn.qkv_proj(layer.input_layernorm(x))
+    rope = model.rotary.lookup(active, x.dtype)
+    qk = rotate(qkv[:, :attn.q_size + attn.kv_size].view(len(active), -1, attn.head_dim), rope)
+    q, k = qk[:, :attn.num_heads], qk[:, attn.num_heads:]
+    v = qkv[:, attn.q_size + attn.kv_size:].view(len(active), attn.num_kv_heads, attn.head_dim)
+    if want < len(active):  # keep the chunk tokens whose K/V deviate most from the reused ones
+        chunk = slice(num_fresh, None)
+        deviation = (k[chunk].float() - keys[active[chunk]].float()).pow(2).sum((1, 2)) \
+            + (v[chunk].float() - values[active[chunk]].float()).pow(2).sum((1, 2))
+        top = torch.topk(deviation, want - num_fresh).indices.sort().values + num_fresh
+        keep = torch.cat((torch.arange(num_fresh, device=x.device), top))
+    else:
+        keep = None
+    keys[active], values[active] = k, v
+    if keep is not None:
+        active, x, q = active[keep], x[keep], q[keep]
+    out = _attend(q, keys, values, active, attn.scale)
+    x = x + attn.o_proj(out.reshape(len(active), attn.q_size))
+    x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return active, x
 
 
-def _blocks(spec: KVSpec, keys: torch.Tensor, values: torch.Tensor) -> KVBlocks:
-    total = keys.shape[1]
-    padded = spec.num_blocks_for(total) * spec.block_size
-    data = torch.zeros((spec.num_layers, 2, padded, spec.num_kv_heads, spec.head_dim),
-                       dtype=spec.torch_dtype, device=keys.device)
-    data[:, 0, :total], data[:, 1, :total] = keys, values
-    return KVBlocks(spec, total, data.view(spec.num_layers, 2, -1, spec.block_size,
-                                           spec.num_kv_heads, spec.head_dim).cpu())
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+            scale: float) -> torch.Tensor:
+    """Queries q [m, heads, dim] at ascending `positions` attend to every key up to their own."""
+    m, first, end = len(positions), int(positions[0]), int(positions[-1]) + 1
+    if end - first == m and first <= m:  # one run: causal, queries padded to start at 0
+        q = torch.cat((q.new_zeros(first, *q.shape[1:]), q))
+        return _sdpa(q, keys[:end], values[:end], None, scale)[-m:]
+    # Scattered queries: in groups by position, each group reads keys only up to its last.
+    parts = []
+    for rows in torch.arange(m, device=q.device).tensor_split(min(ATTENTION_GROUPS, m)):
+        group = positions[rows]
+        stop = int(group[-1]) + 1
+        mask = torch.arange(stop, device=q.device).unsqueeze(0) <= group.unsqueeze(1)
+        parts.append(_sdpa(q[rows], keys[:stop], values[:stop], mask, scale))
+    return torch.cat(parts)
+
+
+def _sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+          scale: float) -> torch.Tensor:
+    # 4-D [1, H, T, D] inputs: torch's CPU flash kernel ignores 3-D ones.
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+        attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
+    return out[0].transpose(0, 1)
+
+
+class LayerPrefetch:
+    """Fetches each layer's chunk KV one layer ahead, on a thread of its own."""
+
+    def __init__(self, fetch: ChunkLayer, num_layers: int, timeout_s: float) -> None:
+        self.fetch, self.num_layers, self.timeout_s = fetch, num_layers, timeout_s
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="blend-fetch")
+        self._next: Future | None = self._submit(0)
+
+    def _submit(self, layer: int) -> Future | None:
+        return self._pool.submit(self.fetch, layer) if layer < self.num_layers else None
+
+    def get(self, layer: int) -> torch.Tensor:
+        future, self._next = self._next, self._submit(layer + 1)
+        assert future is not None, "layers are fetched in order"
+        try:
+            return future.result(self.timeout_s)
+        except TimeoutError:
+            raise ChunkKVUnavailable(f"layer {layer} of the chunk KV took over "
+                                     f"{self.timeout_s} s to read") from None
+
+    def __enter__(self) -> LayerPrefetch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._next is not None:
+            self._next.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -85,6 +85,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         full = seq.num_computed_tokens // self.block_size
+        if seq.cacheable_tokens is not None:  # blended KV is approximate: never shared
+            full = min(full, seq.cacheable_tokens // self.block_size)
         for i in range(len(seq.block_hashes), full):
             tokens = seq.token_ids[i * self.block_size:(i + 1) * self.block_size]
             prev = seq.block_hashes[-1] if seq.block_hashes else b""

@@ -15,6 +15,7 @@ import logging
 import torch
 
 from tandem.engine.attention import LayerKVCallback
+from tandem.engine.blend import BlendResult
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import EngineConfig
 from tandem.engine.errors import EngineError, OutOfBlocksError, UnsupportedModelError
@@ -80,17 +81,26 @@ class LLMEngine:
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
         prefill_only: bool = False, on_layer_kv: LayerKVCallback | None = None,
-        prefix_kv: KVBlocks | None = None,
+        prefix_kv: KVBlocks | None = None, blended: BlendResult | None = None,
     ) -> None:
-        """Queue a request. `prefix_kv` holds KV already computed for its first tokens."""
+        """Queue a request. `prefix_kv` holds KV already computed for its first tokens;
+        `blended`, KV blended for them (only its exact part may enter the prefix cache)."""
+        if prefix_kv is not None and blended is not None:
+            raise ValueError("give prefix_kv or blended, not both")
         seq = self._new_sequence(request_id, list(prompt_token_ids), params)
         seq.prefill_only, seq.on_layer_kv = prefill_only, on_layer_kv
-        if prefix_kv is not None:
-            if prefix_kv.num_tokens >= seq.num_tokens:
+        kv = blended.kv if blended is not None else prefix_kv
+        if kv is not None:
+            if kv.num_tokens >= seq.num_tokens:
                 raise ValueError(
-                    f"prefix_kv covers {prefix_kv.num_tokens} tokens; it must leave at least "
+                    f"prefix_kv covers {kv.num_tokens} tokens; it must leave at least "
                     f"one of the {seq.num_tokens} prompt tokens to compute")
-            self._load_kv(seq, prefix_kv)
+            if blended is not None:  # nothing after approximate KV is exact either
+                seq.cacheable_tokens = blended.exact_tokens
+            self._load_kv(seq, kv)
+            if blended is not None:
+                seq.num_cached_tokens = blended.cached_tokens
+                seq.num_recomputed_tokens = blended.recomputed_tokens
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -213,6 +223,13 @@ class LLMEngine:
             outputs.append(self._output(seq))
         return outputs
 
+    def cached_prefix(self, token_ids: list[int]) -> KVBlocks | None:
+        """A copy of the KV the prefix cache holds for the leading whole blocks of
+        `token_ids` (leaving at least one token); None on a miss."""
+        probe = Sequence("prefix-probe", list(token_ids), len(token_ids), SamplingParams())
+        hits = self.blocks.match_prefix(probe)
+        return self.cache.export(hits, len(hits) * self.config.block_size) if hits else None
+
     def score(self, token_ids: list[int], prefix_kv: KVBlocks | None = None) -> torch.Tensor:
         """Teacher-forced float32 logits [n, vocab] predicting each token after the first
         `prefix_kv.num_tokens` (or all tokens), computed in one pass outside the batch."""
@@ -255,7 +272,8 @@ class LLMEngine:
         if text is None:
             text = self.tokenizer.decode(seq.output_token_ids) if seq.finish_reason else ""
         return RequestOutput(seq.request_id, seq.token_ids[:seq.num_prompt_tokens],
-                             seq.output_token_ids, text, seq.finish_reason, seq.num_cached_tokens)
+                             seq.output_token_ids, text, seq.finish_reason, seq.num_cached_tokens,
+                             seq.num_recomputed_tokens)
 
     # -- phase handoff and control -------------------------------------------------------------
 

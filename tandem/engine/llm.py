@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
 from collections.abc import Sequence as Seq
 from typing import Any
 
+from tandem.engine.blend import BlendResult
+from tandem.engine.blend_planner import BlendPlanner
+from tandem.engine.chunk_cache import ChunkCache, MemoryChunkCache
 from tandem.engine.config import EngineConfig
 from tandem.engine.engine import LLMEngine
 from tandem.engine.errors import EngineError
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.segments import DEFAULT_RECOMPUTE_RATIO, SegmentedPrompt
 from tandem.engine.tokenizer import Tokenizer
 
-Prompt = str | list[int]
+Prompt = str | list[int] | Mapping[str, Any]  # the mapping: a segmented prompt (see `generate`)
 Message = dict[str, Any]
+SEGMENT_KEYS = {"segments", "recompute_ratio", "blend"}
+CHUNK_CACHE_BYTES = 2**30
 
 
 class LLM:
@@ -22,18 +29,27 @@ class LLM:
 
     `LLM(model=None)` serves the embedded SmolLM2-135M-Instruct; other keyword arguments are
     `EngineConfig` fields (block_size, kv_cache_gb, max_num_seqs, num_threads, ...).
+    `chunk_cache` keeps the chunks' KV of segmented prompts (default: 1 GiB in this process).
     """
 
-    def __init__(self, model: str | None = None, dtype: str = "bfloat16", **kwargs: Any) -> None:
+    def __init__(self, model: str | None = None, dtype: str = "bfloat16",
+                 chunk_cache: ChunkCache | None = None, **kwargs: Any) -> None:
         self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, **kwargs))
         self._ids = itertools.count()
+        self._use_cache(chunk_cache)
 
     @classmethod
-    def from_engine(cls, engine: LLMEngine) -> LLM:
+    def from_engine(cls, engine: LLMEngine, chunk_cache: ChunkCache | None = None) -> LLM:
         """Wrap an engine built elsewhere (e.g. one sharing already loaded weights)."""
         llm = cls.__new__(cls)
         llm.engine, llm._ids = engine, itertools.count()
+        llm._use_cache(chunk_cache)
         return llm
+
+    def _use_cache(self, chunk_cache: ChunkCache | None) -> None:
+        self.chunk_cache = chunk_cache or MemoryChunkCache(CHUNK_CACHE_BYTES)
+        self.planner = BlendPlanner(self.engine.loaded.model, self.engine.kv_spec,
+                                    self.chunk_cache)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -43,8 +59,11 @@ class LLM:
         self, prompts: Prompt | Seq[Prompt],
         params: SamplingParams | Seq[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """Complete one prompt or a list of them (text or token ids), in input order."""
-        if isinstance(prompts, str) or (
+        """Complete one prompt or a list of them, in input order. A prompt is text, token ids,
+        or a segmented prompt `{"segments": [prefix, chunk, ..., question], "recompute_ratio":
+        0.15, "blend": True}` (the options may be left out): its chunks' KV is cached on its
+        own and blended (CacheBlend); `blend=False` computes the same tokens in full."""
+        if isinstance(prompts, str | Mapping) or (
                 isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         token_lists = [self._tokens(p, i) for i, p in enumerate(prompts)]
@@ -62,7 +81,20 @@ class LLM:
         ]
         return self._run(token_lists, params)  # type: ignore[arg-type]
 
-    def _tokens(self, prompt: Prompt, index: int) -> list[int]:
+    def _tokens(self, prompt: Prompt, index: int) -> list[int] | SegmentedPrompt:
+        if isinstance(prompt, Mapping):
+            unknown = set(prompt) - SEGMENT_KEYS
+            if unknown or "segments" not in prompt:
+                raise ValueError(f"prompts[{index}]: a segmented prompt takes the keys "
+                                 f"{sorted(SEGMENT_KEYS)} ('segments' required); got "
+                                 f"{sorted(map(str, prompt))}")
+            try:
+                return SegmentedPrompt.tokenize(
+                    self.tokenizer, prompt["segments"],
+                    prompt.get("recompute_ratio", DEFAULT_RECOMPUTE_RATIO),
+                    prompt.get("blend", True))
+            except ValueError as e:
+                raise ValueError(f"prompts[{index}]: {e}") from None
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError(f"prompts[{index}]: is empty")
@@ -73,7 +105,7 @@ class LLM:
                          f"got {type(prompt).__name__}")
 
     def _run(
-        self, token_lists: list[list[int]],
+        self, token_lists: list[list[int]] | list[list[int] | SegmentedPrompt],
         params: SamplingParams | Seq[SamplingParams] | None,
     ) -> list[RequestOutput]:
         if params is None or isinstance(params, SamplingParams):
@@ -83,7 +115,10 @@ class LLM:
         ids = [f"llm-{next(self._ids)}" for _ in token_lists]
         try:
             for rid, tokens, p in zip(ids, token_lists, params, strict=True):
-                self.engine.add_request(rid, tokens, p)
+                if isinstance(tokens, SegmentedPrompt):
+                    self.engine.add_request(rid, tokens.token_ids, p, blended=self._blend(tokens))
+                else:
+                    self.engine.add_request(rid, tokens, p)
         except Exception:
             for rid in ids:
                 self.engine.abort(rid)
@@ -95,3 +130,11 @@ class LLM:
                 raise EngineError("engine stopped with requests unfinished")
             done.update((o.request_id, o) for o in outputs if o.finished)
         return [done[rid] for rid in ids]
+
+    def _blend(self, prompt: SegmentedPrompt) -> BlendResult | None:
+        """The prompt's blended KV up to its question (None: ordinary prefill). The prefix
+        comes from the engine's prefix cache where it holds it."""
+        if not prompt.blend or not prompt.chunks:
+            return None
+        prefix_kv = self.engine.cached_prefix(prompt.prefix + prompt.chunks[0][:1])
+        return self.planner.plan(prompt, prefix_kv)

@@ -19,6 +19,7 @@ class RequestOutput:
     text: str
     finish_reason: str | None
     num_cached_tokens: int = 0
+    num_recomputed_tokens: int = 0  # blended chunk tokens recomputed (CacheBlend)
 
     @property
     def finished(self) -> bool:

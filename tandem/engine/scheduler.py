@@ -90,6 +90,7 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free_blocks(seq)
         seq.num_computed_tokens = seq.num_cached_tokens = 0  # loaded KV is recomputed too
+        seq.num_recomputed_tokens, seq.cacheable_tokens = 0, None  # ... exactly, blended or not
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

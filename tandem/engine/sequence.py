@@ -32,6 +32,8 @@ class Sequence:
     block_hashes: list[bytes] = field(default_factory=list)  # of the leading full blocks
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose KV was reused or loaded, not computed
+    num_recomputed_tokens: int = 0  # blended chunk tokens recomputed through the deep layers
+    cacheable_tokens: int | None = None  # blocks past this may not enter the prefix cache
     finish_reason: str | None = None
     text: str | None = None  # set when a stop string cut the output
     generator: torch.Generator | None = None

@@ -20,7 +20,7 @@ from tandem.engine.kv_cache import KVBlocks, KVSpec
 from tandem.kv_store import keys
 from tandem.kv_store.codec import Codec, get_codec
 from tandem.kv_store.codec.controller import TEXT, BandwidthMeter, StreamingController
-from tandem.kv_store.errors import KVObjectError, TierError
+from tandem.kv_store.errors import KVFormatError, KVObjectError, TierError
 from tandem.kv_store.health import TierHealth
 from tandem.kv_store.index_log import IndexLog
 from tandem.kv_store.kv_object import (
@@ -116,6 +116,17 @@ class TieredStore:
             return choice.option != TEXT
         return True  # nowhere: the read will miss
 
+    def contains(self, key: str) -> bool:
+        """Whether a usable tier lists `key` (a read may still miss or find it damaged)."""
+        for tier in self.tiers:
+            health = self.health[tier.name]
+            try:
+                if health.usable() and tier.contains(key):
+                    return True
+            except TierError as e:
+                health.failed(e)
+        return False
+
     def get(self, key: str, num_tokens: int | None = None) -> KVBlocks | None:
         """The object under `key` from the first tier that has a sound copy (of `num_tokens`
         tokens, when given), or None."""
@@ -132,14 +143,19 @@ class TieredStore:
             return kv
         return None
 
-    def get_layers(self, key: str, layers: range) -> torch.Tensor | None:
-        """Only `layers` of the object under `key` (ranged reads), or None."""
+    def get_layers(self, key: str, layers: range, num_tokens: int | None = None) \
+            -> torch.Tensor | None:
+        """Only `layers` of the object under `key` (of `num_tokens` tokens, when given), by
+        ranged reads; None when no tier has a sound copy."""
         for tier, head in self._find(key, lambda t: t.get_range(key, 0, HEADER_READ_BYTES)):
             try:
                 size = header_length(head)
                 if size > len(head):
                     head = tier.get_range(key, 0, size) or b""
                 header = read_header(memoryview(head)[:size], self.fingerprint, self.spec)
+                if num_tokens is not None and header.num_tokens != num_tokens:
+                    raise KVFormatError(f"KV object holds {header.num_tokens} tokens, expected "
+                                        f"{num_tokens}")
                 offset, length = header.layer_span(layers)
                 sections = tier.get_range(key, size + offset, length) or b""
                 data = decode_layers(header, sections, layers)

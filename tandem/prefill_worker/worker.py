@@ -2,14 +2,14 @@
 
 A request's lifecycle here, as queues:
     looking up (the longest cached prefix is loaded from the KV store, off the engine thread)
-    -> waiting (in the engine's queue) -> prefilling (chunked, in the batch; layer-wise, each
+    -> blending (a segmented prompt's cached chunks, on the engine thread) -> waiting (in the engine's queue) -> prefilling (chunked, in the batch; layer-wise, each
     layer's KV is posted to the transport as soon as it is computed) -> prefilled (the first
     token is sampled; whatever was not sent yet is posted, on the engine thread) -> finishing
     (the transport waits for every WRITE, then the decode worker confirms) -> done.
 The request's blocks stay held until its transfer is over, since the transport reads them in
 place; whatever happens, they are freed when `prefill` returns or raises. After a handoff, the
-prompt's new whole chunks are copied out of the blocks and written to the store in the
-background.
+prompt's new whole chunks (of its exact part: not past a blended chunk) are copied out of the
+blocks and written to the store in the background (`kv_reuse.py`).
 """
 
 from __future__ import annotations
@@ -19,16 +19,19 @@ import logging
 import time
 from dataclasses import dataclass
 
+from tandem.engine.blend import BlendResult
 from tandem.engine.config import EngineConfig
 from tandem.engine.engine import LLMEngine
 from tandem.engine.errors import OutOfBlocksError
 from tandem.engine.kv_cache import KVBlocks, KVSpec
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.segments import SegmentedPrompt
 from tandem.kv_store.codec import Codec, codec_for
 from tandem.kv_store.codec.cachegen import LEVELS
 from tandem.kv_store.config import open_store
 from tandem.kv_store.index_log import IndexDelta
+from tandem.prefill_worker.kv_reuse import KVReuse
 from tandem.prefill_worker.streamer import LayerStreamer
 from tandem.transfer import TransportNotUsable, available_transports, make_transport
 from tandem.transfer.base import Handoff, KVTarget, KVTransport, ReceiverInfo, SendSession
@@ -36,9 +39,6 @@ from tandem.transfer.coded_piece import AdaptiveCoding
 from tandem.worker_base import EngineWorker, WorkerConfig, WorkerInfo
 
 logger = logging.getLogger(__name__)
-
-MIN_MEASURED_TOKENS = 64  # shorter prefills say more about overheads than about the rate
-
 
 class RequestAborted(Exception):
     """The request was aborted while it was on this worker."""
@@ -52,6 +52,7 @@ class PrefillResult:
     handoff_s: float  # first token -> the decode worker has the KV (the part not hidden)
     transport: str  # which transport carried the KV
     layerwise: bool  # whether the KV streamed layer by layer during the prefill
+    num_recomputed_tokens: int = 0  # blended chunk tokens recomputed (CacheBlend)
 
 
 class PrefillWorker(EngineWorker):
@@ -65,8 +66,8 @@ class PrefillWorker(EngineWorker):
         self._sessions: dict[str, SendSession] = {}
         self._computed_at: dict[str, float] = {}  # request -> when its first token was sampled
         self._cleanups: set[asyncio.Task] = set()
-        self._prefill_s_per_token: float | None = None  # measured: the store's controller
         self.coding: Codec | AdaptiveCoding | None = None  # how gRPC handoffs code the KV
+        self.reuse: KVReuse | None = None  # the prefixes and chunks taken from the store
 
     async def start(self) -> WorkerInfo:
         names = available_transports(self.config.kv_transport)
@@ -77,6 +78,7 @@ class PrefillWorker(EngineWorker):
         self.kv_transports = names
         self.store = await asyncio.to_thread(open_store, self.config.kv_store, e.fingerprint,
                                              e.kv_spec, f"prefill-{self.index}")
+        self.reuse = KVReuse(self.store, self._engine, self.config.kv_store.lookup_timeout_s)
         return self.info()
 
     def engine_config(self) -> EngineConfig:
@@ -94,8 +96,10 @@ class PrefillWorker(EngineWorker):
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int],
                       params: SamplingParams, receiver: ReceiverInfo,
-                      block_ids: list[int]) -> PrefillResult:
-        """Prefill and move the KV into `block_ids` of the decode worker at `receiver`."""
+                      block_ids: list[int], segments: SegmentedPrompt | None = None) \
+            -> PrefillResult:
+        """Prefill and move the KV into `block_ids` of the decode worker at `receiver`;
+        a segmented prompt's chunks are blended from their cached KV when it asks for it."""
         started = time.perf_counter()
         engine, n = self._engine, len(prompt_token_ids)
         if receiver.transport not in self.transports:
@@ -105,8 +109,15 @@ class PrefillWorker(EngineWorker):
         stream = engine.open_stream(request_id)  # before the lookup: an abort closes it
         session: SendSession | None = None
         layerwise, handed_off, publish = self.streams_layerwise(n), False, False
+        reuse = self.reuse
+        assert reuse is not None, "start() first"
         try:
-            cached = await self._load_prefix(request_id, prompt_token_ids)
+            blending = reuse.can_blend(segments)
+            exact = len(segments.prefix) if blending else n  # what may be published
+            lookup = segments.prefix + segments.chunks[0][:1] if blending else prompt_token_ids
+            cached = await reuse.load_prefix(request_id, lookup)
+            loaded = cached.num_tokens if cached is not None else 0
+            blended = await reuse.blend(request_id, segments, cached) if blending else None
             computing = time.perf_counter()
             if not engine.has_stream(request_id):
                 raise RequestAborted(f"request {request_id} was aborted during its KV lookup")
@@ -115,7 +126,8 @@ class PrefillWorker(EngineWorker):
                               KVTarget(receiver, tuple(block_ids), n), request_id)
             streamer = self._streamers[request_id] = LayerStreamer(engine.engine, request_id, n,
                                                                    session)
-            await engine.call(lambda e: _add(e, request_id, prompt_token_ids, params, cached,
+            await engine.call(lambda e: _add(e, request_id, prompt_token_ids, params,
+                                             None if blended else cached, blended,
                                              streamer if layerwise else None))
             item = await stream.get()
             if isinstance(item, BaseException):
@@ -127,10 +139,12 @@ class PrefillWorker(EngineWorker):
                                  timeout=self.config.handoff_timeout_s)
             handed_off = True
             publish = self.store is not None
-            self._measure_prefill(n - item.num_cached_tokens, prefilled - computing)
+            if blended is None:
+                reuse.measure_prefill(n - item.num_cached_tokens, prefilled - computing)
             self.handoffs[f"{receiver.transport}/{'layerwise' if layerwise else 'onepiece'}"] += 1
             return PrefillResult(item.token_ids, item.num_cached_tokens, prefilled - started,
-                                 time.perf_counter() - prefilled, receiver.transport, layerwise)
+                                 time.perf_counter() - prefilled, receiver.transport, layerwise,
+                                 item.num_recomputed_tokens)
         finally:
             self._streamers.pop(request_id, None)
             self._computed_at.pop(request_id, None)
@@ -142,62 +156,13 @@ class PrefillWorker(EngineWorker):
                 task.add_done_callback(self._cleanups.discard)
             elif publish:  # the result goes out now; the blocks once the new chunks are copied
                 self._sessions.pop(request_id, None)
-                task = asyncio.get_running_loop().create_task(self._publish_and_release(
-                    request_id, prompt_token_ids, item.num_cached_tokens))
+                task = asyncio.get_running_loop().create_task(reuse.publish_and_release(
+                    request_id, prompt_token_ids[:exact], loaded))
                 self._cleanups.add(task)
                 task.add_done_callback(self._cleanups.discard)
             else:
                 self._sessions.pop(request_id, None)
                 await engine.call(lambda e: e.abort(request_id))  # frees the blocks
-
-    def _measure_prefill(self, computed_tokens: int, seconds: float) -> None:
-        """Keep a running prefill time per token (it includes queueing: what a chunk that is
-        not loaded really costs)."""
-        if computed_tokens < MIN_MEASURED_TOKENS:
-            return
-        rate = seconds / computed_tokens
-        last = self._prefill_s_per_token
-        self._prefill_s_per_token = rate if last is None else last + 0.3 * (rate - last)
-
-    async def _load_prefix(self, request_id: str, prompt: list[int]) -> KVBlocks | None:
-        """The KV of the longest cached prefix; None on a miss (the store never fails a
-        request: whatever goes wrong there, the prompt is computed)."""
-        if self.store is None:
-            return None
-        try:
-            return await asyncio.to_thread(self.store.load_prefix, prompt,
-                                           self.config.kv_store.lookup_timeout_s,
-                                           self._prefill_s_per_token)
-        except Exception:
-            logger.exception("request %s: KV store lookup failed; computing the prompt",
-                             request_id)
-            return None
-
-    async def _publish_and_release(self, request_id: str, prompt: list[int],
-                                   num_cached: int) -> None:
-        try:
-            await self._publish(request_id, prompt, num_cached)
-        finally:
-            await self._engine.call(lambda e: e.abort(request_id))  # frees the blocks
-
-    async def _publish(self, request_id: str, prompt: list[int], num_cached: int) -> None:
-        """Queue the prompt's whole chunks that did not come from the store for writing."""
-        assert self.store is not None
-        chunk_tokens = self.store.chunk_tokens
-        first = num_cached // chunk_tokens
-        # Earliest first: a chunk is reusable only after all before it. Chunks that would not
-        # fit in the write queue are not even copied.
-        keys = self.store.prefix_keys(prompt)[first:][:self.store.free_write_slots()]
-        if not keys:
-            return
-        try:
-            chunks = await self._engine.call(lambda e: _copy_chunks(
-                e, request_id, first, len(keys), chunk_tokens))
-        except Exception:  # the request itself is done: only its reuse is lost
-            logger.exception("request %s: copying its KV for the store failed", request_id)
-            return
-        for i, (key, kv) in enumerate(zip(keys, chunks, strict=True)):
-            self.store.put(key, kv, first_position=(first + i) * chunk_tokens)
 
     async def kv_index_changes(self, since: int) -> IndexDelta | None:
         """Which prefix chunks this worker's local tiers gained or lost since version `since`."""
@@ -240,29 +205,20 @@ class PrefillWorker(EngineWorker):
 
 
 def _add(engine: LLMEngine, request_id: str, prompt: list[int], params: SamplingParams,
-         cached: KVBlocks | None, on_layer_kv: LayerStreamer | None) -> None:
-    """Queue the prefill, starting from the cached prefix when there are blocks to load it."""
+         cached: KVBlocks | None, blended: BlendResult | None,
+         on_layer_kv: LayerStreamer | None) -> None:
+    """Queue the prefill, starting from the cached prefix (or the blended KV) when there are
+    blocks to load it."""
     try:
         engine.add_request(request_id, prompt, params, prefill_only=True,
-                           on_layer_kv=on_layer_kv, prefix_kv=cached)
+                           on_layer_kv=on_layer_kv, prefix_kv=cached, blended=blended)
     except OutOfBlocksError:  # the queue will free blocks: compute it all instead
-        if cached is None:
+        if cached is None and blended is None:
             raise
         logger.info("request %s: no free blocks to load its cached prefix now; computing it",
                     request_id)
         engine.add_request(request_id, prompt, params, prefill_only=True,
                            on_layer_kv=on_layer_kv)
-
-
-def _copy_chunks(engine: LLMEngine, request_id: str, first: int, count: int,
-                 chunk_tokens: int) -> list[KVBlocks]:
-    """Copies of chunks [first, first + count) of a prefilled request's KV (engine thread)."""
-    spec, table = engine.kv_spec, engine.block_table(request_id)
-    per = chunk_tokens // spec.block_size
-    layers = range(spec.num_layers)
-    return [KVBlocks(spec, chunk_tokens,
-                     engine.cache.gather(layers, table[i * per:(i + 1) * per]).cpu())
-            for i in range(first, first + count)]
 
 
 def wire_coding(config: WorkerConfig, fingerprint: str, spec: KVSpec) \
