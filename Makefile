@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 SERVE_FLAGS ?=
 
-.PHONY: run test lint bench bench-serve bench-transfer bench-store bench-codec proto install clean
+.PHONY: run test lint bench bench-serve bench-transfer bench-store bench-codec bench-blend proto install clean
 
 # Local Ray, one prefill + one decode worker, the shipped model, gateway on 127.0.0.1:50051.
 run: install
@@ -34,6 +34,9 @@ bench-store: install
 
 bench-codec: install
 	$(BIN)/python bench/codec.py
+
+bench-blend: install
+	$(BIN)/python bench/blend.py
 
 # Regenerate tandem/proto/v1 from proto/tandem/v1/*.proto.
 proto: install

@@ -213,3 +213,20 @@ def test_a_chunk_evicted_during_the_blend_is_computed_and_the_blend_redone(engin
     got = BlendPlanner(model, spec, Forgetful(0)).plan(prompt)
     assert forgotten and torch.equal(got.kv.data, want.kv.data)
     assert got.cached_tokens == len(chunks[0]) + len(chunks[2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_blending_on_the_gpu_matches_the_cpu(engine):
+    from tandem.engine.loader import load_model
+
+    prefix, chunks, _ = split_text(engine)
+    alone = torch.cat([dense_kv(engine, chunk) for chunk in chunks], dim=2)
+    gpu = load_model(None, torch.float32, torch.device("cuda"))
+    for ratio in (1.0, 0.15):  # at 1 no selection: the KV must agree; below, the counts
+        want = blend(engine.loaded.model, engine.kv_spec, None, prefix, chunks,
+                     lambda i: alone[i], ratio)
+        got = blend(gpu.model, engine.kv_spec, None, prefix, chunks, lambda i: alone[i], ratio)
+        assert got.kv.data.device.type == "cpu"
+        assert got.recomputed_tokens == want.recomputed_tokens
+        if ratio == 1.0:
+            assert torch.allclose(got.kv.data, want.kv.data, atol=2e-3, rtol=1e-3)

@@ -436,6 +436,7 @@ def test_chunk_caches_round_trip_by_layer_through_every_tier_and_refuse_a_wrong_
     for layer in range(3):
         assert torch.equal(writer.layer(tokens, layer), chunk[layer])
         assert torch.equal(reader.layer(tokens, layer), chunk[layer])
+    assert writer.store.stats().tiers[0].hits == 1  # one chunk read, one hit, for all layers
     # A stored chunk of another length under that key is damaged: deleted and counted.
     writer.store.put(writer.key(tokens[:5]), kv(1, 6))
     writer.store.flush()

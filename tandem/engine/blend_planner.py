@@ -32,8 +32,9 @@ class BlendPlanner:
         self.model, self.spec, self.cache = model, spec, cache
 
     def plan(self, prompt: SegmentedPrompt, prefix_kv: KVBlocks | None = None) -> BlendResult:
-        """The blended KV of `prompt.prefix + chunks`; `prefix_kv` holds exact KV for the
-        prefix's first tokens (the rest of the prefix is computed)."""
+        """The blended KV of `prompt.prefix + chunks` (the question is left to the engine's
+        ordinary prefill); `prefix_kv` holds exact KV for the prefix's first tokens (the rest of
+        the prefix is computed)."""
         cached_prefix = prefix_kv.num_tokens if prefix_kv is not None else 0
         if cached_prefix > len(prompt.prefix):
             raise ValueError(f"prefix_kv covers {cached_prefix} tokens, the prefix segment has "

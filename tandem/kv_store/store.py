@@ -165,7 +165,8 @@ class TieredStore:
             except TierError as e:
                 self.health[tier.name].failed(e)
                 continue
-            self._hit(tier, key, None)
+            if layers.start == 0:  # an object read layer by layer is one hit, not one a layer
+                self._hit(tier, key, None)
             self._stats[tier.name].bytes_read += len(sections)
             return data
         return None

@@ -2,10 +2,11 @@
 
 A request's lifecycle here, as queues:
     looking up (the longest cached prefix is loaded from the KV store, off the engine thread)
-    -> blending (a segmented prompt's cached chunks, on the engine thread) -> waiting (in the engine's queue) -> prefilling (chunked, in the batch; layer-wise, each
-    layer's KV is posted to the transport as soon as it is computed) -> prefilled (the first
-    token is sampled; whatever was not sent yet is posted, on the engine thread) -> finishing
-    (the transport waits for every WRITE, then the decode worker confirms) -> done.
+    -> blending (a segmented prompt's cached chunks, on the engine thread) -> waiting (in the
+    engine's queue) -> prefilling (chunked, in the batch; layer-wise, each layer's KV is posted
+    to the transport as soon as it is computed) -> prefilled (the first token is sampled;
+    whatever was not sent yet is posted, on the engine thread) -> finishing (the transport
+    waits for every WRITE, then the decode worker confirms) -> done.
 The request's blocks stay held until its transfer is over, since the transport reads them in
 place; whatever happens, they are freed when `prefill` returns or raises. After a handoff, the
 prompt's new whole chunks (of its exact part: not past a blended chunk) are copied out of the
