@@ -102,6 +102,7 @@ def blend(model: LlamaModel, spec: KVSpec, prefix_kv: KVBlocks | None, fresh_ids
         out[:, :, :c] = flat[:, :, :c].to(device)
     lengths = torch.tensor([len(chunk) for chunk in chunks], dtype=torch.long)
     starts = (c + f + lengths.cumsum(0) - lengths).repeat_interleave(lengths)  # per chunk token
+    shift = model.rotary.lookup(starts.to(device), torch.float32)  # R(start), for every layer
     ids = torch.tensor([*fresh_ids, *(t for chunk in chunks for t in chunk)], dtype=torch.long,
                        device=device)
     active = torch.arange(c, c + f + (n if recompute_ratio > 0 else 0), device=device)
@@ -112,7 +113,7 @@ def blend(model: LlamaModel, spec: KVSpec, prefix_kv: KVBlocks | None, fresh_ids
             keys, values = out[index, 0, :total], out[index, 1, :total]
             if n:
                 loaded = fetch.get(index).to(device)
-                keys[c + f:] = shift_keys(model, loaded[0], starts)
+                keys[c + f:] = rotate(loaded[0].float(), shift).to(keys.dtype)
                 values[c + f:] = loaded[1]
             if x is None:
                 continue
