@@ -120,6 +120,9 @@ def serve(
     dtype: Annotated[str | None, typer.Option(help="bfloat16 | float32 | float16.")] = None,
     kv_cache_gb: Annotated[float | None, typer.Option(help="KV pool per worker, GiB.")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads per worker.")] = None,
+    cuda_graphs: Annotated[bool | None, typer.Option(
+        "--cuda-graphs/--no-cuda-graphs",
+        help="Replay captured CUDA graphs for decode steps (decode workers, CUDA).")] = None,
 ) -> None:
     """Serve the model: Ray workers for prefill and decode behind a gRPC gateway.
 
@@ -141,6 +144,7 @@ def serve(
         "ray.address": ray_address,
         "worker.engine.model": model, "worker.engine.dtype": dtype,
         "worker.engine.kv_cache_gb": kv_cache_gb, "worker.engine.num_threads": threads,
+        "worker.engine.cuda_graphs": cuda_graphs,
     }
     try:
         settings = ServeConfig.load(config, {k: v for k, v in flags.items() if v is not None})

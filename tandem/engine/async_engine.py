@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from tandem.engine.engine import LLMEngine
+from tandem.engine.errors import RequestFailedError
 from tandem.engine.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -147,7 +148,9 @@ class AsyncEngine:
             return True
         for output in outputs:
             item: StreamItem = output
-            if self.on_output is not None:
+            if output.error is not None:  # this request alone failed
+                item = RequestFailedError(f"request {output.request_id}: {output.error}")
+            elif self.on_output is not None:
                 try:
                     item = self.on_output(self.engine, output)
                 except Exception as e:

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 from tandem.engine.errors import EngineError
 from tandem.engine.kv_cache import KVBlocks, KVSpec
-from tandem.engine.model import LlamaModel
-from tandem.engine.rotary import rotate
+from tandem.engine.model import DecoderLayer, LlamaModel
+from tandem.engine.rotary import Positions, rotate
 
 ChunkLayer = Callable[[int], torch.Tensor]
 """layer -> the chunks' KV of that layer [2, chunk tokens, kv_heads, head_dim], each chunk's
@@ -118,7 +118,7 @@ def blend(model: LlamaModel, spec: KVSpec, prefix_kv: KVBlocks | None, fresh_ids
             if x is None:
                 continue
             want = f + kept_tokens(index, len(model.layers), recompute_ratio, n)
-            active, x, forced = _layer(model, layer, index, x, active, keys, values, forced, want)
+            active, x, forced = _layer(model, layer, x, active, keys, values, forced, want)
     recomputed = len(active) - f if x is not None else 0
     kv = KVBlocks(spec, total, out.view(spec.num_layers, 2, -1, spec.block_size,
                                         spec.num_kv_heads, spec.head_dim).cpu())
@@ -137,19 +137,14 @@ def _no_chunks(layer: int) -> torch.Tensor:
     raise AssertionError("no chunks to fetch")
 
 
-def _layer(model: LlamaModel, layer, index: int, x: torch.Tensor, active: torch.Tensor,
+def _layer(model: LlamaModel, layer: DecoderLayer, x: torch.Tensor, active: torch.Tensor,
            keys: torch.Tensor, values: torch.Tensor, forced: torch.Tensor, want: int) \
         -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One decoder layer for the `active` positions (the first `num_fresh` of them always kept,
     hidden states `x`): write their new K/V into this layer's `keys`/`values` [tokens, heads,
     dim], keep the `want` whose K/V moved most, run attention and the MLP for those; returns
     (the kept positions, their new hidden states)."""
-    attn = layer.self_attn
-    qkv = attn.qkv_proj(layer.input_layernorm(x))
-    rope = model.rotary.lookup(active, x.dtype)
-    qk = rotate(qkv[:, :attn.q_size + attn.kv_size].view(len(active), -1, attn.head_dim), rope)
-    q, k = qk[:, :attn.num_heads], qk[:, attn.num_heads:]
-    v = qkv[:, attn.q_size + attn.kv_size:].view(len(active), attn.num_kv_heads, attn.head_dim)
+    q, k, v, residual = layer.pre_attn(x, Positions(active, model.rotary))
     if want < len(active):  # keep the chunk tokens whose K/V deviate most from the reused ones
         deviation = _relative_deviation(k, keys[active]) + _relative_deviation(v, values[active])
         deviation[forced] = float("inf")
@@ -158,10 +153,9 @@ def _layer(model: LlamaModel, layer, index: int, x: torch.Tensor, active: torch.
         keep = None
     keys[active], values[active] = k, v
     if keep is not None:
-        active, x, q, forced = active[keep], x[keep], q[keep], forced[keep]
-    out = _attend(q, keys, values, active, attn.scale)
-    x = x + attn.o_proj(out.reshape(len(active), attn.q_size))
-    x = x + layer.mlp(layer.post_attention_layernorm(x))
+        active, residual, q, forced = active[keep], residual[keep], q[keep], forced[keep]
+    out = _attend(q, keys, values, active, layer.self_attn.scale)
+    x = layer.post_attn(out, residual)
     return active, x, forced
 
 

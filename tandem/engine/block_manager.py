@@ -105,6 +105,7 @@ class BlockManager:
                 self.free[block] = None
         seq.block_table.clear()
         seq.block_hashes.clear()
+        seq.block_table_epoch += 1
 
     def _pop_free(self) -> int:
         block, _ = self.free.popitem(last=False)

@@ -110,9 +110,18 @@ class EngineConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto = cuda when available, else cpu.")
     block_size: int = Field(16, gt=0, le=1024, description="Tokens per KV block.")
-    kv_cache_gb: float = Field(1.0, gt=0, description="Memory for the KV block pool, GiB.")
+    kv_cache_gb: float | None = Field(
+        None, gt=0, description="Memory for the KV block pool, GiB. Default: 1 GiB on CPU; on "
+        "CUDA, what gpu_memory_utilization leaves after the weights, the activations of the "
+        "largest step and the CUDA graphs.")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="Share of the GPU's memory this engine may use (CUDA, when "
+        "kv_cache_gb is not given).")
     num_kv_blocks: int | None = Field(
         None, gt=0, description="Size of the block pool; overrides kv_cache_gb.")
+    cuda_graphs: bool = Field(
+        True, description="On CUDA, replay captured graphs for decode-only steps (one per batch "
+        "size bucket); prefill and mixed steps run eagerly. Ignored on CPU.")
     max_num_seqs: int = Field(64, gt=0, description="Most sequences in one running batch.")
     max_num_batched_tokens: int = Field(
         2048, gt=0, description="Token budget of one step (prefill chunks + decodes).")

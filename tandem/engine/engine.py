@@ -18,15 +18,18 @@ from tandem.engine.attention import LayerKVCallback
 from tandem.engine.blend import BlendResult
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import EngineConfig
-from tandem.engine.errors import EngineError, OutOfBlocksError, UnsupportedModelError
+from tandem.engine.errors import EngineError, OutOfBlocksError
+from tandem.engine.host_memory import keep_freed_memory
 from tandem.engine.kv_cache import DTYPES, KVBlocks, KVCache, KVSpec
 from tandem.engine.loader import LoadedModel, load_model
 from tandem.engine.model_runner import ModelRunner
+from tandem.engine.output_processor import OutputProcessor
 from tandem.engine.outputs import EngineStats, RequestOutput
-from tandem.engine.sampler import sample
+from tandem.engine.sampler import Sampler
 from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.scheduler import ScheduledChunk, Scheduler
 from tandem.engine.sequence import Sequence, SequenceStatus
+from tandem.engine.sizing import max_model_len, num_kv_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -43,38 +46,36 @@ class LLMEngine:
         if want_cuda and not torch.cuda.is_available():
             raise EngineError("device='cuda' requested but CUDA is not available")
         self.device = torch.device("cuda" if want_cuda else "cpu")
+        if self.device.type == "cpu":
+            keep_freed_memory()
         if loaded is None:
             loaded = load_model(config.model, DTYPES[config.dtype], self.device)
         self.loaded = loaded
         self.model_config, self.tokenizer = loaded.config, loaded.tokenizer
         self.fingerprint = loaded.fingerprint
-        self.max_model_len = self._max_model_len()
+        self.max_model_len = max_model_len(self.model_config, config)
         self.kv_spec = KVSpec(
             num_layers=self.model_config.num_layers, num_kv_heads=self.model_config.num_kv_heads,
             head_dim=self.model_config.head_dim, dtype=config.dtype, block_size=config.block_size)
-        num_blocks = config.num_kv_blocks or max(
-            1, int(config.kv_cache_gb * 2**30) // self.kv_spec.bytes_per_block)
-        self.cache = KVCache(self.kv_spec, num_blocks, self.device)
+        num_blocks = num_kv_blocks(config, loaded.model, self.kv_spec, self.max_model_len,
+                                   self.device)
+        # One block more than the block manager hands out: padded decode rows write there.
+        self.cache = KVCache(self.kv_spec, num_blocks + 1, self.device)
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks)
-        self.runner = ModelRunner(loaded.model, self.cache, self.device)
         self.eos_token_id = self.tokenizer.eos_token_id
+        self.sampler = Sampler(self.model_config.vocab_size, self.eos_token_id, self.device)
+        self.runner = ModelRunner(loaded.model, self.cache, config, self.max_model_len,
+                                  self.sampler, scratch_block=num_blocks)
+        self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
         self.seqs: dict[str, Sequence] = {}
         logger.info("engine ready: %d KV blocks of %d tokens (%.2f GiB), max_model_len %d",
                     num_blocks, config.block_size,
                     num_blocks * self.kv_spec.bytes_per_block / 2**30, self.max_model_len)
-
-    def _max_model_len(self) -> int:
-        limit = self.model_config.max_position_embeddings
-        wanted = self.config.max_model_len or limit
-        if wanted > limit:
-            raise ValueError(f"max_model_len={wanted} exceeds the model's context of {limit}")
-        window = self.model_config.sliding_window
-        if window is not None and window < wanted:
-            raise UnsupportedModelError(
-                f"sliding-window attention (window {window}) is not supported; "
-                f"set max_model_len <= {window} to serve this model with full attention")
-        return wanted
+        if self.runner.graphs is not None:
+            logger.info("capturing CUDA graphs for decode batches of %s sequences",
+                        ", ".join(map(str, self.runner.graphs.sizes)))
+            self.runner.capture_graphs(progress=lambda line: logger.info("%s", line))
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -154,12 +155,12 @@ class LLMEngine:
         self.blocks.register_full_blocks(seq)
         seq.token_ids.extend(output_token_ids)
         seq.status = SequenceStatus.WAITING
-        self._check_stop(seq)
+        self.outputs.check_stop(seq, len(output_token_ids))
         if seq.finish_reason is not None:
             self._retire(seq)
         else:
             self.scheduler.add(seq)
-        return self._output(seq)
+        return self.outputs.output(seq)
 
     def _new_sequence(self, request_id: str, prompt: list[int], params: SamplingParams) \
             -> Sequence:
@@ -208,19 +209,20 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        logits = self.runner.run(batch)
         sampled = [c.seq for c in batch if c.completes]
-        tokens = sample(logits, sampled) if sampled else []
+        result = self.runner.execute(batch)
         for chunk in batch:
             chunk.seq.num_computed_tokens += chunk.num_tokens
             self.blocks.register_full_blocks(chunk.seq)
+        if result is None:
+            return []
         outputs = []
-        for seq, token in zip(sampled, tokens, strict=True):
-            seq.token_ids.append(token)
-            self._check_stop(seq)
+        for seq, token, logprobs, error in zip(sampled, result.token_ids, result.logprobs,
+                                               result.errors, strict=True):
+            self.outputs.append(seq, token, logprobs, error)
             if seq.finish_reason is not None or seq.prefill_only:
                 self._retire(seq)
-            outputs.append(self._output(seq))
+            outputs.append(self.outputs.output(seq))
         return outputs
 
     def cached_prefix(self, token_ids: list[int]) -> KVBlocks | None:
@@ -240,40 +242,19 @@ class LLMEngine:
             n = seq.num_uncomputed_tokens
             if not self.blocks.grow(seq, seq.num_tokens):
                 raise EngineError("not enough free KV blocks to score the sequence")
-            return self.runner.run([ScheduledChunk(seq, n)], all_logits=True)
+            return self.runner.logits([ScheduledChunk(seq, n)])
         finally:
             self.blocks.free_blocks(seq)
-
-    def _check_stop(self, seq: Sequence) -> None:
-        p, token = seq.params, seq.token_ids[-1]
-        if (token == self.eos_token_id and not p.ignore_eos) or token in (p.stop_token_ids or ()):
-            seq.finish_reason = "stop"
-        elif p.stop:
-            text = self.tokenizer.decode(seq.output_token_ids)
-            cuts = [i for i in (text.find(s) for s in p.stop) if i >= 0]
-            if cuts:
-                seq.text, seq.finish_reason = text[:min(cuts)], "stop"
-        if seq.finish_reason is None and (
-                seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len):
-            seq.finish_reason = "length"
 
     def _retire(self, seq: Sequence) -> None:
         """Take a sequence out of the batch; prefill-only ones keep their blocks for export."""
         self.scheduler.remove(seq)
-        if seq.prefill_only:
+        if seq.prefill_only:  # failed ones too: the owner frees them once no send reads them
             seq.status = SequenceStatus.PREFILLED
             return
         seq.status = SequenceStatus.FINISHED
         self.blocks.free_blocks(seq)
         del self.seqs[seq.request_id]
-
-    def _output(self, seq: Sequence) -> RequestOutput:
-        text = seq.text
-        if text is None:
-            text = self.tokenizer.decode(seq.output_token_ids) if seq.finish_reason else ""
-        return RequestOutput(seq.request_id, seq.token_ids[:seq.num_prompt_tokens],
-                             seq.output_token_ids, text, seq.finish_reason, seq.num_cached_tokens,
-                             seq.num_recomputed_tokens)
 
     # -- phase handoff and control -------------------------------------------------------------
 
@@ -303,7 +284,7 @@ class LLMEngine:
         seq.finish_reason = "abort"
         self.release(request_id)
         seq.status = SequenceStatus.FINISHED
-        return self._output(seq)
+        return self.outputs.output(seq)
 
     def _get(self, request_id: str) -> Sequence:
         seq = self.seqs.get(request_id)
@@ -318,4 +299,5 @@ class LLMEngine:
             num_reserved=sum(s.status == SequenceStatus.RESERVED for s in self.seqs.values()),
             num_blocks=self.blocks.num_blocks, num_free_blocks=self.blocks.num_free_blocks,
             num_prefix_hit_blocks=self.blocks.num_prefix_hits,
-            num_preemptions=self.scheduler.num_preemptions)
+            num_preemptions=self.scheduler.num_preemptions,
+            graph_replays=self.runner.num_graph_replays)

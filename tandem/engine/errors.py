@@ -15,3 +15,8 @@ class UnsupportedModelError(ModelLoadError):
 
 class OutOfBlocksError(EngineError):
     """Too few free KV blocks right now; retry later or on another engine."""
+
+
+class RequestFailedError(EngineError):
+    """One request failed while it was computed (e.g. its logits were not finite); the other
+    requests of the batch go on."""

@@ -1,92 +1,108 @@
-"""The device side of a step: flatten the scheduled chunks into tensors, run the model, logits."""
+"""The device side of a step: inputs up, the model, sampling, and one copy of the result back.
+
+Decode-only steps take the fast path: inputs from `DecodeInputs` (block tables stay on the
+device), and on CUDA the replay of a captured graph (`DecodeGraphs`). Every other step
+(prefill, mixed, scoring) is built by `build_eager_step` and runs eagerly. Sampling runs on the
+device (`Sampler`); the packed result is the step's only device-to-host copy, into pinned memory,
+waited for on an event so nothing else in the step synchronises.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from tandem.engine.attention import DecodeBatch, ForwardContext, LayerKVHook, PrefillChunk
+from tandem.engine.batch_inputs import build_eager_step
+from tandem.engine.config import EngineConfig
+from tandem.engine.cuda_graphs import (
+    DecodeGraphs,
+    bucket_for,
+    decode_forward,
+    graph_batch_sizes,
+)
+from tandem.engine.decode_inputs import DecodeInputs
 from tandem.engine.kv_cache import KVCache
 from tandem.engine.model import LlamaModel
+from tandem.engine.sampler import Sampler, SampleResult
 from tandem.engine.scheduler import ScheduledChunk
+from tandem.engine.triton_ops import runs_on
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaModel, cache: KVCache, device: torch.device) -> None:
-        self.model = model
-        self.cache = cache
-        self.device = device
-        self.block_size = cache.spec.block_size
-        self.use_triton = device.type == "cuda" and _has_triton()
+    """`scratch_block` is a block of `cache` that no request owns (padding writes there)."""
+
+    def __init__(self, model: LlamaModel, cache: KVCache, config: EngineConfig,
+                 max_model_len: int, sampler: Sampler, scratch_block: int) -> None:
+        self.model, self.cache, self.sampler = model, cache, sampler
+        self.device = cache.data.device
+        self.use_triton = runs_on(self.device)
+        self.decode_inputs = DecodeInputs(
+            config.max_num_seqs, cache.spec.num_blocks_for(max_model_len),
+            cache.spec.block_size, scratch_block, self.device)
+        self.bucket_sizes = graph_batch_sizes(config.max_num_seqs)
+        self.graphs: DecodeGraphs | None = None
+        if self.use_triton and self.device.type == "cuda" and config.cuda_graphs:
+            self.graphs = DecodeGraphs(model, cache, self.decode_inputs, self.bucket_sizes)
+        self.pad_to_buckets = self.graphs is not None  # tests set it on CPU to pad as graphs do
+
+    @property
+    def num_graph_replays(self) -> int:
+        return self.graphs.num_replays if self.graphs is not None else 0
 
     @torch.inference_mode()
-    def run(self, batch: list[ScheduledChunk], all_logits: bool = False) -> torch.Tensor:
-        """Compute `batch` (decodes first); float32 logits for each chunk that `completes`,
-        or for every token with `all_logits`."""
-        input_ids, positions, slots, sample_rows, hooks = [], [], [], [], []
-        for chunk in batch:
-            seq, start = chunk.seq, chunk.seq.num_computed_tokens
-            pos = range(start, start + chunk.num_tokens)
-            if seq.on_layer_kv is not None:
-                hooks.append(LayerKVHook(len(input_ids), chunk.num_tokens, start, seq.on_layer_kv))
-            input_ids.extend(seq.token_ids[start:start + chunk.num_tokens])
-            positions.extend(pos)
-            table, bs = seq.block_table, self.block_size
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            if chunk.completes:
-                sample_rows.append(len(input_ids) - 1)
-        ctx = ForwardContext(
-            cache=self.cache,
-            slot_mapping=self._tensor(slots),
-            decode=self._decode_batch([c for c in batch if c.num_tokens == 1]),
-            prefills=self._prefill_chunks(batch),
-            kv_hooks=hooks,
-            use_triton=self.use_triton,
-        )
-        hidden = self.model(self._tensor(input_ids), self._tensor(positions), ctx)
-        if all_logits:
-            return self.model.logits(hidden)
-        if not sample_rows:
-            return torch.empty(0)
-        return self.model.logits(hidden[self._tensor(sample_rows)])
-
-    def _decode_batch(self, chunks: list[ScheduledChunk]) -> DecodeBatch | None:
-        if not chunks:
+    def execute(self, batch: list[ScheduledChunk]) -> SampleResult | None:
+        """Compute `batch` (decodes first) and sample a token for each chunk that `completes`,
+        in batch order; None when none completes."""
+        sampled = [c.seq for c in batch if c.completes]
+        inputs = self.sampler.prepare(sampled) if sampled else None  # uploads overlap the forward
+        if self._is_fast_decode(batch):
+            logits = self._decode(batch)
+        else:
+            step = build_eager_step(batch, self.cache, self.use_triton)
+            hidden = self.model(step.input_ids, step.positions, step.ctx)
+            if inputs is None:
+                return None
+            logits = self.model.logits(hidden.index_select(0, step.sample_rows))
+        if inputs is None:
             return None
-        lens = [c.seq.num_computed_tokens + 1 for c in chunks]
-        max_blocks = max(len(c.seq.block_table) for c in chunks)
-        tables = self._tensor([c.seq.block_table + [0] * (max_blocks - len(c.seq.block_table))
-                               for c in chunks])
-        context_lens = self._tensor(lens)
-        span = torch.arange(max(lens), device=self.device)
-        slots = tables[:, span // self.block_size] * self.block_size + span % self.block_size
-        mask = span.unsqueeze(0) < context_lens.unsqueeze(1)
-        slots = slots.masked_fill(~mask, 0)  # padding reads slot 0: finite, then masked out
-        return DecodeBatch(
-            size=len(chunks), slots=slots, mask=mask[:, None, None, :],
-            block_tables=tables.to(torch.int32), context_lens=context_lens.to(torch.int32))
+        packed = self.sampler.sample(logits, inputs)
+        return self.sampler.collect(self._to_host(packed), inputs)
 
-    def _prefill_chunks(self, batch: list[ScheduledChunk]) -> list[PrefillChunk]:
-        chunks, start = [], 0
-        for c in batch:
-            if c.num_tokens > 1:
-                begin, end = c.seq.num_computed_tokens, c.seq.num_computed_tokens + c.num_tokens
-                slots = mask = None
-                if begin > 0:  # attend to cached context too: gather it, mask causally
-                    span = torch.arange(end, device=self.device)
-                    table = self._tensor(c.seq.block_table)
-                    slots = table[span // self.block_size] * self.block_size \
-                        + span % self.block_size
-                    queries = torch.arange(begin, end, device=self.device)
-                    mask = span.unsqueeze(0) <= queries.unsqueeze(1)
-                chunks.append(PrefillChunk(start, c.num_tokens, end, slots, mask))
-            start += c.num_tokens
-        return chunks
+    @torch.inference_mode()
+    def logits(self, batch: list[ScheduledChunk]) -> torch.Tensor:
+        """Float32 logits of every token of `batch` (teacher forcing), on the host."""
+        step = build_eager_step(batch, self.cache, self.use_triton, all_logits=True)
+        return self.model.logits(self.model(step.input_ids, step.positions, step.ctx)).cpu()
 
-    def _tensor(self, values: list) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+    def _is_fast_decode(self, batch: list[ScheduledChunk]) -> bool:
+        return all(c.num_tokens == 1 and c.completes and c.seq.on_layer_kv is None
+                   for c in batch)
 
+    def _decode(self, batch: list[ScheduledChunk]) -> torch.Tensor:
+        seqs = [c.seq for c in batch]
+        padded = len(seqs)
+        if self.pad_to_buckets:
+            padded = bucket_for(self.bucket_sizes, padded) or padded
+        step = self.decode_inputs.prepare(seqs, padded)
+        if self.graphs is not None and self.graphs.bucket(len(seqs)) == step.padded:
+            return self.graphs.replay(step)
+        width = None if self.use_triton else step.max_context_len
+        return decode_forward(self.model, self.cache, self.decode_inputs, step.packed,
+                              width)[:step.size]
 
-def _has_triton() -> bool:
-    from tandem.engine.triton_attention import HAS_TRITON
+    def _to_host(self, packed: torch.Tensor) -> torch.Tensor:
+        """The step's single device-to-host copy: into pinned memory, then wait on an event
+        (not a stream or device synchronisation)."""
+        if packed.device.type == "cpu":
+            return packed
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()
+        return host
 
-    return HAS_TRITON
+    def capture_graphs(self, progress: Callable[[str], None] | None = None) -> None:
+        if self.graphs is not None:
+            self.graphs.capture(progress=progress)

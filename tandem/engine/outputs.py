@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tandem.engine.sampler import TokenLogprobs
 
 
 @dataclass
@@ -10,7 +14,9 @@ class RequestOutput:
     """A request's state after a step: the generated tokens so far and, at the end, why it ended.
 
     `finish_reason` is "stop" (EOS, a stop token or a stop string; `text` is cut before the stop
-    string), "length" (max_tokens or the context length) or "abort"; None while running.
+    string), "length" (max_tokens or the context length), "abort", or "error" (this request
+    alone failed, e.g. its logits were not finite; `error` says why); None while running.
+    `logprobs` has one entry per output token when the request asked for them.
     """
 
     request_id: str
@@ -20,6 +26,8 @@ class RequestOutput:
     finish_reason: str | None
     num_cached_tokens: int = 0
     num_recomputed_tokens: int = 0  # blended chunk tokens recomputed (CacheBlend)
+    logprobs: list[TokenLogprobs] | None = None
+    error: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -36,3 +44,4 @@ class EngineStats:
     num_free_blocks: int
     num_prefix_hit_blocks: int
     num_preemptions: int
+    graph_replays: int = 0  # decode steps served by a captured CUDA graph

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,6 +56,22 @@ class RotaryEmbedding(torch.nn.Module):
         cos_table, sin_table = self.tables(positions.device)
         return cos_table[positions].to(dtype).unsqueeze(1), \
             sin_table[positions].to(dtype).unsqueeze(1)
+
+
+@dataclass
+class Positions:
+    """The positions of a forward pass's tokens; every layer rotates by the same angles, so the
+    per-token cos/sin of the torch path are looked up once, on first use (the fused CUDA kernel
+    reads the fp32 tables by position instead)."""
+
+    ids: torch.Tensor  # [T] int64
+    rotary: RotaryEmbedding
+    _cos_sin: dict[torch.dtype, Rope] = field(default_factory=dict)
+
+    def cos_sin(self, dtype: torch.dtype) -> Rope:
+        if dtype not in self._cos_sin:
+            self._cos_sin[dtype] = self.rotary.lookup(self.ids, dtype)
+        return self._cos_sin[dtype]
 
 
 def rotate(x: torch.Tensor, rope: Rope) -> torch.Tensor:

@@ -5,10 +5,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+GREEDY_TEMPERATURE = 1e-5  # below this, sampling is greedy (dividing by it would overflow)
+MAX_LOGPROBS = 20  # most top alternatives returned per token (vLLM's default cap)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens and when to stop. `temperature=0` is greedy; `top_k=0` disables top-k."""
+    """How to pick tokens and when to stop.
+
+    `temperature` below 1e-5 is greedy; `top_k=0` (or any value at or above the vocabulary size)
+    disables top-k. Each draw is a pure function of (`seed`, output position), so a seeded
+    request repeats exactly whatever it is batched with, on CPU and CUDA, after a handoff or a
+    recomputation. `min_tokens` keeps EOS and `stop_token_ids` from being sampled before that
+    many tokens. `logprobs=N` returns, per token, the raw log-probability (log-softmax of the
+    logits, before temperature) of the sampled token and of the N most likely ones.
+    """
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -18,6 +29,8 @@ class SamplingParams:
     stop: list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -27,8 +40,8 @@ class SamplingParams:
         _check(isinstance(self.temperature, int | float) and not isinstance(self.temperature, bool)
                and math.isfinite(self.temperature) and self.temperature >= 0,
                "temperature", self.temperature, "must be a finite number >= 0")
-        _check(isinstance(self.top_p, int | float) and 0 < self.top_p <= 1,
-               "top_p", self.top_p, "must be in (0, 1]")
+        _check(isinstance(self.top_p, int | float) and not isinstance(self.top_p, bool)
+               and 0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
         _check(_is_int(self.top_k) and self.top_k >= 0,
                "top_k", self.top_k, "must be an integer >= 0 (0 disables top-k)")
         _check(self.seed is None or _is_int(self.seed), "seed", self.seed, "must be an integer")
@@ -38,10 +51,15 @@ class SamplingParams:
         _check(self.stop_token_ids is None or (isinstance(self.stop_token_ids, list | tuple)
                and all(_is_int(t) and t >= 0 for t in self.stop_token_ids)),
                "stop_token_ids", self.stop_token_ids, "must be a list of token ids >= 0")
+        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+               "min_tokens", self.min_tokens, "must be an integer in [0, max_tokens]")
+        _check(self.logprobs is None or (_is_int(self.logprobs)
+                                         and 0 <= self.logprobs <= MAX_LOGPROBS),
+               "logprobs", self.logprobs, f"must be an integer in [0, {MAX_LOGPROBS}]")
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
 
 def _is_int(x: object) -> bool:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from enum import Enum, auto
-
-import torch
+from typing import TYPE_CHECKING
 
 from tandem.engine.attention import LayerKVCallback
 from tandem.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from tandem.engine.sampler import TokenLogprobs
+    from tandem.engine.stop_strings import StopStringMatcher
 
 
 class SequenceStatus(Enum):
@@ -30,17 +34,22 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # of the leading full blocks
+    block_table_epoch: int = 0  # bumped whenever the table is emptied (cached copies go stale)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens whose KV was reused or loaded, not computed
     num_recomputed_tokens: int = 0  # blended chunk tokens recomputed through the deep layers
     cacheable_tokens: int | None = None  # blocks past this may not enter the prefix cache
     finish_reason: str | None = None
     text: str | None = None  # set when a stop string cut the output
-    generator: torch.Generator | None = None
+    error: str | None = None  # why the request failed (finish_reason "error")
+    seed: int = 0  # the draws' seed: the request's, else a random one
+    output_logprobs: list[TokenLogprobs] | None = None  # per output token, when asked
+    stop_matcher: StopStringMatcher | None = None  # incremental stop-string search
 
     def __post_init__(self) -> None:
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
+        self.seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
+        if self.params.logprobs is not None:
+            self.output_logprobs = []
 
     @property
     def num_tokens(self) -> int:

@@ -85,10 +85,11 @@ class PrefillWorker(EngineWorker):
     def engine_config(self) -> EngineConfig:
         # With a store, reuse comes from it (whole chunks, shared across workers), so the
         # engine's own block-level prefix cache would only blur what `cached_tokens` means.
-        engine = self.config.engine
+        # A prefill worker never decodes, so it captures no CUDA graphs.
+        update: dict[str, bool] = {"cuda_graphs": False}
         if self.config.kv_store.enabled:
-            engine = engine.model_copy(update={"enable_prefix_caching": False})
-        return engine
+            update["enable_prefix_caching"] = False
+        return self.config.engine.model_copy(update=update)
 
     def streams_layerwise(self, num_tokens: int) -> bool:
         mode = self.config.kv_streaming
