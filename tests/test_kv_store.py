@@ -359,7 +359,9 @@ def test_gpu_tier_keeps_objects_in_device_memory():
     store = make_store([tier, MemoryTier("cpu", cap(4))])
     store.put("k0", kv(0))
     store.flush()
-    assert same(store.get("k0"), kv(0)) and tier.contains("k0")
+    got = store.get("k0")
+    assert got.data.device.type == "cuda"  # decoded where it lies: no round trip via the host
+    assert same(KVBlocks(got.spec, got.num_tokens, got.data.cpu()), kv(0)) and tier.contains("k0")
 
 
 def test_gpu_tier_without_cuda_is_a_clear_error():

@@ -148,6 +148,34 @@ def combined_checksum(checksums: list[int] | tuple[int, ...]) -> int:
 # -- stored objects ------------------------------------------------------------------------------
 
 
+def decode_tensor(data: torch.Tensor, fingerprint: str, spec: KVSpec,
+                  num_tokens: int | None = None) -> KVBlocks:
+    """A stored object held as a uint8 tensor in device memory, decoded where it lies: only
+    the header crosses to the host, and a `raw` payload becomes the KV as a view, with no copy.
+    Its sections are not re-hashed: the object was checked when it entered device memory (it
+    was encoded here, or decoded and checked on its way up from a lower tier), and device
+    memory, like the KV pool itself, is trusted; checksums guard wires and storage media."""
+    if data.dtype != torch.uint8 or data.dim() != 1:
+        raise KVFormatError(f"a stored KV object is flat bytes, got {data.dtype} "
+                            f"{tuple(data.shape)}")
+    head = memoryview(data[:PREFIX.size].cpu().numpy())
+    size = header_length(head)
+    header = read_header(memoryview(data[:size].cpu().numpy()), fingerprint, spec)
+    if num_tokens is not None and header.num_tokens != num_tokens:
+        raise KVFormatError(f"KV object holds {header.num_tokens} tokens, expected {num_tokens}")
+    if data.numel() - size != header.payload_bytes:
+        raise KVFormatError(f"KV payload is {data.numel() - size} bytes, the header says "
+                            f"{header.payload_bytes}")
+    if header.codec != "raw":  # coded payloads decode on the host
+        return decode_object(memoryview(data.cpu().numpy()), fingerprint, spec, num_tokens)
+    shape = (spec.num_layers, 2, spec.num_blocks_for(header.num_tokens), spec.block_size,
+             spec.num_kv_heads, spec.head_dim)
+    payload = data[size:]
+    if payload.storage_offset() % spec.torch_dtype.itemsize:
+        payload = payload.clone()  # the header ended off the element grid: a copy on the device
+    return KVBlocks(spec, header.num_tokens, payload.view(spec.torch_dtype).view(shape))
+
+
 def encode_object(kv: KVBlocks, fingerprint: str, codec: Codec, first_position: int = 0) \
         -> bytes:
     """`kv` (whose first token sits at `first_position` in its sequence) as a stored object:

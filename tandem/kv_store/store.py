@@ -18,7 +18,7 @@ import torch
 
 from tandem.engine.kv_cache import KVBlocks, KVSpec
 from tandem.kv_store import keys
-from tandem.kv_store.codec import Codec, get_codec
+from tandem.kv_store.codec import get_codec
 from tandem.kv_store.codec.controller import TEXT, BandwidthMeter, StreamingController
 from tandem.kv_store.errors import KVFormatError, KVObjectError, TierError
 from tandem.kv_store.health import TierHealth
@@ -26,17 +26,17 @@ from tandem.kv_store.index_log import IndexLog
 from tandem.kv_store.kv_object import (
     decode_layers,
     decode_object,
-    encode_object,
+    decode_tensor,
     header_length,
     read_header,
 )
 from tandem.kv_store.stats import StoreStats, TierStats
+from tandem.kv_store.store_writes import HEADER_READ_BYTES, StoreWriter, TierSet
 from tandem.kv_store.tiers.base import Buffer, Tier
 from tandem.kv_store.write_queue import WriteQueue
 
 logger = logging.getLogger(__name__)
 
-HEADER_READ_BYTES = 8192  # a first ranged read that holds the header of any stored object
 INITIAL_BANDWIDTH_BPS = 1e9  # a tier's read bandwidth before any read measured it
 
 
@@ -48,20 +48,23 @@ class TieredStore:
             raise ValueError("tier names must be unique")
         self.fingerprint, self.spec, self.chunk_tokens = fingerprint, spec, chunk_tokens
         self.namespace = keys.namespace(fingerprint, spec)
-        self.local = [t for t in tiers if not t.shared]
-        self.tiers = self.local + [t for t in tiers if t.shared]  # read order
-        self.health = {t.name: TierHealth(t) for t in tiers}
-        self.codecs: dict[str, Codec] = {
-            t.name: get_codec((codecs or {}).get(t.name, "raw")) for t in tiers}
-        self._stats = {t.name: TierStats(t.name, t.shared, self.codecs[t.name].name,
-                                         capacity_bytes=t.capacity_bytes) for t in tiers}
+        local = [t for t in tiers if not t.shared]
+        codec_of = {t.name: get_codec((codecs or {}).get(t.name, "raw")) for t in tiers}
+        self.t = TierSet(
+            local=local, tiers=local + [t for t in tiers if t.shared],
+            health={t.name: TierHealth(t) for t in tiers}, codecs=codec_of,
+            stats={t.name: TierStats(t.name, t.shared, codec_of[t.name].name,
+                                     capacity_bytes=t.capacity_bytes) for t in tiers},
+            index=IndexLog(), fingerprint=fingerprint, spec=spec)
+        self.local, self.tiers, self.health, self.codecs, self.index = (
+            self.t.local, self.t.tiers, self.t.health, self.t.codecs, self.t.index)
+        self._stats = self.t.stats
         self.promote_on_hit = promote_on_hit
-        self.index = IndexLog()
         for tier in self.local:
             for key in tier.stored_keys():
                 self.index.added(key)
-        self.puts = 0
-        self._writes = WriteQueue(self._write, max_pending_writes, "kv-store-writer")
+        self.writer = StoreWriter(self.t)
+        self._writes = WriteQueue(self.writer.write, max_pending_writes, "kv-store-writer")
         # What the streaming controller weighs: each tier's measured read bandwidth and the
         # size per token of what it stores.
         self.controller = StreamingController()
@@ -130,9 +133,14 @@ class TieredStore:
     def get(self, key: str, num_tokens: int | None = None) -> KVBlocks | None:
         """The object under `key` from the first tier that has a sound copy (of `num_tokens`
         tokens, when given), or None."""
-        for tier, blob in self._find(key, lambda t: t.get(key)):
+        def read(tier: Tier) -> Buffer | torch.Tensor | None:
+            return tier.get_tensor(key) if tier.holds_tensors else tier.get(key)
+
+        for tier, blob in self._find(key, read):
             try:
-                kv = decode_object(blob, self.fingerprint, self.spec, num_tokens)
+                kv = decode_tensor(blob, self.fingerprint, self.spec, num_tokens) \
+                    if isinstance(blob, torch.Tensor) else \
+                    decode_object(blob, self.fingerprint, self.spec, num_tokens)
             except KVObjectError as e:
                 self._corrupt(tier, key, e)
                 continue
@@ -188,7 +196,7 @@ class TieredStore:
             if data is None:
                 self._stats[tier.name].misses += 1
                 if not tier.shared and tier.contains(key):  # listed but gone: forget it
-                    self._remove(tier, key)
+                    self.t.remove(tier, key)
                 continue
             yield tier, data
 
@@ -198,12 +206,14 @@ class TieredStore:
         if blob is not None:
             stats.bytes_read += len(blob)
             if self.promote_on_hit and self.local and tier is not self.local[0]:
-                self._writes.submit(("promote", key, bytes(blob)))
+                data = blob.cpu().numpy().tobytes() if isinstance(blob, torch.Tensor) \
+                    else bytes(blob)
+                self._writes.submit(("promote", key, data))
 
     def _corrupt(self, tier: Tier, key: str, error: Exception) -> None:
         logger.warning("%s tier: object %s is unusable, deleting it: %s", tier.name, key, error)
         self._stats[tier.name].corrupt += 1
-        self._remove(tier, key)
+        self.t.remove(tier, key)
 
     # -- writes (on the writer thread) ---------------------------------------------------------
 
@@ -220,84 +230,6 @@ class TieredStore:
         """Wait until every queued write is done (tests and benchmarks)."""
         self._writes.flush(timeout)
 
-    def _write(self, item: tuple[str, str, tuple[KVBlocks, int] | bytes]) -> None:
-        kind, key, value = item
-        if kind == "put":
-            self._store(key, *value)
-        else:  # a promotion: the object's bytes, into the first local tier
-            self._put_local(0, key, value)
-
-    def _store(self, key: str, kv: KVBlocks, first_position: int) -> None:
-        self.puts += 1
-        encoded: dict[str, bytes] = {}
-
-        def blob_for(tier: Tier) -> bytes:
-            codec = self.codecs[tier.name]
-            if codec.name not in encoded:
-                encoded[codec.name] = encode_object(kv, self.fingerprint, codec, first_position)
-            return encoded[codec.name]
-
-        if self.local:
-            self._put_local(0, key, blob_for(self.local[0]))
-        for tier in self.tiers[len(self.local):]:
-            self._put(tier, key, blob_for)
-
-    def _put_local(self, i: int, key: str, blob: bytes) -> None:
-        """Put into local tier `i`, demoting its LRU objects down the chain to make room."""
-        if i >= len(self.local):
-            return
-        tier = self.local[i]
-        if tier.contains(key):
-            return
-        blob = self._transcode(blob, tier)
-        if not self.health[tier.name].writable() or len(blob) > tier.capacity_bytes:
-            self._put_local(i + 1, key, blob)
-            return
-        for victim in tier.victims(len(blob)):
-            try:
-                demoted = tier.get(victim) if i + 1 < len(self.local) else None
-            except TierError:
-                demoted = None
-            self._remove(tier, victim)
-            self._stats[tier.name].evictions += 1
-            if demoted is not None:
-                self._put_local(i + 1, victim, bytes(demoted))
-        if not self._put(tier, key, lambda _: blob):
-            self._put_local(i + 1, key, blob)
-
-    def _put(self, tier: Tier, key: str, blob_for) -> bool:
-        health = self.health[tier.name]
-        try:
-            if not health.writable() or (tier.shared and tier.contains(key)):
-                return False
-            blob = blob_for(tier)
-            tier.put(key, blob)
-        except TierError as e:
-            health.failed(e)
-            return False
-        self._stats[tier.name].bytes_written += len(blob)
-        if not tier.shared:
-            self.index.added(key)
-        return True
-
-    def _transcode(self, blob: bytes, tier: Tier) -> bytes:
-        """`blob` in `tier`'s codec (demotion between tiers that code differently)."""
-        codec = self.codecs[tier.name]
-        header = read_header(memoryview(blob)[:HEADER_READ_BYTES], self.fingerprint, self.spec)
-        if header.codec == codec.name:
-            return blob
-        return encode_object(decode_object(blob, self.fingerprint, self.spec),
-                             self.fingerprint, codec, header.first_position)
-
-    def _remove(self, tier: Tier, key: str) -> None:
-        try:
-            removed = tier.remove(key)
-        except TierError as e:
-            self.health[tier.name].failed(e)
-            return
-        if removed and not tier.shared:
-            self.index.removed(key)
-
     # -- introspection -------------------------------------------------------------------------
 
     def stats(self) -> StoreStats:
@@ -308,7 +240,7 @@ class TieredStore:
             stats.writes_paused = time.monotonic() < health.writes_paused_until
             stats.used_bytes = tier.used_bytes
             tiers.append(TierStats(**vars(stats)))
-        return StoreStats(self.chunk_tokens, tiers, self.puts, self._writes.dropped,
+        return StoreStats(self.chunk_tokens, tiers, self.writer.puts, self._writes.dropped,
                           self._writes.pending, dict(self.controller.choices))
 
     def close(self) -> None:

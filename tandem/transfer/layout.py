@@ -4,8 +4,14 @@ record of which pieces arrived.
 A piece is `layers` x the request's blocks [first_block, first_block + num_blocks). Its bytes,
 in order, are layer by layer, K then V, block by block: exactly what `KVCache.gather` returns,
 so a gRPC payload and the memory a NIXL WRITE fills hash the same. A whole transfer is checked
-by each piece's XXH3-64 and, in the KV header, the XXH3-64 of all piece checksums in
+by each piece's checksum and, in the KV header, the XXH3-64 of all piece checksums in
 (layer, block) order.
+
+A piece's checksum is XXH3-64 of its bytes (`xxh3`), except where a NIXL sender's pool is on a
+GPU: there it is `word64`, a hash computed on the device where the blocks live (copying each
+piece to the host to hash it would stall the stream every piece). `word64` is defined in
+integer tensor arithmetic, so a CPU receiver computes exactly the same value; the sender names
+the kind in each piece's notification.
 """
 
 from __future__ import annotations
@@ -61,15 +67,42 @@ def pool_runs(spec: KVSpec, layers: range, pool_blocks: int, block_ids: list[int
     return runs
 
 
-def piece_checksum(cache: KVCache, layers: range, block_ids: list[int]) -> int:
-    """XXH3-64 of a piece as it sits in `cache` at `block_ids`."""
-    if cache.data.device.type != "cpu":  # device memory: hash a host copy
+CHECKSUM_KINDS = ("xxh3", "word64")
+_MIX1, _MIX2, _MIX3 = 0x9E3779B97F4A7C15 - (1 << 64), 0x632BE59BD9B4E019, 0x2545F4914F6CDD1D
+
+
+def native_checksum_kind(cache: KVCache) -> str:
+    """The kind a sender computes where its pool lives."""
+    return "xxh3" if cache.data.device.type == "cpu" else "word64"
+
+
+def piece_checksum(cache: KVCache, layers: range, block_ids: list[int],
+                   kind: str | None = None) -> int:
+    """The checksum of a piece as it sits in `cache` at `block_ids` (default kind: the pool's
+    native one)."""
+    kind = kind or native_checksum_kind(cache)
+    if kind == "word64":
+        return word64_checksum(cache.gather(layers, block_ids))
+    if kind != "xxh3":
+        raise ValueError(f"unknown checksum kind {kind!r}; known: {', '.join(CHECKSUM_KINDS)}")
+    if cache.data.device.type != "cpu":
         return checksum_bytes(cache.gather(layers, block_ids).cpu())
     pool = memoryview(cache.data.view(torch.uint8).view(-1).numpy())
     digest = xxhash.xxh3_64()
     for offset, size in pool_runs(cache.spec, layers, cache.num_blocks, block_ids):
         digest.update(pool[offset:offset + size])
     return digest.intdigest()
+
+
+def word64_checksum(data: torch.Tensor) -> int:
+    """A 64-bit hash of a tensor's bytes, computed where the tensor lives: each 32-bit word is
+    mixed with its index (so moved words change the result) and the mixes are summed, in
+    wrapping int64 arithmetic, which CPU and CUDA do alike. Only the result crosses to the host."""
+    words = data.contiguous().view(torch.int32).reshape(-1).to(torch.int64) & 0xFFFFFFFF
+    x = words * _MIX2 + torch.arange(words.numel(), device=words.device) * _MIX1
+    x = (x ^ ((x >> 31) & 0x1FFFFFFFF)) * _MIX3
+    x = x ^ ((x >> 29) & 0x7FFFFFFFF)
+    return int(x.sum()) & 0xFFFFFFFFFFFFFFFF
 
 
 def checksum_bytes(data: torch.Tensor | bytes | bytearray | memoryview) -> int:

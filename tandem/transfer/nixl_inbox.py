@@ -19,7 +19,13 @@ from tandem.kv_store.errors import KVFormatError
 from tandem.kv_store.kv_object import KVHeader
 from tandem.transfer.base import Handoff, KVIdentity, KVSink
 from tandem.transfer.errors import TransferRejected
-from tandem.transfer.layout import Piece, Reception, combined_checksum, piece_checksum
+from tandem.transfer.layout import (
+    CHECKSUM_KINDS,
+    Piece,
+    Reception,
+    combined_checksum,
+    piece_checksum,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -119,11 +125,14 @@ class NixlInbox:
                     return
             (lo, hi), (first, count) = fields["l"], fields["b"]
             piece = Piece(range(int(lo), int(hi)), int(first), int(count), int(fields["c"]))
+            kind = fields.get("h", "xxh3")
+            if kind not in CHECKSUM_KINDS:
+                raise ValueError(f"unknown checksum kind {kind!r}")
             inbound.reception.check(piece)
         except (ValueError, KeyError, TypeError) as e:
             inbound.error = ("rejected", f"request {request_id}: bad KV piece: {e}")
             return
-        got = piece_checksum(self.cache, piece.layers, [blocks[b] for b in piece.blocks])
+        got = piece_checksum(self.cache, piece.layers, [blocks[b] for b in piece.blocks], kind)
         if got != piece.checksum:
             inbound.error = ("corrupted", f"request {request_id}: KV checksum mismatch in "
                              f"layers {lo}..{hi}: the data was corrupted")

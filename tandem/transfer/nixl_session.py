@@ -29,6 +29,7 @@ from tandem.transfer.errors import TransferCorrupted, TransferRejected, Transfer
 from tandem.transfer.layout import (
     Piece,
     combined_checksum,
+    native_checksum_kind,
     piece_checksum,
     split_layers,
     transfer_header,
@@ -110,7 +111,8 @@ class NixlSession(SendSession):
 
     def _write(self, layers: range, first_block: int, src_blocks: list[int]) -> None:
         # Several WRITEs for a big piece: the receiver checks one while the next is copied.
-        # Checksums run on a helper thread (xxhash drops the GIL), one part ahead of the copies.
+        # Checksums run on a helper thread (xxhash drops the GIL), one part ahead of the copies;
+        # on a GPU they run on the device, and waiting for one also waits for the layer's KV.
         parts = split_layers(self.cache.spec, layers, len(src_blocks))
         hashing = self.transport.hasher.submit(piece_checksum, self.cache, parts[0], src_blocks)
         for i, part in enumerate(parts):
@@ -130,7 +132,8 @@ class NixlSession(SendSession):
         announced = piece.checksum ^ int(self._corrupt and not self.pieces)
         notif = b"P" + json.dumps({
             "r": self.request_id, "n": self.target.num_tokens, "l": [layers.start, layers.stop],
-            "b": [first_block, len(src_blocks)], "c": announced}).encode()
+            "b": [first_block, len(src_blocks)], "c": announced,
+            "h": native_checksum_kind(self.cache)}).encode()
         try:
             handle = self.agent.make_prepped_xfer(
                 "WRITE", self.local_prepped, self.local.indices(layers, src_blocks),

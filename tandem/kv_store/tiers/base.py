@@ -20,6 +20,9 @@ class Tier(ABC):
     # Shared tiers (Redis) are seen by every worker: the store writes through to them and
     # leaves eviction to the tier itself; local tiers form the store's LRU demotion chain.
     shared: bool = False
+    # Tiers in device memory hand objects out as tensors where they live (`get_tensor`), so a
+    # hit reaches the KV pool with no copy through the host.
+    holds_tensors: bool = False
 
     @abstractmethod
     def get(self, key: str) -> Buffer | None:
@@ -29,6 +32,10 @@ class Tier(ABC):
         """`length` bytes of the object from `offset` (fewer at its end), or None."""
         data = self.get(key)
         return None if data is None else memoryview(data)[offset:offset + length]
+
+    def get_tensor(self, key: str):  # -> torch.Tensor | None; tiers need not import torch
+        """The object under `key` as a uint8 tensor where it lives (`holds_tensors` tiers)."""
+        raise NotImplementedError(f"the {self.name} tier holds no tensors")
 
     @abstractmethod
     def contains(self, key: str) -> bool: ...

@@ -18,18 +18,31 @@ class MemoryTier(LocalTier):
         super().__init__(name, capacity_bytes)
         self.device = torch.device(device)
         self.pin = self.device.type == "cpu" and torch.cuda.is_available()
+        self.holds_tensors = self.device.type == "cuda"
         self._objects: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> Buffer | None:
+    def get_tensor(self, key: str) -> torch.Tensor | None:
+        # Objects are never written after `put`, so the stored tensor is safe to hand out.
         with self._lock:
             tensor = self._objects.get(key)
+        if tensor is not None:
+            self._index.touch(key)
+        return tensor
+
+    def get(self, key: str) -> Buffer | None:
+        tensor = self.get_tensor(key)
         if tensor is None:
             return None
-        self._index.touch(key)
-        # Objects are never written after `put`, so a view of host memory is safe to hand out.
         host = tensor if tensor.device.type == "cpu" else tensor.cpu()
         return memoryview(host.numpy())
+
+    def get_range(self, key: str, offset: int, length: int) -> Buffer | None:
+        tensor = self.get_tensor(key)  # only the range crosses to the host
+        if tensor is None:
+            return None
+        part = tensor[offset:offset + length]
+        return memoryview((part if part.device.type == "cpu" else part.cpu()).numpy())
 
     def put(self, key: str, data: Buffer) -> None:
         source = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else \
