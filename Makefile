@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 SERVE_FLAGS ?=
 
-.PHONY: run test lint bench bench-serve bench-transfer bench-store bench-codec bench-blend proto install clean
+.PHONY: run test lint bench bench-gpu bench-serve bench-transfer bench-store bench-codec bench-blend proto install clean
 
 # Local Ray, one prefill + one decode worker, the shipped model, gateway on 127.0.0.1:50051.
 run: install
@@ -22,6 +22,9 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/engine.py
+
+bench-gpu: install
+	$(BIN)/python bench/gpu.py
 
 bench-serve: install
 	$(BIN)/python bench/serve.py
