@@ -6,8 +6,10 @@ them, so decode-only steps replay a graph captured for the smallest bucket that 
 static buffer (token ids, positions, slots, rows: `DecodeStep.packed`) and the device-resident
 block tables, computes the context lengths itself, and leaves the logits in its own output;
 the step copies its inputs into the buffer and replays. All graphs share one memory pool and are
-captured largest first, so they share one set of activations. Prefill and mixed steps, and
-batches beyond the largest bucket, run eagerly.
+captured largest first, so they share one set of activations, and they write their logits into
+one shared output (a graph's own output would stay allocated: with a 128k vocabulary, every
+bucket up to 512 holding its own would take 8 GiB). Prefill and mixed steps, and batches beyond
+the largest bucket, run eagerly.
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ class DecodeGraphs:
         # Idle columns decode from the padding row into the scratch block, never a real block.
         filler = torch.tensor([0, 0, inputs.scratch_slot, inputs.padding_row], device=device)
         self.static = filler.unsqueeze(1).repeat(1, sizes[-1]).contiguous()
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.logits: torch.Tensor | None = None  # [largest bucket, vocab] float32, shared
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
         self.num_replays = 0
 
@@ -81,6 +84,9 @@ class DecodeGraphs:
         started = time.perf_counter()
         self.pool = self.pool or torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
+        if self.logits is None:
+            self.logits = torch.empty((self.sizes[-1], self.model.config.vocab_size),
+                                      dtype=torch.float32, device=self.static.device)
         for i, size in enumerate(sizes):
             packed = self.static[:, :size]
             # Warm up outside capture first: Triton compiles and cuBLAS picks its kernels here.
@@ -90,8 +96,9 @@ class DecodeGraphs:
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                logits = decode_forward(self.model, self.cache, self.inputs, packed)
-            self.graphs[size] = (graph, logits)
+                self.logits[:size].copy_(
+                    decode_forward(self.model, self.cache, self.inputs, packed))
+            self.graphs[size] = graph
             if progress is not None and (i + 1 == len(sizes) or (i + 1) % 8 == 0):
                 progress(f"captured {i + 1}/{len(sizes)} decode graphs "
                          f"({time.perf_counter() - started:.1f} s)")
@@ -99,7 +106,7 @@ class DecodeGraphs:
 
     def release(self) -> None:
         self.graphs.clear()
-        self.pool = None
+        self.pool = self.logits = None
 
     def bucket(self, n: int) -> int | None:
         size = bucket_for(self.sizes, n)
@@ -110,7 +117,6 @@ class DecodeGraphs:
         if step.packed.shape[0] != NUM_FIELDS or step.padded not in self.graphs:
             raise ValueError(f"no graph captured for a step of {step.padded} columns")
         self.static[:, :step.padded].copy_(step.packed)
-        graph, logits = self.graphs[step.padded]
-        graph.replay()
+        self.graphs[step.padded].replay()
         self.num_replays += 1
-        return logits[:step.size]
+        return self.logits[:step.size]

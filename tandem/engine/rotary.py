@@ -40,16 +40,20 @@ class RotaryEmbedding(torch.nn.Module):
         super().__init__()
         self.head_dim, self.max_positions = head_dim, max_positions
         self.theta, self.scaling = theta, scaling
-        self._tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Per device, built once and never replaced: captured CUDA graphs hold their addresses.
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """fp32 cos/sin [max_positions, D/2], built on first use (the model may start on meta)."""
-        if self._tables is None or self._tables[0].device != device:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self._tables:
             inv_freq = inverse_frequencies(self.head_dim, self.theta, self.scaling)
             positions = torch.arange(self.max_positions, dtype=torch.float32)
             angles = torch.outer(positions, inv_freq).to(device)
-            self._tables = (angles.cos(), angles.sin())
-        return self._tables
+            self._tables[device] = (angles.cos(), angles.sin())
+        return self._tables[device]
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> Rope:
         """cos/sin [T, 1, D/2] for `positions` [T]; looked up once per step, shared by layers."""

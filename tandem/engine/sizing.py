@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +24,9 @@ from tandem.engine.sampler import Sampler
 from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.scheduler import ScheduledChunk
 from tandem.engine.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from tandem.engine.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +89,15 @@ def cuda_kv_cache_bytes(config: EngineConfig, model: LlamaModel, spec: KVSpec,
         seq.block_table = list(range(next_block, next_block + spec.num_blocks_for(n)))
         next_block += len(seq.block_table)
         chunks.append(ScheduledChunk(seq, n))
+    chunks.sort(key=lambda c: c.num_tokens != 1)  # as the scheduler orders a step
     runner.execute(chunks)
+    _sample_widest_step(runner, config, model.config.vocab_size, device)
     torch.cuda.synchronize(device)
     activations = torch.cuda.max_memory_allocated(device) - base
     graphs = 0
     if runner.graphs is not None:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()  # what the profile step freed must not count as used here
         before = torch.cuda.mem_get_info(device)[0]
         runner.graphs.capture(sizes=[runner.graphs.sizes[-1]])
         graphs = max(0, before - torch.cuda.mem_get_info(device)[0])
@@ -109,3 +117,14 @@ def cuda_kv_cache_bytes(config: EngineConfig, model: LlamaModel, spec: KVSpec,
             "left): raise gpu_memory_utilization, lower max_num_batched_tokens or "
             "max_model_len, or set kv_cache_gb")
     return budget
+
+
+def _sample_widest_step(runner: ModelRunner, config: EngineConfig, vocab_size: int,
+                        device: torch.device) -> None:
+    """Sample `max_num_seqs` rows the costly way (top-k, top-p, logprobs): the sampler's
+    [batch, vocab] temporaries are a decode step's peak, not the model's activations."""
+    params = SamplingParams(max_tokens=1, temperature=0.8, top_k=50, top_p=0.9, logprobs=20)
+    seqs = [Sequence(f"sample-{i}", [0], 1, params) for i in range(config.max_num_seqs)]
+    inputs = runner.sampler.prepare(seqs)
+    logits = torch.randn((len(seqs), vocab_size), device=device)
+    runner.sampler.sample(logits, inputs)

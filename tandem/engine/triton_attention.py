@@ -268,7 +268,9 @@ def paged_decode_attention(
         GROUP=group,
         # tl.dot needs every dimension >= 16; padded query rows are masked on load and store.
         GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, TILE=max(16, block_size), DOT_F32=needs_f32_dot(q),
+        # Each token looks up its own block, so the tile need not follow block_size (a tile of
+        # 256-token blocks would overflow shared memory); 16 keeps the interpreter quick.
+        BLOCK_SIZE=block_size, TILE=64 if q.is_cuda else 16, DOT_F32=needs_f32_dot(q),
     )
     if num_splits > 1:
         _merge_splits_kernel[(batch, num_heads)](

@@ -148,7 +148,7 @@ def paged_prefill_attention(
     # Bigger tiles amortize K/V loads on the GPU; the interpreter is faster with small ones.
     on_gpu = q.device.type == "cuda"
     block_m = 64 if on_gpu else 16
-    block_n = max(64 if on_gpu else 16, block_size)
+    block_n = 64 if on_gpu else 16  # keys per tile, whatever the block size (shared memory)
     grid = (triton.cdiv(max_query_len, block_m), chunks, num_heads)
     _paged_prefill_kernel[grid](
         q, k_pool, v_pool, out, block_tables, query_starts, context_lens, scale * _LOG2E,

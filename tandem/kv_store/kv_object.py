@@ -29,10 +29,11 @@ from tandem.kv_store.codec import Codec, get_codec
 from tandem.kv_store.errors import KVChecksumError, KVFormatError
 
 MAGIC = b"TDKV"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the model fingerprint is a digest of the weights' bytes
 MAX_META_BYTES = 1 << 16
 MAX_TOKENS = 1 << 22  # more than any context: a header claiming more is damaged
 PREFIX = struct.Struct("<4sHI")
+HEADER_ALIGN = 16
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class KVHeader:
             "layer_bytes": list(self.layer_bytes), "layer_checksums": list(self.layer_checksums),
             "first_position": self.first_position,
         }, sort_keys=True).encode()
+        # Pad the JSON with spaces (still valid JSON) so the payload starts 16-byte aligned:
+        # an object held in device memory then decodes as a view of its bytes, not a copy.
+        meta += b" " * (-(PREFIX.size + len(meta)) % HEADER_ALIGN)
         return PREFIX.pack(MAGIC, FORMAT_VERSION, len(meta)) + meta
 
     @classmethod

@@ -94,15 +94,22 @@ def piece_checksum(cache: KVCache, layers: range, block_ids: list[int],
     return digest.intdigest()
 
 
+WORD64_SLICE = 1 << 22  # words hashed at a time: int64 temporaries stay ~100 MB
+
+
 def word64_checksum(data: torch.Tensor) -> int:
     """A 64-bit hash of a tensor's bytes, computed where the tensor lives: each 32-bit word is
     mixed with its index (so moved words change the result) and the mixes are summed, in
-    wrapping int64 arithmetic, which CPU and CUDA do alike. Only the result crosses to the host."""
-    words = data.contiguous().view(torch.int32).reshape(-1).to(torch.int64) & 0xFFFFFFFF
-    x = words * _MIX2 + torch.arange(words.numel(), device=words.device) * _MIX1
-    x = (x ^ ((x >> 31) & 0x1FFFFFFFF)) * _MIX3
-    x = x ^ ((x >> 29) & 0x7FFFFFFFF)
-    return int(x.sum()) & 0xFFFFFFFFFFFFFFFF
+    wrapping int64 arithmetic, which CPU and CUDA do alike. Only the result crosses to the host.
+    Wrapping addition is associative, so hashing in slices gives the same sum."""
+    words = data.contiguous().view(torch.int32).reshape(-1)
+    total = torch.zeros((), dtype=torch.int64, device=words.device)
+    for start in range(0, words.numel(), WORD64_SLICE):
+        part = words[start:start + WORD64_SLICE].to(torch.int64) & 0xFFFFFFFF
+        x = part * _MIX2 + (torch.arange(part.numel(), device=part.device) + start) * _MIX1
+        x = (x ^ ((x >> 31) & 0x1FFFFFFFF)) * _MIX3
+        total += (x ^ ((x >> 29) & 0x7FFFFFFFF)).sum()
+    return int(total) & 0xFFFFFFFFFFFFFFFF
 
 
 def checksum_bytes(data: torch.Tensor | bytes | bytearray | memoryview) -> int:
