@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -92,6 +93,9 @@ async def _serve_decode(conn, max_tokens: int) -> None:
         elif command == "forget":
             await worker.abort(args[0])
             conn.send(None)
+        elif command == "admit":  # a sender's introduction, as Ray would carry it
+            await worker.admit_kv_sender(*args)
+            conn.send(None)
         elif command == "shm":  # the memcpy baseline's destination, mapped here
             if args[0] not in shms:
                 shms[args[0]] = SharedMemory(create=True, size=args[0])
@@ -105,13 +109,27 @@ async def _serve_decode(conn, max_tokens: int) -> None:
             return
 
 
+class PipeControl:
+    """The decode process's stand-in for a Ray actor handle: `admit_kv_sender.remote(...)`."""
+
+    def __init__(self, decode: Decode) -> None:
+        self.decode = decode
+        self.admit_kv_sender = self
+
+    def remote(self, transport: str, introduction: bytes) -> Any:
+        return self.decode.ask("admit", transport, introduction)
+
+
 class Decode:
     def __init__(self, max_tokens: int) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=decode_process, args=(child, max_tokens), daemon=True)
         self.process.start()
-        self.receivers = self.conn.recv()
+        # Senders introduce themselves to the decode worker through its control handle (Ray in
+        # a cluster); here the pipe stands in for it.
+        self.receivers = [dataclasses.replace(r, control=PipeControl(self))
+                          for r in self.conn.recv()]
 
     async def ask(self, *command: Any) -> Any:
         self.conn.send(command)
@@ -209,6 +227,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                for mode in ("layerwise", "onepiece")}
     for worker in workers.values():
         await worker.start()
+        for t in transports:  # one-piece moves below open sessions without a prefill
+            await decode.ask("admit", t, worker.transports[t].introduction())
     mover = workers["onepiece"]
     spec = mover.engine.engine.kv_spec
     report: dict[str, Any] = {"sizes": {}, "crossover": {}, "transports": transports}

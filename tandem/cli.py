@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 from pathlib import Path
@@ -83,6 +84,29 @@ def cachegen_profile(
 
 
 @app.command()
+def certs(
+    directory: Annotated[Path, typer.Argument(help="Where to write the PEM files.")],
+    host: Annotated[list[str] | None, typer.Option(
+        help="Extra name or IP address for the node certificate; repeatable.")] = None,
+) -> None:
+    """Write a development CA and a node certificate (server and client use) into DIRECTORY:
+    for the gateway's TLS and the cluster's mTLS. Production clusters bring their own."""
+    from tandem.tls import make_dev_certs
+
+    try:
+        paths = make_dev_certs(directory, host or [])
+    except FileExistsError as e:  # a new CA would orphan every certificate the old one signed
+        typer.echo(f"error: {e}; remove it first to make a new CA", err=True)
+        raise typer.Exit(2) from None
+    for name, path in paths.items():
+        typer.echo(f"{name}: {path}")
+    d = directory
+    typer.echo(f"use: tandem serve --tls-cert {d / 'node.pem'} --tls-key {d / 'node.key'} "
+               f"(gateway); --config YAML worker.tls: {{ca: {d / 'ca.pem'}, "
+               f"cert: {d / 'node.pem'}, key: {d / 'node.key'}}} (cluster mTLS)")
+
+
+@app.command()
 def serve(
     config: Annotated[Path | None, typer.Option(
         "--config", help="YAML file with any ServeConfig fields; flags override it.")] = None,
@@ -123,6 +147,19 @@ def serve(
     cuda_graphs: Annotated[bool | None, typer.Option(
         "--cuda-graphs/--no-cuda-graphs",
         help="Replay captured CUDA graphs for decode steps (decode workers, CUDA).")] = None,
+    api_key: Annotated[list[str] | None, typer.Option(
+        help="Require this API key ('authorization: Bearer KEY'); repeatable. Also "
+        "TANDEM_API_KEY (comma-separated).")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(
+        help="Serve the gateway over TLS with this PEM certificate (with --tls-key).")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM key of --tls-cert.")] = None,
+    tls_client_ca: Annotated[Path | None, typer.Option(
+        help="Require client certificates signed by this CA (mTLS).")] = None,
+    debug_routing: Annotated[bool | None, typer.Option(
+        "--debug-routing", help="Honour x-tandem-prefill-worker routing hints.")] = None,
+    kv_host: Annotated[str | None, typer.Option(
+        help="Address the workers' KV receivers bind (default: loopback on a local Ray "
+        "cluster, the node's address on a real one).")] = None,
 ) -> None:
     """Serve the model: Ray workers for prefill and decode behind a gRPC gateway.
 
@@ -145,6 +182,10 @@ def serve(
         "worker.engine.model": model, "worker.engine.dtype": dtype,
         "worker.engine.kv_cache_gb": kv_cache_gb, "worker.engine.num_threads": threads,
         "worker.engine.cuda_graphs": cuda_graphs,
+        "gateway.api_keys": api_key or _env_api_keys(),
+        "gateway.tls.cert": tls_cert, "gateway.tls.key": tls_key,
+        "gateway.tls.client_ca": tls_client_ca, "gateway.debug_routing": debug_routing,
+        "worker.host": kv_host,
     }
     try:
         settings = ServeConfig.load(config, {k: v for k, v in flags.items() if v is not None})
@@ -155,7 +196,7 @@ def serve(
         from tandem.transfer import TransportNotUsable, available_transports
 
         try:
-            available_transports(settings.worker.kv_transport)
+            available_transports(settings.worker.kv_transport, settings.worker.tls is not None)
         except TransportNotUsable as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
@@ -191,6 +232,11 @@ async def _serve(settings) -> None:
         typer.echo("shutting down", err=True)
     finally:
         await server.stop()
+
+
+def _env_api_keys() -> list[str] | None:
+    keys = [k.strip() for k in os.environ.get("TANDEM_API_KEY", "").split(",") if k.strip()]
+    return keys or None
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ from tandem.kv_store.config import StoreConfig
 from tandem.kv_store.stats import StoreStats
 from tandem.kv_store.store import TieredStore
 from tandem.log import setup_logging
+from tandem.tls import ClusterTLS
 from tandem.transfer import TransportMode
 from tandem.transfer.base import ReceiverInfo
 
@@ -51,6 +52,9 @@ class WorkerConfig(BaseModel):
         30.0, gt=0, description="Deadline for a KV handoff after the prefill, seconds.")
     host: str | None = Field(
         None, description="Address the KV receiver binds; None = this node's IP.")
+    tls: ClusterTLS | None = Field(
+        None, description="Mutual TLS for internal gRPC hops (KV transfer, admin calls) under "
+        "the cluster CA; None = plaintext, for one machine.")
     kv_codec: Annotated[str, StringConstraints(pattern=r"^(raw|cachegen(:([0-4]|auto))?)$")] \
         = Field("raw", description="How gRPC KV handoffs code the KV on the wire: raw, "
                 "cachegen[:LEVEL], or cachegen:auto (per piece, the finest level that fits "
@@ -110,6 +114,16 @@ def node_ip() -> str:
         return ray.util.get_node_ip_address()
     except Exception:  # outside Ray (unit tests): loopback
         return socket.gethostbyname("localhost")
+
+
+def own_actor() -> Any:
+    """This worker's Ray actor handle, or None when it is not running as an actor."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().current_actor
+    except Exception:  # outside Ray, or Ray without an actor here (unit tests, benchmarks)
+        return None
 
 
 class EngineWorker:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 import warnings
@@ -61,6 +62,19 @@ def hf_model(model_path: Path):
 def hf_tokenizer(model_path: Path):
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(model_path.parent, gguf_file=model_path.name)
+
+
+def require_nixl() -> None:
+    """Skip a NIXL test where NIXL is not installed; fail it where NIXL is installed but does
+    not load, so a broken install is never counted as a skip (`make install` installs it)."""
+    from tandem.transfer import nixl_problem
+
+    problem = nixl_problem()
+    if problem is None:
+        return
+    if importlib.util.find_spec("nixl") is not None:
+        pytest.fail(f"NIXL is installed but broken: {problem}")
+    pytest.skip(problem)
 
 
 def greedy(n: int) -> SamplingParams:

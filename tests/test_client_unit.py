@@ -20,7 +20,7 @@ from tandem.client._request import build_generate_request, channel_options, serv
 from tandem.proto.v1 import tandem_pb2 as pb
 from tandem.proto.v1 import tandem_pb2_grpc as pb_grpc
 
-DEFAULTS = {"recompute_ratio": None, "blend": None, "max_tokens": 16, "temperature": 1.0,
+DEFAULTS = {"recompute_ratio": None, "blend": None, "max_tokens": None, "temperature": 1.0,
             "top_p": 1.0, "top_k": 0, "seed": None, "stop": None, "request_id": None,
             "model": None, "ignore_eos": False}
 ONE_INPUT = "exactly one of `prompt`, `messages` or `segments` must be given"
@@ -401,3 +401,27 @@ def test_async_health_is_false_when_nothing_listens():
             return await client.health()
 
     assert asyncio.run(main()) is False
+
+
+def test_max_tokens_is_left_to_the_server_when_not_given():
+    assert not build("x").sampling.HasField("max_tokens")
+
+
+def test_api_key_travels_as_a_bearer_token_and_cache_salt_as_an_option():
+    from tandem.client._request import call_metadata
+
+    assert call_metadata("k1") == (("authorization", "Bearer k1"),)
+    assert call_metadata(None) == ()
+    with pytest.raises(ValueError, match="api_key"):
+        call_metadata("two words")
+    assert build("x", cache_salt="tenant").sampling.cache_salt == "tenant"
+    assert not build("x").sampling.HasField("cache_salt")
+
+
+def test_client_certificates_need_tls_and_come_in_pairs():
+    from tandem.client._request import channel_credentials
+
+    with pytest.raises(ValueError, match="go together"):
+        channel_credentials(True, None, b"cert", None)
+    with pytest.raises(ValueError, match="need tls=True"):
+        channel_credentials(False, None, b"cert", b"key")

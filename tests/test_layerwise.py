@@ -13,10 +13,10 @@ import torch
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.kv_cache import KVCache
 from tandem.prefill_worker.streamer import LayerStreamer
-from tandem.transfer import TRANSPORTS, make_transport, nixl_problem
+from tandem.transfer import TRANSPORTS, make_transport
 from tandem.transfer.base import Handoff, KVIdentity, KVTarget, SendSession
 
-from .conftest import greedy
+from .conftest import greedy, require_nixl
 from .test_transfer import Sink
 
 
@@ -65,8 +65,8 @@ def test_without_streaming_everything_goes_in_one_piece(make_engine):
 
 @pytest.mark.parametrize("name", TRANSPORTS)
 def test_first_layer_arrives_before_the_last_layer_is_computed(make_engine, name):
-    if name == "nixl" and nixl_problem():
-        pytest.skip(nixl_problem())
+    if name == "nixl":
+        require_nixl()
     engine = make_engine()
     spec = engine.kv_spec
     prompt = list(range(2000, 2400))
@@ -82,6 +82,7 @@ def test_first_layer_arrives_before_the_last_layer_is_computed(make_engine, name
         try:
             info = await receiving.start_receiver(
                 "127.0.0.1", KVIdentity(engine.fingerprint, spec, engine.max_model_len), dst, sink)
+            receiving.admit(sending.introduction())  # the prefill worker does it through Ray
             session = sending.open_session(engine.cache, engine.fingerprint,
                                            KVTarget(info, tuple(dst_blocks), len(prompt)), "r")
             streamer = LayerStreamer(engine, "r", len(prompt), session)

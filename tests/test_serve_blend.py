@@ -100,7 +100,7 @@ def test_full_recompute_and_no_blend_through_the_cluster_equal_full_prefill(serv
 
 def test_bad_segments_are_refused_with_the_field_named(server):
     with pytest.raises(TandemError, match="question") as refused:
-        ask(server, ["prefix", "a chunk", ""])
+        ask(server, ["prefix", "a chunk long enough to be cached and blended on its own", ""])
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     # The SDK checks the ratio itself: send the bad value with the raw stub.
     with grpc.insecure_channel(server.address) as channel, \

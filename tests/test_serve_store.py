@@ -41,7 +41,7 @@ def cluster(ray_cluster, redis_server, tmp_path_factory):
     RedisTier(redis_server.url, 1).client.flushall()
     # No CPU tier, so the SSD tier is each worker's first (and the corrupted-file test reads it).
     # Raw KV in every tier: outputs must equal the single engine's (the codec has its tests).
-    config = serve_config(prefill_workers=2, worker={
+    config = serve_config(prefill_workers=2, gateway={"debug_routing": True}, worker={
         "engine": {"kv_cache_gb": 0.1},
         "kv_store": {"cpu_gb": 0, "ssd_dir": str(tmp_path_factory.mktemp("kv")),
                      "ssd_codec": "raw", "redis": {"url": redis_server.url, "codec": "raw"}}})

@@ -14,9 +14,8 @@ import ray
 
 from tandem.client import Client, TandemError
 from tandem.engine.sampling_params import SamplingParams
-from tandem.transfer import nixl_problem
 
-from .conftest import serve_config
+from .conftest import require_nixl, serve_config
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +25,7 @@ SHORT = "The capital of France is"
 
 
 def needs_nixl():
-    if nixl_problem():
-        pytest.skip(nixl_problem())
+    require_nixl()
 
 
 @pytest.fixture(scope="module")

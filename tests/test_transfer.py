@@ -15,9 +15,11 @@ import torch
 
 from tandem.engine.kv_cache import KVCache, KVSpec
 from tandem.faults import active_faults
-from tandem.transfer import TRANSPORTS, make_transport, nixl_problem
+from tandem.transfer import TRANSPORTS, make_transport
 from tandem.transfer.base import Handoff, KVIdentity, KVSink, KVTarget, ReceiverInfo
 from tandem.transfer.errors import TransferCorrupted, TransferRejected, TransferUnavailable
+
+from .conftest import require_nixl
 
 SPEC = KVSpec(num_layers=4, num_kv_heads=3, head_dim=64, dtype="bfloat16", block_size=16)
 IDENTITY = KVIdentity("model-a", SPEC, max_tokens=4096)
@@ -59,6 +61,7 @@ async def exchange(name: str, num_tokens: int = 100, *, layerwise: bool = True,
     receiving, sending = make_transport(name), make_transport(name, codec)
     try:
         info = await receiving.start_receiver("127.0.0.1", IDENTITY, dst, sink)
+        receiving.admit(sending.introduction())  # what the prefill worker does through Ray
         session = sending.open_session(src, fingerprint,
                                        KVTarget(receiver or info, tuple(DST_BLOCKS[:n]),
                                                 num_tokens), "r1")
@@ -82,6 +85,7 @@ async def connected(name: str, sink: Sink, blocks: tuple[int, ...], num_tokens: 
     try:
         info = await receiving.start_receiver("127.0.0.1", IDENTITY,
                                               KVCache(SPEC, 16, torch.device("cpu")), sink)
+        receiving.admit(sending.introduction())
         yield sending.open_session(filled_pool(), "model-a", KVTarget(info, blocks, num_tokens),
                                    "r1"), receiving
     finally:
@@ -95,8 +99,8 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @pytest.fixture(params=TRANSPORTS)
 def transport(request) -> str:
-    if request.param == "nixl" and nixl_problem():
-        pytest.skip(nixl_problem())
+    if request.param == "nixl":
+        require_nixl()
     return request.param
 
 
@@ -160,8 +164,7 @@ def test_unreachable_grpc_receiver_is_retryable():
 
 
 def test_silent_nixl_receiver_ends_the_wait_at_the_deadline():
-    if nixl_problem():
-        pytest.skip(nixl_problem())
+    require_nixl()
 
     async def main():
         src = filled_pool()
@@ -263,6 +266,7 @@ def test_a_request_id_reserved_again_gets_a_fresh_transfer(transport):
         try:
             info = await receiving.start_receiver(
                 "127.0.0.1", IDENTITY, KVCache(SPEC, 16, torch.device("cpu")), sink)
+            receiving.admit(sending.introduction())
             for _ in range(2):
                 receiving.reserved("r1")
                 session = sending.open_session(filled_pool(), "model-a",

@@ -52,14 +52,26 @@ def channel_options(max_retries: int) -> list[tuple[str, str | int]]:
 
 
 def channel_credentials(
-    tls: bool, root_certificates: bytes | None
+    tls: bool, root_certificates: bytes | None, client_certificate: bytes | None = None,
+    client_key: bytes | None = None,
 ) -> grpc.ChannelCredentials | None:
-    """TLS credentials, or None for a plaintext channel."""
+    """TLS credentials (with a client certificate for mTLS), or None for a plaintext channel."""
+    if (client_certificate is None) != (client_key is None):
+        raise ValueError("client_certificate and client_key go together")
     if tls:
-        return grpc.ssl_channel_credentials(root_certificates)
-    if root_certificates is not None:
-        raise ValueError("root_certificates needs tls=True")
+        return grpc.ssl_channel_credentials(root_certificates, client_key, client_certificate)
+    if root_certificates is not None or client_certificate is not None:
+        raise ValueError("root_certificates and client certificates need tls=True")
     return None
+
+
+def call_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The metadata every call carries: the API key as a bearer token, when there is one."""
+    if api_key is None:
+        return ()
+    if not api_key or any(c.isspace() for c in api_key):
+        raise ValueError("api_key must be a non-empty string without whitespace")
+    return (("authorization", f"Bearer {api_key}"),)
 
 
 def _prompt_field(request: pb.GenerateRequest, prompt: Prompt) -> None:
@@ -119,7 +131,7 @@ def build_generate_request(
     segments: Sequence[str] | None,
     recompute_ratio: float | None,
     blend: bool | None,
-    max_tokens: int,
+    max_tokens: int | None,
     temperature: float,
     top_p: float,
     top_k: int,
@@ -128,6 +140,7 @@ def build_generate_request(
     request_id: str | None,
     model: str | None,
     ignore_eos: bool,
+    cache_salt: str | None = None,
 ) -> pb.GenerateRequest:
     """Validate generate()/stream() arguments and build the GenerateRequest."""
     if sum(x is not None for x in (prompt, messages, segments)) != 1:
@@ -143,7 +156,8 @@ def build_generate_request(
         _segments_field(request, segments, recompute_ratio, blend)
     sampling = request.sampling
     # proto3 `optional`: set explicitly so the server sees the client's values, not its defaults
-    sampling.max_tokens = max_tokens
+    if max_tokens is not None:  # unset: the server's default, clamped to the context left
+        sampling.max_tokens = max_tokens
     sampling.temperature = temperature
     sampling.top_p = top_p
     sampling.top_k = top_k
@@ -151,6 +165,10 @@ def build_generate_request(
         sampling.seed = seed
     sampling.stop.extend([stop] if isinstance(stop, str) else (stop or []))
     sampling.ignore_eos = ignore_eos
+    if cache_salt is not None:
+        if not isinstance(cache_salt, str) or not cache_salt:
+            raise ValueError("cache_salt must be a non-empty string")
+        sampling.cache_salt = cache_salt
     return request
 
 

@@ -13,6 +13,7 @@ from tandem.client._request import (
     Message,
     Prompt,
     build_generate_request,
+    call_metadata,
     channel_credentials,
     channel_options,
     resolve_timeout,
@@ -33,11 +34,15 @@ class Client:
         *,
         tls: bool = False,
         root_certificates: bytes | None = None,
+        client_certificate: bytes | None = None,
+        client_key: bytes | None = None,
+        api_key: str | None = None,
         timeout: float | None = None,
         max_retries: int = 3,
     ) -> None:
         options = channel_options(max_retries)
-        credentials = channel_credentials(tls, root_certificates)
+        credentials = channel_credentials(tls, root_certificates, client_certificate, client_key)
+        self._metadata = call_metadata(api_key)
         if credentials is None:
             self._channel = grpc.insecure_channel(address, options=options)
         else:
@@ -54,7 +59,7 @@ class Client:
         segments: Sequence[str] | None = None,
         recompute_ratio: float | None = None,
         blend: bool | None = None,
-        max_tokens: int = 16,
+        max_tokens: int | None = None,
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int = 0,
@@ -64,6 +69,7 @@ class Client:
         timeout: float | None = None,
         model: str | None = None,
         ignore_eos: bool = False,
+        cache_salt: str | None = None,
     ) -> Completion:
         """Generate a completion for exactly one of a prompt (str or token ids), chat messages,
         or segments.
@@ -79,7 +85,7 @@ class Client:
             prompt, messages=messages, segments=segments, recompute_ratio=recompute_ratio,
             blend=blend, max_tokens=max_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, seed=seed, stop=stop, request_id=request_id,
-            model=model, ignore_eos=ignore_eos)
+            model=model, ignore_eos=ignore_eos, cache_salt=cache_salt)
         return Completion.from_chunks(list(self._chunks(request, timeout)))
 
     def stream(
@@ -90,7 +96,7 @@ class Client:
         segments: Sequence[str] | None = None,
         recompute_ratio: float | None = None,
         blend: bool | None = None,
-        max_tokens: int = 16,
+        max_tokens: int | None = None,
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int = 0,
@@ -100,18 +106,20 @@ class Client:
         timeout: float | None = None,
         model: str | None = None,
         ignore_eos: bool = False,
+        cache_salt: str | None = None,
     ) -> Iterator[Chunk]:
         """Like generate(), but yield chunks as the server decodes them."""
         request = build_generate_request(
             prompt, messages=messages, segments=segments, recompute_ratio=recompute_ratio,
             blend=blend, max_tokens=max_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, seed=seed, stop=stop, request_id=request_id,
-            model=model, ignore_eos=ignore_eos)
+            model=model, ignore_eos=ignore_eos, cache_salt=cache_salt)
         return self._chunks(request, timeout)
 
     def _chunks(self, request: pb.GenerateRequest, timeout: float | None) -> Iterator[Chunk]:
         """Run Generate and yield its chunks up to and including the final one."""
-        call = self._stub.Generate(request, timeout=resolve_timeout(timeout, self._timeout))
+        call = self._stub.Generate(request, timeout=resolve_timeout(timeout, self._timeout),
+                                            metadata=self._metadata)
         try:
             with rpc_errors():
                 for response in call:
@@ -127,7 +135,8 @@ class Client:
         """Stop a running request; False when no such request was running."""
         with rpc_errors():
             response = self._stub.Abort(pb.AbortRequest(request_id=request_id),
-                                        timeout=resolve_timeout(timeout, self._timeout))
+                                        timeout=resolve_timeout(timeout, self._timeout),
+                                        metadata=self._metadata)
         return response.found
 
     def tokenize(
@@ -141,14 +150,16 @@ class Client:
         """Tokenize text with the served model's tokenizer."""
         with rpc_errors():
             response = self._stub.Tokenize(tokenize_request(text, add_special_tokens, model),
-                                           timeout=resolve_timeout(timeout, self._timeout))
+                                           timeout=resolve_timeout(timeout, self._timeout),
+                                           metadata=self._metadata)
         return list(response.token_ids)
 
     def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
         """The models the gateway serves."""
         with rpc_errors():
             response = self._stub.ListModels(pb.ListModelsRequest(),
-                                             timeout=resolve_timeout(timeout, self._timeout))
+                                             timeout=resolve_timeout(timeout, self._timeout),
+                                             metadata=self._metadata)
         return [ModelInfo.from_proto(m) for m in response.models]
 
     def health(self, *, timeout: float = HEALTH_TIMEOUT_S) -> bool:

@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tandem.tls import GatewayTLS
 from tandem.worker_base import WorkerConfig
 
 
@@ -26,6 +27,19 @@ class GatewayConfig(_Strict):
         30.0, gt=0, description="Deadline of one control call to a worker, seconds.")
     shutdown_grace_s: float = Field(
         5.0, ge=0, description="Time running requests get to finish on shutdown, seconds.")
+    api_keys: list[str] = Field(
+        default_factory=list, repr=False, description="Keys clients must send as "
+        "'authorization: Bearer <key>' on every call (health and reflection stay open); a "
+        "request can be aborted only with the key that made it. Empty = no authentication. "
+        "Flags: --api-key (repeatable) or TANDEM_API_KEY (comma-separated).")
+    tls: GatewayTLS | None = Field(
+        None, description="Serve over TLS (and require client certificates when client_ca is "
+        "set); None = plaintext.")
+    debug_routing: bool = Field(
+        False, description="Honour the x-tandem-prefill-worker metadata that pins a request "
+        "to one prefill worker (tests and debugging only).")
+    max_message_bytes: int = Field(
+        4 << 20, gt=0, description="Largest gRPC message the gateway accepts or sends, bytes.")
 
 
 class RayConfig(_Strict):

@@ -1,13 +1,15 @@
 """The gateway: the public gRPC service (`tandem.v1.Tandem`) in front of the router.
 
-It validates requests (INVALID_ARGUMENT naming the field), applies deadlines, turns token deltas
-into text, and ends each stream with usage and timings. Cluster errors map to status codes here
-and nowhere else.
+It checks the caller's API key, validates requests (INVALID_ARGUMENT naming the field; every
+input bounded), applies deadlines, turns token deltas into text, and ends each stream with usage
+and timings. Tokenizing and chat templating run on worker threads, never on the event loop that
+carries every stream. Cluster errors map to status codes here and nowhere else.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -15,6 +17,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from tandem.cluster.auth import ApiKeys
+from tandem.cluster.config import GatewayConfig
 from tandem.cluster.errors import (
     ClusterError,
     HandoffFailed,
@@ -23,6 +27,7 @@ from tandem.cluster.errors import (
     WorkerUnavailable,
 )
 from tandem.cluster.router import RoutedRequest, Router
+from tandem.cluster.wire import reject_unparsable
 from tandem.engine.detokenizer import IncrementalDetokenizer
 from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.segments import DEFAULT_RECOMPUTE_RATIO, SegmentedPrompt
@@ -33,7 +38,11 @@ from tandem.proto.v1 import tandem_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
-# gRPC metadata that pins a request to one prefill worker (by index), for tests and debugging.
+DEFAULT_MAX_TOKENS = 16  # when a request sets none (clamped to the context left)
+MAX_MESSAGES = 1024
+MAX_REQUEST_ID_LENGTH = 128
+# gRPC metadata that pins a request to one prefill worker (by index): honoured only with
+# `debug_routing`, for tests and debugging.
 PREFILL_WORKER_KEY = "x-tandem-prefill-worker"
 
 
@@ -51,18 +60,35 @@ def status_of(error: ClusterError) -> grpc.StatusCode:
 
 class Gateway(pb_grpc.TandemServicer):
     def __init__(self, router: Router, tokenizer: Tokenizer, model: pb.ModelInfo,
-                 vocab_size: int, request_timeout_s: float) -> None:
+                 vocab_size: int, config: GatewayConfig) -> None:
         self.router, self.tokenizer, self.model = router, tokenizer, model
-        self.vocab_size, self.request_timeout_s = vocab_size, request_timeout_s
+        self.vocab_size, self.config = vocab_size, config
+        self.request_timeout_s = config.request_timeout_s
+        self.keys = ApiKeys(config.api_keys)
+        self._owners: dict[str, str | None] = {}  # running request -> its caller's key digest
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) \
             -> AsyncIterator[pb.GenerateResponse]:
         received = time.perf_counter()
+        caller = await self.keys.check(context)
+        await reject_unparsable(request, context)
         try:
-            req = self._routed(request)
-            req.prefill_worker = _prefill_hint(context)
+            req = await asyncio.to_thread(self._routed, request)
+            req.prefill_worker = self._prefill_hint(context)
+            if req.request_id in self._owners:
+                raise InvalidRequest(f"request_id: {req.request_id!r} is already running")
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        self._owners[req.request_id] = caller
+        try:  # aclosing: a cancelled call (client gone) closes the router's stream at once
+            async with contextlib.aclosing(self._generate(req, received, context)) as replies:
+                async for reply in replies:
+                    yield reply
+        finally:
+            self._owners.pop(req.request_id, None)
+
+    async def _generate(self, req: RoutedRequest, received: float,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         remaining = context.time_remaining()  # the client's deadline, when it set one
         timeout = self.request_timeout_s if remaining is None else remaining
         deadline = received + timeout
@@ -110,18 +136,44 @@ class Gateway(pb_grpc.TandemServicer):
             await stream.aclose()
         await context.abort(grpc.StatusCode.INTERNAL, "stream ended without a finish_reason")
 
+    def _prefill_hint(self, context: grpc.aio.ServicerContext) -> int | None:
+        for key, value in context.invocation_metadata() or ():
+            if key != PREFILL_WORKER_KEY:
+                continue
+            if not self.config.debug_routing:
+                raise InvalidRequest(f"{PREFILL_WORKER_KEY}: routing hints are honoured only "
+                                     "when the gateway runs with --debug-routing")
+            try:
+                return int(value)
+            except ValueError:
+                raise InvalidRequest(f"{PREFILL_WORKER_KEY}: {value!r} is not an integer") \
+                    from None
+        return None
+
     def _routed(self, request: pb.GenerateRequest) -> RoutedRequest:
+        """Validate and tokenize a request (on a worker thread: tokenizing is CPU work)."""
         self._check_model(request.model)
+        rid = request.request_id
+        if len(rid) > MAX_REQUEST_ID_LENGTH or not rid.isprintable():
+            raise InvalidRequest(f"request_id: must be at most {MAX_REQUEST_ID_LENGTH} "
+                                 "printable characters")
         prompt, segments = self._prompt(request)
         s = request.sampling
+        left = self.model.max_model_len - len(prompt)  # _prompt left at least one
+        if s.HasField("max_tokens") and s.max_tokens > left:
+            raise InvalidRequest(
+                f"max_tokens: {s.max_tokens} exceeds the {left} tokens the context of "
+                f"{self.model.max_model_len} has left after the {len(prompt)}-token prompt")
         try:
             params = SamplingParams(
-                max_tokens=s.max_tokens if s.HasField("max_tokens") else 16,
+                max_tokens=s.max_tokens if s.HasField("max_tokens")
+                else min(DEFAULT_MAX_TOKENS, left),
                 temperature=s.temperature if s.HasField("temperature") else 1.0,
                 top_p=s.top_p if s.HasField("top_p") else 1.0,
                 top_k=s.top_k if s.HasField("top_k") else 0,
                 seed=s.seed if s.HasField("seed") else None,
-                stop=list(s.stop) or None, ignore_eos=s.ignore_eos)
+                stop=list(s.stop) or None, ignore_eos=s.ignore_eos,
+                cache_salt=s.cache_salt if s.HasField("cache_salt") else None)
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
         return RoutedRequest(request.request_id or uuid.uuid4().hex, prompt, params,
@@ -163,6 +215,8 @@ class Gateway(pb_grpc.TandemServicer):
     def _chat(self, messages) -> list[int]:
         if not messages:
             return []
+        if len(messages) > MAX_MESSAGES:
+            raise InvalidRequest(f"messages: {len(messages)} messages; at most {MAX_MESSAGES}")
         for i, m in enumerate(messages):
             if m.role not in CHAT_ROLES:
                 raise InvalidRequest(f"messages[{i}].role: {m.role!r} is not one of "
@@ -177,23 +231,33 @@ class Gateway(pb_grpc.TandemServicer):
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) \
             -> pb.TokenizeResponse:
+        await self.keys.check(context)
+        await reject_unparsable(request, context)
         try:
             self._check_model(request.model)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if not request.text:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "text: is empty")
-        ids = self.tokenizer.encode(request.text, add_special_tokens=request.add_special_tokens)
+        ids = await asyncio.to_thread(self.tokenizer.encode, request.text,
+                                      add_special_tokens=request.add_special_tokens)
         return pb.TokenizeResponse(token_ids=ids)
 
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        await self.keys.check(context)
+        await reject_unparsable(request, context)
         return pb.ListModelsResponse(models=[self.model])
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) \
             -> pb.AbortResponse:
+        caller = await self.keys.check(context)
+        await reject_unparsable(request, context)
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: is empty")
+        if request.request_id in self._owners and self._owners[request.request_id] != caller:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"request {request.request_id} was made with another API key")
         try:
             found = await self.router.abort(request.request_id)
         except ClusterError as e:
@@ -215,12 +279,4 @@ def _segmented(tokenizer: Tokenizer, segments: pb.Segments) -> SegmentedPrompt:
                              else f"segments.{message}") from None
 
 
-def _prefill_hint(context: grpc.aio.ServicerContext) -> int | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == PREFILL_WORKER_KEY:
-            try:
-                return int(value)
-            except ValueError:
-                raise InvalidRequest(f"{PREFILL_WORKER_KEY}: {value!r} is not an integer") \
-                    from None
-    return None
+

@@ -27,9 +27,10 @@ class KVIndex:
         self.versions = [0] * len(workers)
         self._task: asyncio.Task | None = None
 
-    def prefix_keys(self, prompt: list[int]) -> list[str]:
+    def prefix_keys(self, prompt: list[int], salt: str | None = None) -> list[str]:
         """Keys of the chunks a prefill of `prompt` could reuse (it computes the last token)."""
-        return keys.prefix_keys(self.namespace, prompt[:-1], self.chunk_tokens)
+        return keys.prefix_keys(keys.salted(self.namespace, salt), prompt[:-1],
+                                self.chunk_tokens)
 
     def cached_tokens(self, worker: int, prefix_keys: list[str]) -> int:
         """Tokens of the longest run of `prefix_keys` that `worker` holds locally."""

@@ -185,7 +185,8 @@ class Router:
                                      f"[0, {count})")
             return req.prefill_worker
         n = len(req.prompt_token_ids)
-        keys = self.kv_index.prefix_keys(req.prompt_token_ids) if self.kv_index else []
+        keys = self.kv_index.prefix_keys(req.prompt_token_ids, req.params.cache_salt) \
+            if self.kv_index else []
 
         def cost(i: int) -> tuple[int, int]:
             queued = self.queued_prompt_tokens.get(i, 0)

@@ -17,10 +17,10 @@ from tandem.cluster.kv_index import KVIndex
 from tandem.cluster.placement import connect_ray, start_pool
 from tandem.cluster.redis_server import RedisServer, find_redis_server
 from tandem.cluster.router import Router
+from tandem.cluster.wire import add_tandem_service
 from tandem.engine.loader import load_tokenizer
 from tandem.kv_store.keys import namespace
 from tandem.proto.v1 import tandem_pb2 as pb
-from tandem.proto.v1 import tandem_pb2_grpc as pb_grpc
 from tandem.worker_base import WorkerInfo
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class TandemServer:
     async def start(self) -> str:
         """Start everything; returns the gateway's HOST:PORT."""
         # Started from this thread: redis-server is told to exit when its parent thread dies.
-        c = self.config = self._with_redis(self.config)
+        c = self.config = self._with_redis(_local_kv_host(self.config))
         self._owns_ray = connect_ray(c)
         if c.colocated:
             self.decode_workers = start_pool("colocated", c.prefill_workers + c.decode_workers, c)
@@ -66,6 +66,10 @@ class TandemServer:
                            "decode workers receive with %s", c.worker.kv_transport,
                            _ways(kv_transports),
                            _ways([tuple(r.transport for r in rs) for rs in kv_receivers]))
+            if c.worker.kv_codec != "raw" and any("nixl" in ts for ts in kv_transports):
+                logger.warning("--kv-codec %s applies to gRPC handoffs only: NIXL writes raw "
+                               "blocks straight into the decode worker's memory (use "
+                               "--kv-transport grpc to code KV on the wire)", c.worker.kv_codec)
         self.router = Router(self.prefill_workers, self.decode_workers, kv_receivers,
                              kv_transports, c.colocated,
                              c.gateway.max_queued_requests, c.gateway.worker_call_timeout_s)
@@ -79,14 +83,17 @@ class TandemServer:
                            store.chunk_tokens)
         model = pb.ModelInfo(id=c.model_id, max_model_len=infos[0].max_model_len,
                              fingerprint=infos[0].fingerprint)
-        gateway = Gateway(self.router, tokenizer, model, model_config.vocab_size,
-                          c.gateway.request_timeout_s)
-        self._server = grpc.aio.server()
-        pb_grpc.add_TandemServicer_to_server(gateway, self._server)
+        gateway = Gateway(self.router, tokenizer, model, model_config.vocab_size, c.gateway)
+        limit = c.gateway.max_message_bytes
+        self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                                ("grpc.max_send_message_length", limit)])
+        add_tandem_service(gateway, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
-        port = self._server.add_insecure_port(f"{c.gateway.host}:{c.gateway.port}")
+        bind = f"{c.gateway.host}:{c.gateway.port}"
+        port = self._server.add_secure_port(bind, c.gateway.tls.server_credentials()) \
+            if c.gateway.tls else self._server.add_insecure_port(bind)
         if port == 0:
             raise OSError(f"cannot bind the gateway to {c.gateway.host}:{c.gateway.port}")
         await self._server.start()
@@ -147,6 +154,15 @@ class TandemServer:
         if self.redis is not None:
             await asyncio.to_thread(self.redis.close)
             self.redis = None
+
+
+def _local_kv_host(config: ServeConfig) -> ServeConfig:
+    """On a local Ray cluster, KV receivers bind loopback unless told otherwise: nothing from
+    other hosts needs to (or may) reach them."""
+    if config.ray.address or config.worker.host is not None:
+        return config
+    worker = config.worker.model_copy(update={"host": "127.0.0.1"})
+    return config.model_copy(update={"worker": worker})
 
 
 def _check_agree(infos: list[WorkerInfo]) -> None:

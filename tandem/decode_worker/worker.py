@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from tandem.engine.errors import EngineError
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import SamplingParams
-from tandem.transfer import available_transports, make_transport
+from tandem.transfer import TransportNotUsable, available_transports, make_transport
 from tandem.transfer.base import Handoff, KVIdentity, KVSink, KVTransport
 from tandem.transfer.errors import TransferRejected
-from tandem.worker_base import EngineWorker, WorkerConfig, WorkerInfo, node_ip
+from tandem.worker_base import EngineWorker, WorkerConfig, WorkerInfo, node_ip, own_actor
 
 logger = logging.getLogger(__name__)
 
@@ -54,17 +54,30 @@ class DecodeWorker(EngineWorker, KVSink):
         self._reserved: dict[str, Reservation] = {}  # requests whose KV may be landing
 
     async def start(self) -> WorkerInfo:
-        names = available_transports(self.config.kv_transport) if self.receives_kv else ()
+        names = available_transports(self.config.kv_transport, self.config.tls is not None) \
+            if self.receives_kv else ()
         await super().start()
         e = self._engine.engine
         identity = KVIdentity(e.fingerprint, e.kv_spec, e.max_model_len)
         host = self.config.host or node_ip()
         for name in names:
-            transport = make_transport(name)
+            transport = make_transport(name, tls=self.config.tls, host=host)
             self.transports.append(transport)
             receiver = await transport.start_receiver(host, identity, e.cache, self)
-            self.kv_receivers = (*self.kv_receivers, receiver)
+            # Senders introduce themselves through this handle (Ray), never over the transport.
+            self.kv_receivers = (*self.kv_receivers, replace(receiver, control=own_actor()))
         return self.info()
+
+    async def admit_kv_sender(self, transport: str, introduction: bytes) -> None:
+        """A prefill worker introduces itself before it sends KV with `transport` (NIXL: its
+        agent metadata). Called through Ray, the control path, which is what makes it trusted:
+        the transport takes no such introduction from its own traffic."""
+        for t in self.transports:
+            if t.name == transport:
+                t.admit(introduction)
+                return
+        raise TransportNotUsable(f"this decode worker receives no KV over {transport} (it has "
+                                 f"{', '.join(t.name for t in self.transports) or 'none'})")
 
     async def reserve(self, request_id: str, prompt_token_ids: list[int],
                       params: SamplingParams) -> list[int]:

@@ -51,6 +51,10 @@ class ChunkKVUnavailable(EngineError):
     """A chunk's cached KV could not be read while blending."""
 
 
+class BlendCancelled(EngineError):
+    """The request was aborted while its chunks were planned or blended."""
+
+
 @dataclass
 class BlendResult:
     kv: KVBlocks  # the prefix and the chunks, blended
@@ -86,7 +90,8 @@ def kept_tokens(layer: int, num_layers: int, ratio: float, n: int) -> int:
 @torch.inference_mode()
 def blend(model: LlamaModel, spec: KVSpec, prefix_kv: KVBlocks | None, fresh_ids: list[int],
           chunks: list[list[int]], chunk_layer: ChunkLayer, recompute_ratio: float, *,
-          cached_tokens: int = 0, fetch_timeout_s: float = FETCH_TIMEOUT_S) -> BlendResult:
+          cached_tokens: int = 0, fetch_timeout_s: float = FETCH_TIMEOUT_S,
+          cancelled: Callable[[], bool] | None = None) -> BlendResult:
     """Blend `chunks` (their KV from `chunk_layer`) after the prefix: `prefix_kv` (exact KV of
     its first tokens, or None) then `fresh_ids` (its tokens without KV, computed in full)."""
     if not 0.0 <= recompute_ratio <= 1.0 or math.isnan(recompute_ratio):
@@ -110,6 +115,8 @@ def blend(model: LlamaModel, spec: KVSpec, prefix_kv: KVBlocks | None, fresh_ids
     x = model.embed_tokens(ids[:len(active)]) if len(active) else None
     with LayerPrefetch(chunk_layer, spec.num_layers if n else 0, fetch_timeout_s) as fetch:
         for index, layer in enumerate(model.layers):
+            if cancelled is not None and cancelled():
+                raise BlendCancelled(f"aborted at layer {index} of the blend")
             keys, values = out[index, 0, :total], out[index, 1, :total]
             if n:
                 loaded = fetch.get(index).to(device)

@@ -20,6 +20,14 @@ def chain_hash(prev: bytes, tokens: list[int]) -> bytes:
         prev + np.asarray(tokens, dtype=np.int64).tobytes(), digest_size=16).digest()
 
 
+def chain_seed(seq: Sequence) -> bytes:
+    """What a sequence's first block hash chains from: its cache salt's own seed, so requests
+    of different salts never share blocks."""
+    salt = seq.params.cache_salt
+    return b"" if salt is None else hashlib.blake2b(b"salt:" + salt.encode(),
+                                                   digest_size=16).digest()
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
         self.num_blocks = num_blocks
@@ -44,7 +52,7 @@ class BlockManager:
         """Cached blocks holding a prefix of `seq`, leaving at least one token to compute."""
         if not self.enable_prefix_caching:
             return []
-        hits, prev = [], b""
+        hits, prev = [], chain_seed(seq)
         for i in range((seq.num_tokens - 1) // self.block_size):
             tokens = seq.token_ids[i * self.block_size:(i + 1) * self.block_size]
             prev = chain_hash(prev, tokens)
@@ -89,7 +97,7 @@ class BlockManager:
             full = min(full, seq.cacheable_tokens // self.block_size)
         for i in range(len(seq.block_hashes), full):
             tokens = seq.token_ids[i * self.block_size:(i + 1) * self.block_size]
-            prev = seq.block_hashes[-1] if seq.block_hashes else b""
+            prev = seq.block_hashes[-1] if seq.block_hashes else chain_seed(seq)
             h = chain_hash(prev, tokens)
             seq.block_hashes.append(h)
             block = seq.block_table[i]

@@ -225,10 +225,12 @@ class LLMEngine:
             outputs.append(self.outputs.output(seq))
         return outputs
 
-    def cached_prefix(self, token_ids: list[int]) -> KVBlocks | None:
+    def cached_prefix(self, token_ids: list[int], cache_salt: str | None = None) \
+            -> KVBlocks | None:
         """A copy of the KV the prefix cache holds for the leading whole blocks of
-        `token_ids` (leaving at least one token); None on a miss."""
-        probe = Sequence("prefix-probe", list(token_ids), len(token_ids), SamplingParams())
+        `token_ids` (leaving at least one token) under `cache_salt`; None on a miss."""
+        probe = Sequence("prefix-probe", list(token_ids), len(token_ids),
+                         SamplingParams(cache_salt=cache_salt))
         hits = self.blocks.match_prefix(probe)
         return self.cache.export(hits, len(hits) * self.config.block_size) if hits else None
 

@@ -116,7 +116,8 @@ class LLM:
         try:
             for rid, tokens, p in zip(ids, token_lists, params, strict=True):
                 if isinstance(tokens, SegmentedPrompt):
-                    self.engine.add_request(rid, tokens.token_ids, p, blended=self._blend(tokens))
+                    self.engine.add_request(rid, tokens.token_ids, p,
+                                            blended=self._blend(tokens, p.cache_salt))
                 else:
                     self.engine.add_request(rid, tokens, p)
         except Exception:
@@ -131,10 +132,10 @@ class LLM:
             done.update((o.request_id, o) for o in outputs if o.finished)
         return [done[rid] for rid in ids]
 
-    def _blend(self, prompt: SegmentedPrompt) -> BlendResult | None:
+    def _blend(self, prompt: SegmentedPrompt, salt: str | None) -> BlendResult | None:
         """The prompt's blended KV up to its question (None: ordinary prefill). The prefix
         comes from the engine's prefix cache where it holds it."""
         if not prompt.blend or not prompt.chunks:
             return None
-        prefix_kv = self.engine.cached_prefix(prompt.prefix + prompt.chunks[0][:1])
-        return self.planner.plan(prompt, prefix_kv)
+        prefix_kv = self.engine.cached_prefix(prompt.prefix + prompt.chunks[0][:1], salt)
+        return self.planner.plan(prompt, prefix_kv, salt)

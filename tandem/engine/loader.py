@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 from tandem.engine.config import ModelConfig
 from tandem.engine.errors import ModelLoadError
+from tandem.engine.fingerprint import content_fingerprint
 from tandem.engine.gguf_file import GGUFCheckpoint
 from tandem.engine.model import LlamaModel
 from tandem.engine.tokenizer import Tokenizer
@@ -92,8 +93,8 @@ def load_model(
     net.eval()
     if device.type == "cpu" and dtype == torch.bfloat16 and _has_onednn_linear():
         net.pack_for_cpu()
-    stat = path.stat()
-    fingerprint = f"{path.name}:{stat.st_size}:{config.num_layers}x{config.hidden_size}"
+    fingerprint = content_fingerprint(
+        path, f"{path.name}:{config.num_layers}x{config.hidden_size}")
     logger.info("loaded %s (%s, %d layers) as %s on %s", path, config.architecture,
                 config.num_layers, dtype, device)
     return LoadedModel(config, net, tokenizer, fingerprint)

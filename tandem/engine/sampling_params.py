@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 GREEDY_TEMPERATURE = 1e-5  # below this, sampling is greedy (dividing by it would overflow)
 MAX_LOGPROBS = 20  # most top alternatives returned per token (vLLM's default cap)
+MAX_STOP_STRINGS = 16  # each is searched every step: bounded work per request
+MAX_STOP_LENGTH = 256
+MAX_CACHE_SALT_LENGTH = 256
 
 
 @dataclass(frozen=True)
@@ -19,6 +22,8 @@ class SamplingParams:
     recomputation. `min_tokens` keeps EOS and `stop_token_ids` from being sampled before that
     many tokens. `logprobs=N` returns, per token, the raw log-probability (log-softmax of the
     logits, before temperature) of the sampled token and of the N most likely ones.
+    `cache_salt` isolates the request's cached KV: it shares prefix and chunk caches only with
+    requests of the same salt (as vLLM's), so tenants cannot probe each other's prompts.
     """
 
     max_tokens: int = 16
@@ -31,6 +36,7 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -48,6 +54,12 @@ class SamplingParams:
         _check(self.stop is None or (isinstance(self.stop, list | tuple) and all(
             isinstance(s, str) and s for s in self.stop)),
             "stop", self.stop, "must be a list of non-empty strings")
+        if self.stop is not None:
+            _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"<{len(self.stop)} strings>",
+                   f"must hold at most {MAX_STOP_STRINGS} strings")
+            longest = max(map(len, self.stop), default=0)
+            _check(longest <= MAX_STOP_LENGTH, "stop", f"<a string of {longest} characters>",
+                   f"strings must be at most {MAX_STOP_LENGTH} characters")
         _check(self.stop_token_ids is None or (isinstance(self.stop_token_ids, list | tuple)
                and all(_is_int(t) and t >= 0 for t in self.stop_token_ids)),
                "stop_token_ids", self.stop_token_ids, "must be a list of token ids >= 0")
@@ -56,6 +68,11 @@ class SamplingParams:
         _check(self.logprobs is None or (_is_int(self.logprobs)
                                          and 0 <= self.logprobs <= MAX_LOGPROBS),
                "logprobs", self.logprobs, f"must be an integer in [0, {MAX_LOGPROBS}]")
+        _check(self.cache_salt is None or (isinstance(self.cache_salt, str) and 0 < len(
+            self.cache_salt) <= MAX_CACHE_SALT_LENGTH), "cache_salt",
+            self.cache_salt if not isinstance(self.cache_salt, str)
+            or len(self.cache_salt) <= 64 else f"<{len(self.cache_salt)} characters>",
+            f"must be a non-empty string of at most {MAX_CACHE_SALT_LENGTH} characters")
 
     @property
     def is_greedy(self) -> bool:

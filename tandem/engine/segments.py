@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from tandem.engine.tokenizer import Tokenizer
 
 DEFAULT_RECOMPUTE_RATIO = 0.15
+# Each chunk costs a cache lookup, maybe a dense compute and a read per layer: a prompt of
+# thousands of tiny chunks would tie up a prefill worker, so both are bounded.
+MAX_SEGMENTS = 64  # the prefix, the chunks and the question
+MIN_CHUNK_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -33,9 +37,15 @@ class SegmentedPrompt:
             raise ValueError(f"recompute_ratio: {r!r} is not a number in [0, 1]")
         if not isinstance(self.blend, bool):
             raise ValueError(f"blend: {self.blend!r} is not a bool")
+        if len(self.chunks) + 2 > MAX_SEGMENTS:
+            raise ValueError(f"segments: {len(self.chunks) + 2} segments; at most "
+                             f"{MAX_SEGMENTS} (prefix, chunks and question)")
         for i, chunk in enumerate(self.chunks, start=1):
             if not chunk:
                 raise ValueError(f"segments[{i}]: a chunk is empty")
+            if len(chunk) < MIN_CHUNK_TOKENS:
+                raise ValueError(f"segments[{i}]: a chunk of {len(chunk)} tokens; chunks need "
+                                 f"at least {MIN_CHUNK_TOKENS} (join it to a neighbour)")
         if not self.question:
             raise ValueError(f"segments[{len(self.chunks) + 1}]: the question (last segment) "
                              "is empty")
@@ -75,6 +85,9 @@ class SegmentedPrompt:
         first), so a chunk has the same tokens wherever it appears."""
         if isinstance(segments, str) or len(segments) < 2:
             raise ValueError("segments: need at least a prefix (may be empty) and a question")
+        if len(segments) > MAX_SEGMENTS:  # before tokenizing any of them
+            raise ValueError(f"segments: {len(segments)} segments; at most {MAX_SEGMENTS} "
+                             "(prefix, chunks and question)")
         for i, text in enumerate(segments):
             if not isinstance(text, str):
                 raise ValueError(f"segments[{i}]: expected a string, got "

@@ -15,11 +15,15 @@ from tandem.kv_store.store import TieredStore
 
 
 class StoreChunkCache:
-    def __init__(self, store: TieredStore) -> None:
-        self.store = store
+    def __init__(self, store: TieredStore, salt: str | None = None) -> None:
+        self.store, self.salt = store, salt
+        self.namespace = keys.salted(store.namespace, salt)
+
+    def salted(self, salt: str | None) -> StoreChunkCache:
+        return self if salt == self.salt else StoreChunkCache(self.store, salt)
 
     def key(self, token_ids: list[int]) -> str:
-        return keys.chunk_key(self.store.namespace, token_ids)
+        return keys.chunk_key(self.namespace, token_ids)
 
     def contains(self, token_ids: list[int]) -> bool:
         return self.store.contains(self.key(token_ids))

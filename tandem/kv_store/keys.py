@@ -5,6 +5,8 @@
 - A position-independent chunk's key hashes only its own tokens (its KV computed from position
   0, for blending wherever it lands).
 Keys are BLAKE2b-128 digests in hex: `tdkv:<namespace>:p:<hash>` and `tdkv:<namespace>:c:<hash>`.
+A request's `cache_salt` gives it a namespace of its own (`salted`): salted requests share KV
+only with requests of the same salt.
 """
 
 from __future__ import annotations
@@ -27,6 +29,11 @@ def _token_bytes(tokens: list[int]) -> bytes:
 def namespace(fingerprint: str, spec: KVSpec) -> str:
     """What KV must agree on to be shared: the model and the cache layout."""
     return _digest(fingerprint.encode(), spec.model_dump_json().encode()).hex()[:16]
+
+
+def salted(ns: str, salt: str | None) -> str:
+    """The namespace of requests with `salt` (`ns` itself without one)."""
+    return ns if salt is None else f"{ns}-{_digest(b'salt:', salt.encode()).hex()[:16]}"
 
 
 def prefix_keys(ns: str, tokens: list[int], chunk_tokens: int) -> list[str]:

@@ -74,18 +74,19 @@ class TieredStore:
 
     # -- reads (on the request path) -----------------------------------------------------------
 
-    def prefix_keys(self, tokens: list[int]) -> list[str]:
-        return keys.prefix_keys(self.namespace, tokens, self.chunk_tokens)
+    def prefix_keys(self, tokens: list[int], salt: str | None = None) -> list[str]:
+        return keys.prefix_keys(keys.salted(self.namespace, salt), tokens, self.chunk_tokens)
 
     def load_prefix(self, tokens: list[int], timeout_s: float | None = None,
-                    recompute_s_per_token: float | None = None) -> KVBlocks | None:
+                    recompute_s_per_token: float | None = None,
+                    salt: str | None = None) -> KVBlocks | None:
         """KV of the longest run of cached whole chunks that starts `tokens`, leaving at least
         one token to compute; None when the first chunk is not cached. Past `timeout_s` no
         further chunk is fetched, and with the prefill's `recompute_s_per_token` the
         controller stops at the first chunk that recomputing gets faster than loading."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         chunks = []
-        for key in self.prefix_keys(tokens[:-1]):
+        for key in self.prefix_keys(tokens[:-1], salt):
             left = float("inf") if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 logger.info("KV lookup stopped after %d chunks: past its %.1f s budget",

@@ -12,7 +12,7 @@ import asyncio
 import logging
 
 from tandem.engine.async_engine import AsyncEngine
-from tandem.engine.blend import BlendResult
+from tandem.engine.blend import BlendCancelled, BlendResult
 from tandem.engine.blend_planner import BlendPlanner
 from tandem.engine.engine import LLMEngine
 from tandem.engine.kv_cache import KVBlocks
@@ -47,39 +47,50 @@ class KVReuse:
         last = self.prefill_s_per_token
         self.prefill_s_per_token = rate if last is None else last + 0.3 * (rate - last)
 
-    async def load_prefix(self, request_id: str, prompt: list[int]) -> KVBlocks | None:
-        """The KV of the longest cached prefix; None on a miss."""
+    async def load_prefix(self, request_id: str, prompt: list[int], salt: str | None) \
+            -> KVBlocks | None:
+        """The KV of the longest cached prefix (under the request's cache salt); None on a
+        miss."""
         if self.store is None:
             return None
         try:
             return await asyncio.to_thread(self.store.load_prefix, prompt, self.lookup_timeout_s,
-                                           self.prefill_s_per_token)
+                                           self.prefill_s_per_token, salt)
         except Exception:
             logger.exception("request %s: KV store lookup failed; computing the prompt",
                              request_id)
             return None
 
     async def blend(self, request_id: str, segments: SegmentedPrompt,
-                    prefix_kv: KVBlocks | None) -> BlendResult | None:
+                    prefix_kv: KVBlocks | None, salt: str | None) -> BlendResult | None:
         """The prompt's chunks blended after its prefix; None if that failed."""
         planner = self.planner
         assert planner is not None
+        engine = self.engine
+
+        def aborted() -> bool:  # the stream closes when the request is aborted
+            return not engine.has_stream(request_id)
+
         try:
-            return await self.engine.call(lambda e: planner.plan(segments, prefix_kv))
+            return await engine.call(lambda e: planner.plan(segments, prefix_kv, salt, aborted))
+        except BlendCancelled:
+            return None  # the caller sees the abort next
         except Exception:
             logger.exception("request %s: blending its chunks failed; computing the prompt",
                              request_id)
             return None
 
     async def publish_and_release(self, request_id: str, prompt: list[int],
-                                  num_cached: int) -> None:
-        """Publish `prompt`'s new chunks (its exact part), then free the request's blocks."""
+                                  num_cached: int, salt: str | None) -> None:
+        """Publish `prompt`'s new chunks (its exact part, under its cache salt), then free the
+        request's blocks."""
         try:
-            await self._publish(request_id, prompt, num_cached)
+            await self._publish(request_id, prompt, num_cached, salt)
         finally:
             await self.engine.call(lambda e: e.abort(request_id))
 
-    async def _publish(self, request_id: str, prompt: list[int], num_cached: int) -> None:
+    async def _publish(self, request_id: str, prompt: list[int], num_cached: int,
+                       salt: str | None) -> None:
         """Queue the whole chunks of `prompt` that did not come from the store for writing."""
         store = self.store
         assert store is not None
@@ -87,7 +98,7 @@ class KVReuse:
         first = num_cached // chunk_tokens
         # Earliest first: a chunk is reusable only after all before it. Chunks that would not
         # fit in the write queue are not even copied.
-        keys = store.prefix_keys(prompt)[first:][:store.free_write_slots()]
+        keys = store.prefix_keys(prompt, salt)[first:][:store.free_write_slots()]
         if not keys:
             return
         try:

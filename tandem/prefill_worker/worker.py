@@ -37,6 +37,7 @@ from tandem.prefill_worker.streamer import LayerStreamer
 from tandem.transfer import TransportNotUsable, available_transports, make_transport
 from tandem.transfer.base import Handoff, KVTarget, KVTransport, ReceiverInfo, SendSession
 from tandem.transfer.coded_piece import AdaptiveCoding
+from tandem.transfer.errors import TransferRejected, TransferUnavailable
 from tandem.worker_base import EngineWorker, WorkerConfig, WorkerInfo
 
 logger = logging.getLogger(__name__)
@@ -67,15 +68,17 @@ class PrefillWorker(EngineWorker):
         self._sessions: dict[str, SendSession] = {}
         self._computed_at: dict[str, float] = {}  # request -> when its first token was sampled
         self._cleanups: set[asyncio.Task] = set()
+        self._introduced: dict[tuple[str, str], asyncio.Future] = {}  # (transport, receiver)
         self.coding: Codec | AdaptiveCoding | None = None  # how gRPC handoffs code the KV
         self.reuse: KVReuse | None = None  # the prefixes and chunks taken from the store
 
     async def start(self) -> WorkerInfo:
-        names = available_transports(self.config.kv_transport)
+        names = available_transports(self.config.kv_transport, self.config.tls is not None)
         await super().start()
         e = self._engine.engine
         self.coding = wire_coding(self.config, e.fingerprint, e.kv_spec)  # ValueError: no profile
-        self.transports = {name: make_transport(name, self.coding) for name in names}
+        self.transports = {name: make_transport(name, self.coding, self.config.tls,
+                                                self.config.host) for name in names}
         self.kv_transports = names
         self.store = await asyncio.to_thread(open_store, self.config.kv_store, e.fingerprint,
                                              e.kv_spec, f"prefill-{self.index}")
@@ -117,9 +120,11 @@ class PrefillWorker(EngineWorker):
             blending = reuse.can_blend(segments)
             exact = len(segments.prefix) if blending else n  # what may be published
             lookup = segments.prefix + segments.chunks[0][:1] if blending else prompt_token_ids
-            cached = await reuse.load_prefix(request_id, lookup)
+            cached = await reuse.load_prefix(request_id, lookup, params.cache_salt)
             loaded = cached.num_tokens if cached is not None else 0
-            blended = await reuse.blend(request_id, segments, cached) if blending else None
+            blended = await reuse.blend(request_id, segments, cached, params.cache_salt) \
+                if blending else None
+            await self._introduce(receiver)  # once per decode worker
             computing = time.perf_counter()
             if not engine.has_stream(request_id):
                 raise RequestAborted(f"request {request_id} was aborted during its KV lookup")
@@ -159,7 +164,7 @@ class PrefillWorker(EngineWorker):
             elif publish:  # the result goes out now; the blocks once the new chunks are copied
                 self._sessions.pop(request_id, None)
                 task = asyncio.get_running_loop().create_task(reuse.publish_and_release(
-                    request_id, prompt_token_ids[:exact], loaded))
+                    request_id, prompt_token_ids[:exact], loaded, params.cache_salt))
                 self._cleanups.add(task)
                 task.add_done_callback(self._cleanups.discard)
             else:
@@ -169,6 +174,30 @@ class PrefillWorker(EngineWorker):
     async def kv_index_changes(self, since: int) -> IndexDelta | None:
         """Which prefix chunks this worker's local tiers gained or lost since version `since`."""
         return None if self.store is None else self.store.index.changes_since(since)
+
+    async def _introduce(self, receiver: ReceiverInfo) -> None:
+        """Hand this worker's introduction (NIXL: its agent metadata) to the decode worker
+        through Ray, once per receiver, before the first piece: receivers take it from nowhere
+        else, and ignore senders they were not introduced to."""
+        key = (receiver.transport, receiver.address)
+        if key not in self._introduced:
+            introduction = self.transports[receiver.transport].introduction()
+            if not introduction:  # this transport needs none (gRPC)
+                return
+            if receiver.control is None:
+                raise TransferRejected(f"the decode worker at {receiver.address} offers "
+                                       f"{receiver.transport} without a Ray handle to introduce "
+                                       "this worker through")
+            self._introduced[key] = asyncio.ensure_future(asyncio.wait_for(
+                receiver.control.admit_kv_sender.remote(receiver.transport, introduction),
+                self.config.handoff_timeout_s))
+            self._introduced[key].add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            await asyncio.shield(self._introduced[key])
+        except Exception as e:
+            self._introduced.pop(key, None)  # the next request tries again
+            raise TransferUnavailable(f"could not introduce this worker to the decode worker "
+                                      f"at {receiver.address} through Ray: {e}") from None
 
     async def _give_up(self, request_id: str, session: SendSession) -> None:
         try:

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from tandem.kv_store.codec import Codec
 from tandem.transfer.base import KVTransport, ReceiverInfo
 from tandem.transfer.coded_piece import AdaptiveCoding
+
+if TYPE_CHECKING:
+    from tandem.tls import ClusterTLS
 
 logger = logging.getLogger(__name__)
 
@@ -40,33 +43,41 @@ def nixl_problem() -> str | None:
     return None
 
 
-def available_transports(mode: TransportMode) -> tuple[str, ...]:
+def available_transports(mode: TransportMode, tls: bool = False) -> tuple[str, ...]:
     """The transports a worker runs for `mode`, best first; raises TransportNotUsable when
-    `mode` names one this process lacks."""
-    if mode == "grpc":
+    `mode` names one this process lacks. Under `tls` (the cluster's mTLS), `auto` means gRPC:
+    NIXL has no encryption, so it runs only when asked for by name (with a warning)."""
+    if mode == "grpc" or (mode == "auto" and tls):
         return ("grpc",)
     problem = nixl_problem()
     if mode == "nixl":
         if problem:
             raise TransportNotUsable(f"--kv-transport nixl: {problem}")
+        if tls:
+            logger.warning("--kv-transport nixl with worker.tls: NIXL moves KV unencrypted "
+                           "(RDMA, or UCX over TCP); only gRPC handoffs use the cluster's mTLS")
         return ("nixl",)
     return ("grpc",) if problem else ("nixl", "grpc")
 
 
-def make_transport(name: str, codec: Codec | AdaptiveCoding | None = None) -> KVTransport:
+def make_transport(name: str, codec: Codec | AdaptiveCoding | None = None,
+                   tls: ClusterTLS | None = None, host: str | None = None) -> KVTransport:
     """The transport called `name` (see TRANSPORTS); needs a running event loop. `codec`
-    codes the KV on the wire where the transport copies it (gRPC); NIXL writes raw blocks."""
+    codes the KV on the wire where the transport copies it (gRPC); NIXL writes raw blocks.
+    `tls` secures gRPC streams (mutual TLS under the cluster CA; None = plaintext); NIXL has
+    no TLS. `host` is the address this worker binds, if known: NIXL then keeps UCX's own
+    listeners on loopback when it is a loopback address."""
     if name == "grpc":
         from tandem.transfer.grpc_transport import GrpcTransport
 
-        return GrpcTransport(codec)
+        return GrpcTransport(codec, tls)
     if name == "nixl":
         problem = nixl_problem()
         if problem:
             raise TransportNotUsable(problem)
         from tandem.transfer.nixl_transport import NixlTransport
 
-        return NixlTransport()
+        return NixlTransport(host)
     raise ValueError(f"kv_transport={name!r} is not one of {', '.join(TRANSPORTS)}")
 
 

@@ -10,13 +10,18 @@ Sender (prefill worker): `open_session(cache, fingerprint, target, request_id)` 
 `SendSession`. The engine thread `post`s pieces (layers x blocks of the sender's pool) as they
 are computed; `finish(handoff, timeout)` waits until all of them landed and the receiver took
 the request. Every transport (gRPC, NIXL) implements this and passes the same conformance tests.
+
+Before its first piece, a sender whose transport has an `introduction()` (NIXL: its agent
+metadata) hands it to the receiving worker through Ray, which passes it to `admit`; receivers
+take such metadata from nowhere else.
 """
 
 from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from tandem.engine.kv_cache import KVCache, KVSpec
 from tandem.faults import Faults, active_faults
@@ -47,6 +52,9 @@ class ReceiverInfo:
     transport: str
     address: str
     blob: bytes = b""
+    # The receiving worker's Ray actor handle (None outside Ray): senders introduce themselves
+    # through it (`admit_kv_sender`), so what a receiver trusts comes through Ray only.
+    control: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -110,6 +118,17 @@ class KVTransport(ABC):
 
     def reserved(self, request_id: str) -> None:
         """Blocks were just reserved for `request_id`: forget any earlier transfer under it."""
+        return None
+
+    def introduction(self) -> bytes:
+        """What a receiver must be given through the control path (Ray) before this sender's
+        first piece, or it ignores the sender (NIXL: this agent's name and metadata); b""
+        when nothing is needed."""
+        return b""
+
+    def admit(self, introduction: bytes) -> None:
+        """Accept KV from the sender whose `introduction()` this is. Only for what came through
+        the control path: a sender never gets admitted by what it says over the transport."""
         return None
 
     @abstractmethod

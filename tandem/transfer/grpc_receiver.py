@@ -1,10 +1,15 @@
 """The receiving side of the gRPC KV transport, and the stream's wire helpers.
 
 The receiver checks the KV header against the model and layout it serves before taking any
-piece, each piece's checksum before writing it into the request's reserved blocks (on the event
-loop, right after the sink named them, so nothing lands once they are released), and at End
-that every (layer, block) arrived once. Payload messages are read in their wire form: the bytes
-after the field tag and length go straight into the piece's buffer.
+piece, each piece's checksum before writing it into the request's reserved blocks, and at End
+that every (layer, block) arrived once. A piece is written on the event loop right after the
+sink named its blocks; a coded piece is decoded on a thread first, so the blocks are asked for
+again once it is decoded, and `writing(request_id)` says a piece is between the two (the
+transport's `settled` waits for that before the blocks may be freed). Payload messages are read
+in their wire form: the bytes after the field tag and length go straight into the piece's buffer.
+
+A refused stream is told at once in the initial metadata (`REFUSAL_KEY`), so the sender stops
+streaming; its status follows once the sender half-closed, or after `DRAIN_S` at most.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -36,7 +43,11 @@ OPTIONS = [("grpc.max_receive_message_length", 4 * CHUNK_BYTES),
 SERVICE = pb.DESCRIPTOR.services_by_name["KVTransfer"].full_name
 PUSH_KV = f"/{SERVICE}/PushKV"
 PAYLOAD_TAG = bytes([pb.KVChunk.PAYLOAD_FIELD_NUMBER << 3 | 2])  # length-delimited field
-DRAIN_S = 300.0  # longest wait for a refused stream's sender to finish
+# How long a refused stream is read (and discarded) before its status goes out: a sender that
+# heard of the refusal (REFUSAL_KEY) half-closes within a round trip; one that keeps streaming
+# must not hold the handler and its buffers for long, so after this the call is aborted anyway.
+DRAIN_S = 5.0
+REFUSAL_KEY = "tandem-refusal-bin"  # initial metadata of a refused stream: b"CODE:message"
 
 
 def varint(n: int) -> bytes:
@@ -69,6 +80,21 @@ def _payload_view(wire: bytes) -> memoryview | None:
 class GrpcReceiver:
     def __init__(self, identity: KVIdentity, cache: KVCache, sink: KVSink) -> None:
         self.identity, self.cache, self.sink = identity, cache, sink
+        self._writing: Counter[str] = Counter()  # request -> pieces between check and write
+
+    def writing(self, request_id: str) -> bool:
+        """Whether a piece of `request_id` is being checked, decoded or written now."""
+        return self._writing[request_id] > 0
+
+    @contextlib.contextmanager
+    def _busy(self, request_id: str) -> Iterator[None]:
+        self._writing[request_id] += 1
+        try:
+            yield
+        finally:
+            self._writing[request_id] -= 1
+            if not self._writing[request_id]:
+                del self._writing[request_id]
 
     async def PushKV(self, request_iterator, context: grpc.aio.ServicerContext) \
             -> pb.PushKVReply:
@@ -77,9 +103,14 @@ class GrpcReceiver:
             return await self._receive(stream)
         except _Refused as e:
             logger.warning("refused a KV stream: %s", e.message)
-            # Read the rest (discarding it) before answering: ending a client stream early
-            # makes grpc's asyncio client report INTERNAL instead of this status
-            # (grpc/grpc#36066). The sender only reads the status when it finishes anyway.
+            try:  # the sender stops streaming when it reads this, not at its End
+                refusal = f"{e.code.name}:{e.message}".encode()[:1024]
+                await context.send_initial_metadata(((REFUSAL_KEY, refusal),))
+            except Exception as failed:  # the call already ended: nobody left to tell
+                logger.debug("could not send the refusal early: %s", failed)
+            # Read the rest (discarding it) before answering: ending a client stream while it
+            # still writes can make grpc's asyncio client report INTERNAL instead of this status
+            # (grpc/grpc#36066). Bounded: a sender that keeps streaming is cut off.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(_drain(stream), DRAIN_S)
             await context.abort(e.code, e.message)
@@ -107,7 +138,8 @@ class GrpcReceiver:
                 buf[filled:filled + len(part)] = part
                 filled += len(part)
                 if filled == len(buf):
-                    await self._write(request_id, reception, piece, buf, codec)
+                    with self._busy(request_id):
+                        await self._write(request_id, reception, piece, buf, codec)
                     piece = None
                 continue
             if piece is not None:
@@ -198,6 +230,12 @@ class GrpcReceiver:
             except KVFormatError as e:
                 raise _Refused(grpc.StatusCode.DATA_LOSS,
                                f"request {request_id}: coded KV piece is unusable: {e}") from None
+            # Asked again: an abort may have released the blocks while the piece was decoded,
+            # and another request may hold them now. Only the same blocks, still reserved, do.
+            if self._blocks(request_id, reception) != blocks:
+                raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"request {request_id}: its reserved blocks were released while "
+                               f"a piece was decoded")
         self.cache.scatter(piece.layers, [blocks[b] for b in piece.blocks], data)
         reception.add(piece)
         self.sink.piece_arrived(request_id, piece.layers)

@@ -2,8 +2,12 @@
 blocks the decode worker reserved, over UCX (RDMA on a GPU cluster, shared memory or loopback
 here).
 
+Agent metadata travels only through the control path (Ray), never over NIXL itself: a receiver
+publishes its own in `ReceiverInfo.blob`, and a sender hands its own (`introduction()`) to the
+decode worker before its first WRITE, which loads it (`admit`). Notifications from an agent it
+was not told about, and the `H` (metadata) notifications older senders sent, are ignored.
+
 Control messages are NIXL notifications, one byte of kind then JSON (never pickle):
-    H  sender -> receiver  the sender's agent metadata, once per peer, so the receiver can answer
     P  with each WRITE     a piece landed: request, token count, layers, blocks, checksum
     E  sender -> receiver  every WRITE is done: the KV header and the first tokens
     A  sender -> receiver  the sender gave up: nothing more will be written
@@ -26,8 +30,10 @@ engine thread that computes the next layer.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
+import os
 import struct
 import time
 import uuid
@@ -51,6 +57,7 @@ logger = logging.getLogger(__name__)
 POLL_EXPECTING_S = 0.002
 POLL_IDLE_S = 0.005
 _BLOB_LEN = struct.Struct("<I")  # receiver blob: u32 length, JSON pool layout, agent metadata
+IGNORED_LOGGED = 64  # unknown agents named in the log; past that, the rest are ignored quietly
 
 
 def load_nixl():
@@ -63,14 +70,18 @@ def load_nixl():
 class NixlTransport(KVTransport):
     name = "nixl"
 
-    def __init__(self) -> None:
+    def __init__(self, host: str | None = None) -> None:
         nixl_agent, nixl_agent_config = load_nixl()
+        keep_ucx_on_loopback(host)
         self.agent_name = f"tandem-{uuid.uuid4().hex[:12]}"
+        # No listener thread: NIXL's own metadata exchange over a socket would take any peer's
+        # metadata; ours goes through Ray.
         self.agent = nixl_agent(self.agent_name, nixl_agent_config(
-            enable_prog_thread=False, backends=["UCX"]))
+            enable_prog_thread=False, enable_listen_thread=False, backends=["UCX"]))
         self._registered: dict[int, tuple[object, object]] = {}  # base -> (registration, prep)
         self._peers: dict[str, tuple[NixlPool, object]] = {}  # receivers we write to, prepped
-        self._known: set[str] = set()  # remote agents loaded
+        self._known: set[str] = set()  # remote agents loaded, all from the control path
+        self._ignored: set[str] = set()  # unknown agents already logged
         self._receiver: NixlInbox | None = None
         self._sessions: dict[tuple[str, str], NixlSession] = {}  # (peer, request) -> session
         self.hasher = ThreadPoolExecutor(1, thread_name_prefix="kv-checksum")
@@ -103,10 +114,21 @@ class NixlTransport(KVTransport):
             (length,) = _BLOB_LEN.unpack_from(receiver.blob)
             pool = NixlPool.decode(receiver.blob[_BLOB_LEN.size:_BLOB_LEN.size + length])
             self._add_agent(name, receiver.blob[_BLOB_LEN.size + length:])
-            self.send(name, "H", raw=self.agent.get_agent_metadata())
             prepped = self.agent.prep_xfer_dlist(name, pool.regions(), pool.mem_type)
             self._peers[name] = (pool, prepped)
         return self._peers[name]
+
+    def introduction(self) -> bytes:
+        name = self.agent_name.encode()
+        return _BLOB_LEN.pack(len(name)) + name + self.agent.get_agent_metadata()
+
+    def admit(self, introduction: bytes) -> None:
+        try:
+            (length,) = _BLOB_LEN.unpack_from(introduction)
+            name = introduction[_BLOB_LEN.size:_BLOB_LEN.size + length].decode()
+        except (struct.error, UnicodeDecodeError) as e:
+            raise TransferRejected(f"malformed NIXL sender introduction: {e}") from None
+        self._add_agent(name, introduction[_BLOB_LEN.size + length:])
 
     def _add_agent(self, name: str, metadata: bytes) -> None:
         if name not in self._known:
@@ -163,8 +185,8 @@ class NixlTransport(KVTransport):
 
     # -- messages ------------------------------------------------------------------------------
 
-    def send(self, peer: str, kind: str, raw: bytes = b"", **fields) -> None:
-        body = raw or json.dumps(fields, separators=(",", ":")).encode()
+    def send(self, peer: str, kind: str, **fields) -> None:
+        body = json.dumps(fields, separators=(",", ":")).encode()
         self.agent.send_notif(peer, kind.encode() + body)
 
     async def _pump(self) -> None:
@@ -198,8 +220,8 @@ class NixlTransport(KVTransport):
 
     def _dispatch(self, peer: str, message: bytes) -> None:
         kind, body = message[:1], message[1:]
-        if kind == b"H":
-            self._add_agent(peer, body)
+        if kind == b"H" or peer not in self._known:
+            self._ignore(peer, kind)
             return
         try:
             fields = json.loads(body)
@@ -217,7 +239,29 @@ class NixlTransport(KVTransport):
         else:
             self._receiver.on_message(peer, kind, request_id, fields)
 
+    def _ignore(self, peer: str, kind: bytes) -> None:
+        """Drop a notification from an agent not introduced through Ray, or one carrying agent
+        metadata (H): loading metadata from whoever reaches the UCX port would let any of them
+        act as a sender. Logged once per agent."""
+        if peer in self._ignored or len(self._ignored) >= IGNORED_LOGGED:
+            return
+        self._ignored.add(peer)
+        why = "agent metadata is only taken through Ray" if kind == b"H" else \
+            "it was not introduced through Ray"
+        logger.warning("ignoring NIXL notifications (%r) from agent %.80r: %s", kind, peer, why)
+
     def forget(self, session: NixlSession) -> None:
         self._sessions.pop((session.target.receiver.address, session.request_id), None)
 
 
+def keep_ucx_on_loopback(host: str | None) -> None:
+    """UCX's TCP transport listens on every network device unless told otherwise; a worker
+    bound to loopback (one machine) must not accept connections from the network. Applies to
+    agents created after it, and only where UCX_NET_DEVICES is not set already. Other hosts are
+    left alone: naming one device there would also turn off RDMA devices."""
+    try:
+        loopback = host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if loopback and "UCX_NET_DEVICES" not in os.environ:
+        os.environ["UCX_NET_DEVICES"] = "lo"

@@ -20,6 +20,8 @@ from tandem.kv_store.errors import TierFull, TierUnavailable
 from tandem.kv_store.tiers.base import Buffer, Tier
 
 MANIFEST = b"TDPARTS2"
+MAX_PART_BYTES = 512 << 20  # Redis's own cap on a value
+MAX_OBJECT_BYTES = 16 << 30  # far above any KV object; a manifest claiming more is not ours
 
 
 class RedisTier(Tier):
@@ -48,7 +50,9 @@ class RedisTier(Tier):
                 from None
 
     def _manifest(self, key: str) -> tuple[int, int, int] | None:
-        """(parts, size, part size) of the object under `key`, or None."""
+        """(parts, size, part size) of the object under `key`, or None. The manifest comes
+        from a shared server, so it is not trusted: its numbers must agree with each other and
+        stay within bounds before any part is fetched."""
         raw = self._call(self.client.get, key)
         if raw is None or not raw.startswith(MANIFEST):
             return None
@@ -57,7 +61,10 @@ class RedisTier(Tier):
             parts, size, part_bytes = int(meta["parts"]), int(meta["size"]), int(meta["part"])
         except (ValueError, KeyError, TypeError, ArithmeticError):
             return None
-        return (parts, size, part_bytes) if parts > 0 and part_bytes > 0 else None
+        if not (0 < part_bytes <= MAX_PART_BYTES and 0 <= size <= MAX_OBJECT_BYTES
+                and parts == max(1, -(-size // part_bytes))):
+            return None
+        return parts, size, part_bytes
 
     def get(self, key: str) -> Buffer | None:
         manifest = self._manifest(key)
