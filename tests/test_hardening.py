@@ -147,3 +147,11 @@ def test_a_broken_nixl_install_fails_the_nixl_tests_instead_of_skipping(monkeypa
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(pytest.skip.Exception):
         require_nixl()
+
+
+def test_the_codec_flag_says_it_does_not_apply_to_nixl():
+    from tandem.cluster.server import codec_note
+
+    assert "gRPC handoffs only" in codec_note("cachegen:1", [("nixl", "grpc")])
+    assert codec_note("cachegen:1", [("grpc",)]) is None
+    assert codec_note("raw", [("nixl", "grpc")]) is None

@@ -66,6 +66,11 @@ def test_the_right_certificate_and_key_are_served_over_the_mtls_kv_hop(cluster, 
                for s in stats) >= 1
 
 
+def test_kv_receivers_of_a_local_cluster_bind_loopback(cluster):
+    receivers = [r for rs in cluster.server.router.kv_receivers for r in rs]
+    assert receivers and all(r.address.startswith("127.0.0.1:") for r in receivers)
+
+
 def test_a_plaintext_client_is_refused(cluster):
     with Client(cluster.address, api_key=KEYS[0], timeout=10, max_retries=0) as c:
         assert code_of(lambda: c.list_models()) == grpc.StatusCode.UNAVAILABLE

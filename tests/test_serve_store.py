@@ -71,12 +71,13 @@ def make_engine_module(loaded_fp32):
     return lambda **kw: LLMEngine(EngineConfig(dtype="float32", **kw), loaded=loaded_fp32)
 
 
-def generate(cluster, ids: list[int], worker: int | None = None) -> tuple[list[int], pb.Usage]:
+def generate(cluster, ids: list[int], worker: int | None = None, salt: str | None = None) \
+        -> tuple[list[int], pb.Usage]:
     metadata = [(PREFILL_WORKER_KEY, str(worker))] if worker is not None else []
     with grpc.insecure_channel(cluster.address) as channel:
         replies = list(pb_grpc.TandemStub(channel).Generate(pb.GenerateRequest(
             token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingOptions(
-                max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)),
+                max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, cache_salt=salt)),
             metadata=metadata, timeout=300))
     return [t for r in replies for t in r.token_ids], replies[-1].usage
 
@@ -178,6 +179,18 @@ def test_requests_go_on_while_redis_is_down_and_it_is_used_again_after(cluster, 
             break
         assert time.monotonic() < deadline, "the Redis tier was never used again"
     assert store_stats(cluster, 0)[0]["redis"].healthy
+
+
+def test_requests_with_another_cache_salt_share_no_stored_kv(cluster, reference):
+    generate(cluster, prompt(5, 50), worker=0, salt="tenant-a")
+    wait_for_writes(cluster)
+    # Neither the first worker's own tiers nor Redis serve it to another salt, or to none
+    # (each probe is the first of its salt: it then publishes under that salt itself).
+    for worker, salt, tail in ((0, "tenant-b", 51), (1, "tenant-c", 52), (0, None, 53)):
+        out, usage = generate(cluster, prompt(5, tail), worker=worker, salt=salt)
+        assert usage.cached_tokens == 0 and out == reference(prompt(5, tail))
+    out, usage = generate(cluster, prompt(5, 54), worker=0, salt="tenant-a")
+    assert usage.cached_tokens == 768 and out == reference(prompt(5, 54))
 
 
 def test_a_wrong_redis_password_leaves_the_tier_unhealthy_and_requests_served(

@@ -66,10 +66,9 @@ class TandemServer:
                            "decode workers receive with %s", c.worker.kv_transport,
                            _ways(kv_transports),
                            _ways([tuple(r.transport for r in rs) for rs in kv_receivers]))
-            if c.worker.kv_codec != "raw" and any("nixl" in ts for ts in kv_transports):
-                logger.warning("--kv-codec %s applies to gRPC handoffs only: NIXL writes raw "
-                               "blocks straight into the decode worker's memory (use "
-                               "--kv-transport grpc to code KV on the wire)", c.worker.kv_codec)
+            note = codec_note(c.worker.kv_codec, kv_transports)
+            if note:
+                logger.warning("%s", note)
         self.router = Router(self.prefill_workers, self.decode_workers, kv_receivers,
                              kv_transports, c.colocated,
                              c.gateway.max_queued_requests, c.gateway.worker_call_timeout_s)
@@ -154,6 +153,15 @@ class TandemServer:
         if self.redis is not None:
             await asyncio.to_thread(self.redis.close)
             self.redis = None
+
+
+def codec_note(kv_codec: str, kv_transports: list[tuple[str, ...]]) -> str | None:
+    """What to tell the user when `--kv-codec` cannot apply to the transports chosen."""
+    if kv_codec == "raw" or not any("nixl" in names for names in kv_transports):
+        return None
+    return (f"--kv-codec {kv_codec} applies to gRPC handoffs only: NIXL writes raw blocks "
+            "straight into the decode worker's memory (use --kv-transport grpc to code KV on "
+            "the wire)")
 
 
 def _local_kv_host(config: ServeConfig) -> ServeConfig:

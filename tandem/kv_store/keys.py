@@ -33,7 +33,8 @@ def namespace(fingerprint: str, spec: KVSpec) -> str:
 
 def salted(ns: str, salt: str | None) -> str:
     """The namespace of requests with `salt` (`ns` itself without one)."""
-    return ns if salt is None else f"{ns}-{_digest(b'salt:', salt.encode()).hex()[:16]}"
+    # Only [0-9a-z:] in keys: they name files in the SSD tier.
+    return ns if salt is None else f"{ns}s{_digest(b'salt:', salt.encode()).hex()[:16]}"
 
 
 def prefix_keys(ns: str, tokens: list[int], chunk_tokens: int) -> list[str]:
