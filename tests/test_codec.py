@@ -137,7 +137,7 @@ def test_truncation_and_bit_flips_are_caught(installed):
             decode_object(bytes(damaged), "model-a", SPEC)
 
 
-def test_a_damaged_section_never_decodes_to_garbage_even_without_the_checksum(installed):
+def test_a_truncated_or_padded_section_is_refused_even_without_the_checksum(installed):
     codec = CacheGenCodec(installed, 2)
     kv = kv_of(64)
     section = codec.encode_layer(0, kv.data[0], 64, 100)

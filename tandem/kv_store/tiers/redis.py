@@ -22,6 +22,7 @@ from tandem.kv_store.tiers.base import Buffer, Tier
 MANIFEST = b"TDPARTS2"
 MAX_PART_BYTES = 512 << 20  # Redis's own cap on a value
 MAX_OBJECT_BYTES = 16 << 30  # far above any KV object; a manifest claiming more is not ours
+MAX_PARTS = 1 << 16  # one MGET of more keys than this is not one of our objects (4 MiB parts)
 
 
 class RedisTier(Tier):
@@ -62,7 +63,7 @@ class RedisTier(Tier):
         except (ValueError, KeyError, TypeError, ArithmeticError):
             return None
         if not (0 < part_bytes <= MAX_PART_BYTES and 0 <= size <= MAX_OBJECT_BYTES
-                and parts == max(1, -(-size // part_bytes))):
+                and 0 < parts <= MAX_PARTS and parts == max(1, -(-size // part_bytes))):
             return None
         return parts, size, part_bytes
 
