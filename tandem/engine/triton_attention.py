@@ -33,6 +33,23 @@ MAX_SPLITS = 32
 if HAS_TRITON:
 
     @triton.jit
+    def paged_kv_tile(k_ptr, v_ptr, table_ptr, toks, tok_ok, kv_head, dims,
+                      stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                      BLOCK_SIZE: tl.constexpr):
+        """K and V [tile, head_dim] of one kv head at token positions `toks` of a sequence
+        whose block table starts at `table_ptr`; masked tokens read 0. A tile may span several
+        blocks (or part of one), so each token looks up its own block id."""
+        block = tl.load(table_ptr + toks // BLOCK_SIZE, mask=tok_ok, other=0)
+        # int64: block * stride overflows int32 once the pool passes 2**31 elements.
+        block = block.to(tl.int64)
+        slot = toks % BLOCK_SIZE
+        k_off = block * stride_kb + slot * stride_ks + kv_head * stride_kh
+        v_off = block * stride_vb + slot * stride_vs + kv_head * stride_vh
+        k = tl.load(k_ptr + k_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + v_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+        return k, v
+
+    @triton.jit
     def _decode_split_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, bt_ptr, rows_ptr, lens_ptr, qk_scale,
         stride_qb, stride_qh,
@@ -68,20 +85,12 @@ if HAS_TRITON:
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
 
-        # A tile may span several blocks (TILE >= 16 keeps tl.dot legal for tiny block sizes),
-        # so each token looks up its own block id rather than one id per iteration.
-        for start in range(lo, hi, TILE):
+        for start in range(lo, hi, TILE):  # TILE >= 16 keeps tl.dot legal
             toks = start + tl.arange(0, TILE)
             tok_ok = toks < ctx_len
-            block = tl.load(bt_ptr + table_row * stride_btb + toks // BLOCK_SIZE,
-                            mask=tok_ok, other=0)
-            # int64: block * stride overflows int32 once the pool passes 2**31 elements.
-            block = block.to(tl.int64)
-            slot = toks % BLOCK_SIZE
-            k_off = block * stride_kb + slot * stride_ks + kv_head * stride_kh
-            v_off = block * stride_vb + slot * stride_vs + kv_head * stride_vh
-            k = tl.load(k_ptr + k_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
-            v = tl.load(v_ptr + v_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+            k, v = paged_kv_tile(k_ptr, v_ptr, bt_ptr + table_row * stride_btb, toks, tok_ok,
+                                 kv_head, dims, stride_kb, stride_ks, stride_kh,
+                                 stride_vb, stride_vs, stride_vh, BLOCK_SIZE)
             if DOT_F32:
                 k = k.to(tl.float32)
 

@@ -28,8 +28,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from tandem.engine.triton_attention import paged_kv_tile
 
-if HAS_TRITON:
 
     @triton.jit
     def _paged_prefill_kernel(
@@ -72,15 +72,9 @@ if HAS_TRITON:
         for start in range(0, hi, BLOCK_N):
             toks = start + tl.arange(0, BLOCK_N)
             tok_ok = toks < hi
-            block = tl.load(bt_ptr + chunk * stride_btb + toks // BLOCK_SIZE,
-                            mask=tok_ok, other=0)
-            # int64: block * stride overflows int32 once the pool passes 2**31 elements.
-            block = block.to(tl.int64)
-            slot = toks % BLOCK_SIZE
-            k_off = block * stride_kb + slot * stride_ks + kv_head * stride_kh
-            v_off = block * stride_vb + slot * stride_vs + kv_head * stride_vh
-            k = tl.load(k_ptr + k_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
-            v = tl.load(v_ptr + v_off[:, None] + dims[None, :], mask=tok_ok[:, None], other=0.0)
+            k, v = paged_kv_tile(k_ptr, v_ptr, bt_ptr + chunk * stride_btb, toks, tok_ok,
+                                 kv_head, dims, stride_kb, stride_ks, stride_kh,
+                                 stride_vb, stride_vs, stride_vh, BLOCK_SIZE)
             if DOT_F32:
                 k = k.to(tl.float32)
 
