@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gc
 import logging
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,13 +19,11 @@ from tandem.engine.config import EngineConfig, ModelConfig
 from tandem.engine.errors import EngineError, UnsupportedModelError
 from tandem.engine.kv_cache import KVCache, KVSpec
 from tandem.engine.model import LlamaModel
+from tandem.engine.model_runner import ModelRunner
 from tandem.engine.sampler import Sampler
 from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.scheduler import ScheduledChunk
 from tandem.engine.sequence import Sequence, SequenceStatus
-
-if TYPE_CHECKING:
-    from tandem.engine.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +61,6 @@ def num_kv_blocks(config: EngineConfig, model: LlamaModel, spec: KVSpec, max_len
 def cuda_kv_cache_bytes(config: EngineConfig, model: LlamaModel, spec: KVSpec,
                         max_model_len: int, device: torch.device) -> int:
     """Bytes the KV pool may take on `device`, after profiling one largest step."""
-    from tandem.engine.model_runner import ModelRunner  # the runner builds on this module's peers
-
     gc.collect()
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
