@@ -9,15 +9,16 @@ load, SIGINT it, wait for it to exit, then the other mode), with the same reques
   workers that each run both phases.
 
 Each worker runs one torch thread (`--threads 1`), so both modes use two workers on two cores.
+This script owns the servers, the CPU accounting and the comparison; the workload, the sending
+(over gRPC) and the statistics are `tandem.loadgen`'s, the same code as `tandem bench`.
 
 The workload (synthetic, the default): `--num-requests` requests whose arrivals are a Poisson
 process of `--rate` requests/s (exponential gaps from a seeded RNG; the first request is sent at
 t=0). Prompt lengths are uniform in [`--min-prompt`, `--max-prompt`] tokens and output lengths
-uniform in [`--min-output`, `--max-output`]. Prompts are lists of token ids drawn uniformly from
-[1000, 40000) (no special tokens), different for every request, so the prefix cache saves
-nothing. Requests use `temperature=0` and `ignore_eos=True`, so each generates exactly its output
-length (a request that does not is counted in `{mode}_wrong_length`). Everything follows from
-`--seed`, so both modes and every run see the same requests.
+uniform in [`--min-output`, `--max-output`]. Prompts are token ids drawn uniformly from
+[1000, 40000), different for every request, so the prefix cache saves nothing. Requests use
+`temperature=0` and `ignore_eos=True`, so each generates exactly its output length (one that
+does not is counted in `{mode}_wrong_length`). Everything follows from `--seed`.
 
 Default workload, sized to this 2-core CPU machine, where a one-thread worker prefills ~200-250
 tok/s (1000-2000-token prompts, the other core busy) and decodes one sequence at ~10 tok/s
@@ -25,29 +26,28 @@ tok/s (1000-2000-token prompts, the other core busy) and decodes one sequence at
 tokens (mean 1050, ~125 prompt tok/s offered, 50-60% of one worker's prefill speed), outputs
 16-128 tokens (mean 72, ~9 tok/s offered). The disaggregated server's single prefill worker is
 then busy most of the time and Poisson bursts queue prefills for tens of seconds, but the backlog
-drains between bursts instead of growing for the whole run (as it does at 0.25 req/s, whose ~260
-prompt tok/s exceed one worker's prefill speed). The seed-0 draw is a bit heavier than the
-nominal load (mean prompt ~1310 tokens, 0.128 req/s: ~167 prompt tok/s). One mode takes ~3
-minutes (~20 s start-up, ~150 s of arrivals, the tail, ~2 s shutdown), both about 6 minutes.
+drains between bursts instead of growing for the whole run (as it does at 0.25 req/s). The
+seed-0 draw is a bit heavier than the nominal load (mean prompt ~1310 tokens, 0.128 req/s: ~167
+prompt tok/s). One mode takes ~3 minutes, both about 6 minutes.
 
-`--trace PATH` replays a real trace instead (a CSV with TIMESTAMP,ContextTokens,GeneratedTokens,
-e.g. `../shared/data/azure-llm-2023/conv.csv`). It takes the first `--num-requests` rows in file
-order and scales them to this machine:
+`--trace NAME|PATH` replays a real trace instead: `conv` or `code` (the Azure 2023 traces
+shipped in tandem/loadgen/traces) or a CSV with TIMESTAMP,ContextTokens,GeneratedTokens. It
+takes the first `--num-requests` rows and scales them to this machine:
 
 - prompt length = ContextTokens clipped to [`--min-prompt`, `--max-prompt`] (the model's context
   is 8192 tokens but CPU prefill is slow); output length = GeneratedTokens clipped to
   [1, `--max-output`]; the token ids are random as above.
 - arrival of row i = (TIMESTAMP_i - TIMESTAMP_0) * scale. `--trace-scale` sets the stretch
-  factor; without it, scale = trace_tok_s / target_tok_s where trace_tok_s = (mean clipped prompt
-  length) * (rows - 1) / (TIMESTAMP_last - TIMESTAMP_0) is the trace's offered prompt tokens/s
-  and target_tok_s = `--rate` * (`--min-prompt` + `--max-prompt`) / 2 is what the synthetic
-  workload offers, so the replay offers the same prompt tokens/s as the synthetic default (its
-  request rate and output load follow the trace's mix of lengths).
+  factor (tandem.loadgen's rate_scale is its inverse); without it, scale = trace_tok_s /
+  target_tok_s where trace_tok_s = (mean clipped prompt length) * (rows - 1) / (TIMESTAMP_last -
+  TIMESTAMP_0) is the trace's offered prompt tokens/s and target_tok_s = `--rate` *
+  (`--min-prompt` + `--max-prompt`) / 2 is what the synthetic workload offers, so the replay
+  offers the same prompt tokens/s as the synthetic default.
 
 Before the timed load each server gets `--warmup` concurrent short requests (64-token prompts, 4
-output tokens) that are not measured, so one-time costs do not land on the first request.
+output tokens) that are not measured.
 
-Metrics, per mode, over the requests that succeeded:
+Metrics, per mode, over the requests that succeeded (see tandem/loadgen/metrics.py):
 
 - TTFT: client-observed, from sending the request to the first chunk carrying a token (includes
   queueing, prefill, the KV handoff in disagg, and gRPC); the gateway's own `ttft_s` is reported
@@ -62,8 +62,7 @@ Metrics, per mode, over the requests that succeeded:
   the KV export and transfer until the decode worker holds it.
 - errors: failed requests are counted (by gRPC status in `{mode}_error_codes`), never fatal.
 
-Percentiles interpolate linearly between order statistics; with ~24 samples p99 is essentially
-the maximum (one slow request sets it), so read it as "worst case" rather than a stable tail.
+With ~20 samples p99 is essentially the maximum: read it as "worst case", not a stable tail.
 
 CPU caveat: both modes put two single-thread workers on two cores, and the gateway, Ray's own
 processes and this client compete with them for the same cores. The machine's CPU busy fraction
@@ -73,7 +72,7 @@ printed when it was busy before the first server started).
 Run from the repository root:
 
     python bench/serve.py [--json]                         # both modes, ~6 minutes
-    python bench/serve.py --trace ../shared/data/azure-llm-2023/conv.csv --num-requests 16
+    python bench/serve.py --trace conv --num-requests 16
     python bench/serve.py --modes disagg --num-requests 4 --rate 1   # quick smoke run
 
 A table goes to stdout; progress and the servers' output go to stderr; with `--json` the last
@@ -87,68 +86,39 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import csv
 import json
-import math
 import os
-import random
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
+from collections import deque
 from typing import IO, Any
 
-from tandem.client import AsyncClient, TandemError, Timings
+from tandem.loadgen import (
+    GrpcBackend,
+    LengthRange,
+    Request,
+    RequestResult,
+    Workload,
+    load_trace,
+    percentile,
+    run_load,
+    summarize,
+    synthetic_workload,
+    trace_workload,
+    warm_up,
+)
 
 MODES = ("disagg", "coloc")
 MODE_FLAGS = {"disagg": ["--disaggregated"], "coloc": ["--colocated"]}
 MODE_LABELS = {"disagg": "disagg 1P+1D", "coloc": "coloc 2x(P+D)"}
-TOKEN_LOW, TOKEN_HIGH = 1000, 40000  # prompt ids: ordinary tokens, no special ones
 READY_PREFIX = "ready grpc="
 START_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 120.0
 REQUEST_TIMEOUT_S = 900.0
-WARMUP_PROMPT, WARMUP_TOKENS = 64, 4
 BUSY_WARNING = 0.25  # machine CPU busy fraction before the run that triggers a warning
-
-
-@dataclass(frozen=True)
-class Request:
-    arrival_s: float  # offset from the start of the run
-    prompt: list[int]
-    max_tokens: int
-
-
-@dataclass
-class Workload:
-    requests: list[Request]
-    description: dict[str, Any]
-
-
-@dataclass
-class Result:
-    """What the client saw of one request; times are `time.perf_counter()` values."""
-
-    expected_tokens: int
-    send: float = 0.0
-    end: float = 0.0
-    first: float | None = None  # chunk with the first token
-    last: float | None = None  # chunk with the last token
-    tokens: int = 0  # completion_tokens from the server's usage (token ids counted otherwise)
-    timings: Timings | None = None
-    error: str | None = None  # "CODE: message" when the request failed
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.timings is not None
-
-
 LOG_LOCK = threading.Lock()  # the server's output is echoed from other threads
 
 
@@ -179,8 +149,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--warmup", type=int, default=2,
                         help="unmeasured concurrent short requests before the load")
-    parser.add_argument("--trace", type=Path, default=None,
-                        help="replay a CSV trace (TIMESTAMP,ContextTokens,GeneratedTokens)")
+    parser.add_argument("--trace", default=None,
+                        help="replay a trace: conv, code (shipped Azure 2023 traces) or a CSV "
+                             "path (TIMESTAMP,ContextTokens,GeneratedTokens)")
     parser.add_argument("--trace-scale", type=float, default=None,
                         help="stretch factor of the trace's inter-arrival times (default: "
                              "match the synthetic workload's prompt tokens/s)")
@@ -210,92 +181,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -- workloads -------------------------------------------------------------------------------------
 
 
-def random_prompt(rng: random.Random, length: int) -> list[int]:
-    return [rng.randrange(TOKEN_LOW, TOKEN_HIGH) for _ in range(length)]
+def synthetic(args: argparse.Namespace) -> Workload:
+    return synthetic_workload(
+        num_requests=args.num_requests, rate=args.rate, seed=args.seed,
+        prompt_len=LengthRange(args.min_prompt, args.max_prompt),
+        output_len=LengthRange(args.min_output, args.max_output))
 
 
-def describe(requests: list[Request], source: str) -> dict[str, Any]:
-    """Lengths and offered load of a workload, whatever its source."""
-    n = len(requests)
-    span = requests[-1].arrival_s - requests[0].arrival_s
-    prompt = [len(r.prompt) for r in requests]
-    output = [r.max_tokens for r in requests]
-    rate = (n - 1) / span if n > 1 and span > 0 else None
-    return {
-        "source": source,
-        "num_requests": n,
-        "arrival_span_s": round(span, 3),
-        "offered_rate_req_s": rate,
-        "prompt_tokens_min_mean_max": [min(prompt), sum(prompt) / n, max(prompt)],
-        "output_tokens_min_mean_max": [min(output), sum(output) / n, max(output)],
-        "offered_prompt_tok_s": None if rate is None else rate * sum(prompt) / n,
-        "offered_output_tok_s": None if rate is None else rate * sum(output) / n,
-    }
-
-
-def synthetic_workload(args: argparse.Namespace) -> Workload:
-    rng = random.Random(args.seed)
-    requests: list[Request] = []
-    arrival = 0.0
-    for i in range(args.num_requests):
-        if i:
-            arrival += rng.expovariate(args.rate)
-        prompt_len = rng.randint(args.min_prompt, args.max_prompt)
-        max_tokens = rng.randint(args.min_output, args.max_output)
-        requests.append(Request(arrival, random_prompt(rng, prompt_len), max_tokens))
-    description = describe(requests, "synthetic")
-    description.update(rate_req_s=args.rate, prompt_range=[args.min_prompt, args.max_prompt],
-                       output_range=[args.min_output, args.max_output], seed=args.seed)
-    return Workload(requests, description)
-
-
-def parse_timestamp(text: str) -> float:
-    """Seconds since the epoch of e.g. '2023-11-16 18:15:46.6805900' (any fraction digits)."""
-    whole, _, fraction = text.strip().partition(".")
-    base = datetime.strptime(whole, "%Y-%m-%d %H:%M:%S").timestamp()
-    return base + (float("0." + fraction) if fraction else 0.0)
-
-
-def read_trace(path: Path, count: int) -> list[tuple[float, int, int]]:
-    """The first `count` rows of the trace as (timestamp s, context tokens, generated tokens)."""
-    rows: list[tuple[float, int, int]] = []
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            rows.append((parse_timestamp(row["TIMESTAMP"]), int(row["ContextTokens"]),
-                         int(row["GeneratedTokens"])))
-            if len(rows) == count:
-                break
+def trace(args: argparse.Namespace) -> Workload:
+    """The first --num-requests rows, stretched by --trace-scale or to the synthetic load."""
+    try:
+        all_rows = load_trace(args.trace)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    rows = all_rows[:args.num_requests]
     if len(rows) < 2:
-        raise SystemExit(f"error: {path}: a replay needs at least 2 rows, found {len(rows)}")
-    if len(rows) < count:
-        log(f"warning: {path} has only {len(rows)} rows; replaying those")
-    return rows
-
-
-def trace_workload(args: argparse.Namespace) -> Workload:
-    rows = read_trace(args.trace, args.num_requests)
-    start = rows[0][0]
-    span = rows[-1][0] - start
+        raise SystemExit(f"error: {args.trace}: a replay needs at least 2 rows, found {len(rows)}")
+    if len(rows) < args.num_requests:
+        log(f"warning: {args.trace} has only {len(rows)} rows; replaying those")
+    span = rows[-1].arrival_s - rows[0].arrival_s
     if span <= 0:
         raise SystemExit(f"error: {args.trace}: the first {len(rows)} rows span no time")
-    prompts = [min(max(ctx, args.min_prompt), args.max_prompt) for _, ctx, _ in rows]
-    outputs = [min(max(gen, 1), args.max_output) for _, _, gen in rows]
+    prompts = [min(max(r.prompt_tokens, args.min_prompt), args.max_prompt) for r in rows]
     trace_tok_s = sum(prompts) / len(prompts) * (len(rows) - 1) / span
     target_tok_s = args.rate * (args.min_prompt + args.max_prompt) / 2
     auto = args.trace_scale is None
     scale = trace_tok_s / target_tok_s if auto else args.trace_scale
-    rng = random.Random(args.seed)
-    requests = [Request((ts - start) * scale, random_prompt(rng, p), o)
-                for (ts, _, _), p, o in zip(rows, prompts, outputs, strict=True)]
-    description = describe(requests, "trace")
-    description.update(
-        trace=str(args.trace), trace_span_s=round(span, 3), trace_prompt_tok_s=trace_tok_s,
-        target_prompt_tok_s=target_tok_s, trace_scale=scale, trace_scale_auto=auto,
-        prompt_clip=[args.min_prompt, args.max_prompt], output_clip=[1, args.max_output],
-        prompts_clipped=sum(p != ctx for p, (_, ctx, _) in zip(prompts, rows, strict=True)),
-        outputs_clipped=sum(o != gen for o, (_, _, gen) in zip(outputs, rows, strict=True)),
+    workload = trace_workload(
+        all_rows, name=str(args.trace), rate_scale=1 / scale, num_requests=args.num_requests,
+        min_prompt=args.min_prompt, max_prompt=args.max_prompt, max_output=args.max_output,
         seed=args.seed)
-    return Workload(requests, description)
+    workload.description.update(trace_prompt_tok_s=trace_tok_s, target_prompt_tok_s=target_tok_s,
+                                trace_scale=scale, trace_scale_auto=auto)
+    return workload
 
 
 # -- the server process ----------------------------------------------------------------------------
@@ -308,11 +226,12 @@ class Server:
         self.mode = mode
         self.cmd = [sys.executable, "-m", "tandem.cli", "serve", *MODE_FLAGS[mode],
                     "--prefill-workers", "1", "--decode-workers", "1", "--grpc-port", "0",
-                    "--dtype", args.dtype, "--threads", str(args.threads)]
+                    "--http-port", "0", "--dtype", args.dtype, "--threads", str(args.threads)]
         if args.kv_cache_gb is not None:
             self.cmd += ["--kv-cache-gb", str(args.kv_cache_gb)]
         self.proc: subprocess.Popen[str] | None = None
         self.address: str | None = None
+        self.http_address: str | None = None
         self.ready = threading.Event()
         self.tail: deque[str] = deque(maxlen=80)
         self.pumps: list[threading.Thread] = []
@@ -322,7 +241,11 @@ class Server:
             line = raw.rstrip("\n")
             self.tail.append(line)
             if is_stdout and self.address is None and line.startswith(READY_PREFIX):
-                self.address = line[len(READY_PREFIX):].strip()
+                # "ready grpc=HOST:PORT", then " http=HOST:PORT" when HTTP is served
+                words = line[len(READY_PREFIX):].split()
+                self.address = words[0]
+                self.http_address = next((w.removeprefix("http=") for w in words[1:]
+                                          if w.startswith("http=")), None)
                 self.ready.set()
             log(f"  [serve {self.mode}] {line}")
 
@@ -382,89 +305,48 @@ class Server:
 # -- load ------------------------------------------------------------------------------------------
 
 
-async def send(client: AsyncClient, prompt: list[int], max_tokens: int, result: Result) -> None:
-    """Stream one request into `result`; failures are recorded, not raised."""
-    result.send = time.perf_counter()
-    try:
-        async for chunk in client.stream(prompt, max_tokens=max_tokens, temperature=0.0,
-                                         ignore_eos=True):
-            now = time.perf_counter()
-            if chunk.token_ids:
-                if result.first is None:
-                    result.first = now
-                result.last = now
-                result.tokens += len(chunk.token_ids)
-            if chunk.finish_reason is not None:
-                if chunk.usage is not None:
-                    result.tokens = chunk.usage.completion_tokens
-                result.timings = chunk.timings
-        if result.timings is None:
-            result.error = "INTERNAL: the stream ended without timings"
-    except TandemError as e:
-        result.error = f"{e.code().name}: {e}"
-    except Exception as e:  # a benchmark reports a broken request instead of crashing
-        result.error = f"{type(e).__name__}: {e}"
-    result.end = time.perf_counter()
+class LogProgress:
+    """A `tandem.loadgen` progress hook that logs one line per finished request to stderr."""
+
+    def __init__(self, mode: str, total: int) -> None:
+        self.mode, self.total, self.done = mode, total, 0
+        self.start = time.perf_counter()
+
+    def request_started(self, index: int, request: Request) -> None:
+        pass
+
+    def request_finished(self, index: int, request: Request, result: RequestResult) -> None:
+        self.done += 1
+        if result.ok and result.ttft_s is not None:
+            detail = (f"ttft {result.ttft_s:.2f} s, {result.completion_tokens} tokens in "
+                      f"{result.e2e_s:.2f} s")
+        else:
+            detail = f"error {result.error_code}: {result.error}"
+        log(f"  [{self.mode}] {self.done}/{self.total} request {index} (prompt "
+            f"{len(request.prompt)}, output {request.max_tokens}) at "
+            f"{result.end - self.start:.1f} s: {detail}")
 
 
-async def run_load(mode: str, address: str, workload: Workload,
-                   warmup: int) -> tuple[list[Result], int]:
-    """Warm the server up, then send every request at its arrival time; the results and the
-    model's context length."""
-    async with AsyncClient(address, timeout=REQUEST_TIMEOUT_S) as client:
-        models = await client.list_models(timeout=30)
-        max_len = models[0].max_model_len if models else 0
+async def load(mode: str, address: str, workload: Workload, warmup: int) -> list[RequestResult]:
+    """Warm the server up, then send every request at its arrival time."""
+    async with GrpcBackend(address, timeout=REQUEST_TIMEOUT_S) as backend:
+        served = await backend.served_model()
         longest = max(len(r.prompt) + r.max_tokens for r in workload.requests)
-        if max_len and longest > max_len:
-            raise RuntimeError(f"a request needs {longest} tokens; the model holds {max_len}")
+        if served.max_model_len and longest > served.max_model_len:
+            raise RuntimeError(f"a request needs {longest} tokens; the model holds "
+                               f"{served.max_model_len}")
         if warmup:
-            rng = random.Random(-1)
-            warm = [Result(WARMUP_TOKENS) for _ in range(warmup)]
-            await asyncio.gather(*(send(client, random_prompt(rng, WARMUP_PROMPT), WARMUP_TOKENS,
-                                        r) for r in warm))
-            failed = [r.error for r in warm if not r.ok]
-            if failed:
-                log(f"{mode}: warm-up failed: {failed}")
-            else:
-                log(f"{mode}: warm-up done ({warmup} requests)")
+            failed = [f"{r.error_code}: {r.error}" for r in await warm_up(backend, warmup)
+                      if not r.ok]
+            log(f"{mode}: warm-up failed: {failed}" if failed
+                else f"{mode}: warm-up done ({warmup} requests)")
         log(f"{mode}: sending {len(workload.requests)} requests over "
             f"{workload.requests[-1].arrival_s:.0f} s")
-
-        results = [Result(r.max_tokens) for r in workload.requests]
-        done = 0
-        start = time.perf_counter()
-
-        async def one(index: int) -> None:
-            nonlocal done
-            request, result = workload.requests[index], results[index]
-            await asyncio.sleep(max(0.0, start + request.arrival_s - time.perf_counter()))
-            await send(client, request.prompt, request.max_tokens, result)
-            done += 1
-            if result.ok and result.first is not None:
-                detail = (f"ttft {result.first - result.send:.2f} s, {result.tokens} tokens in "
-                          f"{result.end - result.send:.2f} s")
-            else:
-                detail = f"error {result.error}"
-            log(f"  [{mode}] {done}/{len(results)} request {index} (prompt "
-                f"{len(request.prompt)}, output {request.max_tokens}) at "
-                f"{result.end - start:.1f} s: {detail}")
-
-        await asyncio.gather(*(one(i) for i in range(len(results))))
-    return results, max_len
+        run = await run_load(workload, backend, progress=LogProgress(mode, len(workload.requests)))
+    return run.results
 
 
 # -- metrics ---------------------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Linear interpolation between order statistics (numpy's default); None without data."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    low = math.floor(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 def cpu_jiffies() -> tuple[int, int] | None:
@@ -485,35 +367,29 @@ def busy_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None)
     return (after[0] - before[0]) / (after[1] - before[1])
 
 
-def summarize(mode: str, results: list[Result], wall: dict[str, float],
-              cpu_busy: float | None, client_cpu: float) -> dict[str, Any]:
-    """The `{mode}_*` keys of the report."""
-    ok = [r for r in results if r.ok]
-    ttft = [r.first - r.send for r in ok if r.first is not None]
-    tpot = [(r.last - r.first) / (r.tokens - 1) for r in ok
-            if r.tokens >= 2 and r.first is not None and r.last is not None]
-    timings = [r.timings for r in ok if r.timings is not None]
-    tokens = sum(r.tokens for r in ok)
-    span = (max(r.end for r in results) - min(r.send for r in results)) if results else 0.0
-    codes = Counter((r.error or "").split(":")[0] for r in results if not r.ok)
+def summarize_mode(mode: str, results: list[RequestResult], wall: dict[str, float],
+                   cpu_busy: float | None, client_cpu: float) -> dict[str, Any]:
+    """The `{mode}_*` keys of the report: tandem.loadgen's statistics plus the gateway's timings."""
+    s = summarize(results)
+    timings = [r.timings for r in results if r.ok and r.timings is not None]
     # prefill_s and handoff_s are 0 where no prefill worker took part (colocated): not measured
     staged = [t for t in timings if t.prefill_s > 0]
     prefill = [t.prefill_s for t in staged]
     handoff = [t.handoff_s for t in staged]
     out: dict[str, Any] = {
-        "requests": len(results),
-        "ok": len(ok),
-        "errors": len(results) - len(ok),
-        "error_codes": dict(codes),
-        "wrong_length": sum(r.tokens != r.expected_tokens for r in ok),
-        "completion_tokens": tokens,
-        "ttft_p50_s": percentile(ttft, 50),
-        "ttft_p99_s": percentile(ttft, 99),
-        "ttft_mean_s": sum(ttft) / len(ttft) if ttft else None,
-        "tpot_p50_s": percentile(tpot, 50),
-        "tpot_p99_s": percentile(tpot, 99),
-        "throughput_tok_s": tokens / span if span > 0 else None,
-        "run_s": span,
+        "requests": s.requests,
+        "ok": s.completed,
+        "errors": s.failed,
+        "error_codes": s.error_codes,
+        "wrong_length": s.wrong_length,
+        "completion_tokens": s.completion_tokens,
+        "ttft_p50_s": s.ttft.p50,
+        "ttft_p99_s": s.ttft.p99,
+        "ttft_mean_s": s.ttft.mean,
+        "tpot_p50_s": s.tpot.p50,
+        "tpot_p99_s": s.tpot.p99,
+        "throughput_tok_s": s.output_throughput,
+        "run_s": s.duration_s,
         "server_ttft_p50_s": percentile([t.ttft_s for t in timings], 50),
         "server_ttft_p99_s": percentile([t.ttft_s for t in timings], 99),
         "queue_p50_s": percentile([t.queue_s for t in timings], 50),
@@ -538,7 +414,7 @@ def run_mode(mode: str, args: argparse.Namespace, workload: Workload) -> dict[st
         wall["startup"] = time.monotonic() - began
         cpu_before, client_before, load_began = cpu_jiffies(), time.process_time(), \
             time.monotonic()
-        results, _ = asyncio.run(run_load(mode, address, workload, args.warmup))
+        results = asyncio.run(load(mode, address, workload, args.warmup))
         load_wall = time.monotonic() - load_began
         cpu_busy = busy_fraction(cpu_before, cpu_jiffies())
         client_cpu = (time.process_time() - client_before) / load_wall
@@ -547,7 +423,7 @@ def run_mode(mode: str, args: argparse.Namespace, workload: Workload) -> dict[st
         exit_code = server.stop()
         wall["shutdown"] = time.monotonic() - stopping
     wall["mode_total"] = time.monotonic() - began
-    report = summarize(mode, results, wall, cpu_busy, client_cpu)
+    report = summarize_mode(mode, results, wall, cpu_busy, client_cpu)
     report[f"{mode}_server_exit_code"] = exit_code
     return report
 
@@ -658,7 +534,7 @@ def measure_idle_busy(seconds: float = 1.0) -> float | None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     began = time.monotonic()
-    workload = trace_workload(args) if args.trace else synthetic_workload(args)
+    workload = trace(args) if args.trace else synthetic(args)
     log(f"workload: {json.dumps(workload.description)}")
     idle_busy = measure_idle_busy()
     if idle_busy is not None and idle_busy > BUSY_WARNING:

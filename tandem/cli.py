@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from tandem.loadgen.cli import bench
 from tandem.log import setup_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -18,7 +19,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 
 
 @app.callback()
-def _root(log_level: Annotated[str, typer.Option(help="Logging level.")] = "WARNING") -> None:
+def _root(log_level: Annotated[str | None, typer.Option(
+        help="Level of Tandem's logs (default INFO, or TANDEM_LOG_LEVEL).")] = None) -> None:
     setup_logging(log_level)
 
 
@@ -117,6 +119,12 @@ def serve(
         help="Workers that run both phases (the baseline), or separate pools.")] = None,
     grpc_host: Annotated[str | None, typer.Option(help="Gateway bind address.")] = None,
     grpc_port: Annotated[int | None, typer.Option(help="Gateway port; 0 picks one.")] = None,
+    http_port: Annotated[int | None, typer.Option(
+        help="Port of the OpenAI-compatible HTTP API (default 8000; 0 picks one).")] = None,
+    no_http: Annotated[bool, typer.Option(
+        "--no-http", help="Serve gRPC only (no HTTP API, /metrics or /health).")] = False,
+    cors_origin: Annotated[list[str] | None, typer.Option(
+        help="An origin browsers may call the HTTP API from (repeatable).")] = None,
     kv_transport: Annotated[str | None, typer.Option(
         help="KV handoff: auto (NIXL where both ends have it, else gRPC) | nixl | grpc.")] = None,
     kv_streaming: Annotated[str | None, typer.Option(
@@ -163,7 +171,7 @@ def serve(
 ) -> None:
     """Serve the model: Ray workers for prefill and decode behind a gRPC gateway.
 
-    Prints `ready grpc=HOST:PORT` once it serves; Ctrl-C shuts down cleanly.
+    Prints `ready grpc=HOST:PORT http=HOST:PORT` once it serves; Ctrl-C shuts down cleanly.
     """
     from pydantic import ValidationError
 
@@ -185,13 +193,17 @@ def serve(
         "gateway.api_keys": api_key or _env_api_keys(),
         "gateway.tls.cert": tls_cert, "gateway.tls.key": tls_key,
         "gateway.tls.client_ca": tls_client_ca, "gateway.debug_routing": debug_routing,
-        "worker.host": kv_host,
+        "worker.host": kv_host, "gateway.http_port": http_port,
+        "gateway.cors_origins": cors_origin,
     }
     try:
         settings = ServeConfig.load(config, {k: v for k, v in flags.items() if v is not None})
     except (OSError, ValueError, ValidationError) as e:
         typer.echo(f"error: invalid configuration: {e}", err=True)
         raise typer.Exit(2) from None
+    if no_http:
+        settings = settings.model_copy(update={
+            "gateway": settings.gateway.model_copy(update={"http_port": None})})
     if not settings.ray.address:  # the workers run here: check their transport up front
         from tandem.transfer import TransportNotUsable, available_transports
 
@@ -205,6 +217,7 @@ def serve(
 
 async def _serve(settings) -> None:
     from tandem.cluster.server import TandemServer
+    from tandem.progress import StartupProgress
 
     server = TandemServer(settings)
     stop = asyncio.Event()
@@ -215,16 +228,19 @@ async def _serve(settings) -> None:
             loop.add_signal_handler(sig, stop.set)
 
     on_signals()
-    typer.echo("starting Ray and the workers (the model loads in each; this takes a while)",
-               err=True)
     try:
-        start = asyncio.ensure_future(server.start())
-        await asyncio.wait({start, asyncio.ensure_future(stop.wait())},
-                           return_when=asyncio.FIRST_COMPLETED)
+        with StartupProgress() as progress:
+            server.progress = progress.update
+            start = asyncio.ensure_future(server.start())
+            await asyncio.wait({start, asyncio.ensure_future(stop.wait())},
+                               return_when=asyncio.FIRST_COMPLETED)
         if start.done():
             address = start.result()
             on_signals()  # ray.init() installs its own SIGTERM handler: take it back
-            typer.echo(f"ready grpc={address}")
+            ready = f"ready grpc={address}"
+            if server.http_address:
+                ready += f" http={server.http_address}"
+            typer.echo(ready)
             sys.stdout.flush()
             await stop.wait()
         else:
@@ -234,9 +250,36 @@ async def _serve(settings) -> None:
         await server.stop()
 
 
+@app.command()
+def status(
+    address: Annotated[str, typer.Option(help="Gateway HOST:PORT (gRPC).")] = "127.0.0.1:50051",
+    api_key: Annotated[str | None, typer.Option(
+        help="API key (default: TANDEM_API_KEY).", envvar="TANDEM_API_KEY")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(
+        help="Connect over TLS, trusting this PEM CA.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Show the cluster's pools and workers (the Admin service's Status) as a table."""
+    from tandem.client import Client, TandemError
+    from tandem.status_table import print_status
+
+    root = tls_ca.read_bytes() if tls_ca else None
+    with Client(address, tls=tls_ca is not None, root_certificates=root,
+                api_key=(api_key or "").split(",")[0].strip() or None, timeout=10) as client:
+        try:
+            response = client.status()
+        except TandemError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
+    print_status(response, json_output)
+
+
 def _env_api_keys() -> list[str] | None:
     keys = [k.strip() for k in os.environ.get("TANDEM_API_KEY", "").split(",") if k.strip()]
     return keys or None
+
+
+app.command("bench")(bench)  # `tandem bench`: its options live with the load generator
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
 from collections import Counter
@@ -21,6 +22,8 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.engine import LLMEngine
 from tandem.engine.kv_cache import KVSpec
 from tandem.engine.outputs import EngineStats, RequestOutput
+from tandem.engine.prompt_logprobs import prompt_logprobs
+from tandem.engine.sampler import TokenLogprobs
 from tandem.faults import Faults, active_faults
 from tandem.kv_store.config import StoreConfig
 from tandem.kv_store.stats import StoreStats
@@ -84,6 +87,8 @@ class WorkerInfo:
     kv_spec: KVSpec
     kv_receivers: tuple[ReceiverInfo, ...]  # how senders reach this worker (decode workers)
     kv_transports: tuple[str, ...]  # what this worker sends KV with (prefill workers), best first
+    node: str = ""  # the node's IP address
+    pod: str = ""  # the Kubernetes pod (POD_NAME, from the downward API); "" elsewhere
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,8 @@ class WorkerStats:
     handoffs: dict[str, int] = field(default_factory=dict)  # "nixl/layerwise" -> count sent
     kv_store: StoreStats | None = None  # prefill workers with a KV store
     kv_codec_choices: dict[str, int] = field(default_factory=dict)  # cachegen:auto: level -> n
+    handoff_bytes: int = 0  # KV block bytes handed over (prefill workers)
+    handoff_s: float = 0.0  # their exposed handoff time
 
 
 class WorkerStepError(RuntimeError):
@@ -135,6 +142,7 @@ class EngineWorker:
         self.kv_receivers: tuple[ReceiverInfo, ...] = ()
         self.kv_transports: tuple[str, ...] = ()
         self.handoffs: Counter[str] = Counter()
+        self.handoff_bytes, self.handoff_s = 0, 0.0
         self.store: TieredStore | None = None
 
     def engine_config(self) -> EngineConfig:
@@ -155,7 +163,8 @@ class EngineWorker:
     def info(self) -> WorkerInfo:
         e = self._engine.engine
         return WorkerInfo(self.role, self.model_id, e.fingerprint, e.max_model_len, e.kv_spec,
-                          self.kv_receivers, self.kv_transports)
+                          self.kv_receivers, self.kv_transports, node_ip(),
+                          os.environ.get("POD_NAME", ""))
 
     @property
     def _engine(self) -> AsyncEngine:
@@ -166,7 +175,11 @@ class EngineWorker:
     async def stats(self) -> WorkerStats:
         return WorkerStats(await self._engine.call(LLMEngine.stats), self.num_open_requests(),
                            dict(self.handoffs), self.store.stats() if self.store else None,
-                           self.codec_choices())
+                           self.codec_choices(), self.handoff_bytes, self.handoff_s)
+
+    async def prompt_logprobs(self, token_ids: list[int], top_n: int) -> list[TokenLogprobs]:
+        """The raw logprobs of a prompt's tokens (from its second), each with its top_n."""
+        return await self._engine.call(lambda e: prompt_logprobs(e, token_ids, top_n))
 
     def num_open_requests(self) -> int:
         return 0

@@ -117,7 +117,7 @@ def serve_config(**overrides):
     from tandem.cluster.config import ServeConfig
 
     settings = {
-        "gateway": {"port": 0},
+        "gateway": {"port": 0, "http_port": 0},
         "worker": {"engine": {"dtype": "float32", "kv_cache_gb": 0.05, "num_threads": 1},
                    "kv_store": {"ssd_dir": _TEST_KV_DIR, "redis": {"embedded": False}}},
     }

@@ -26,6 +26,8 @@ class ServerThread:
         self.thread.start()
         self.server = TandemServer(config)
         self.address = self.run(self.server.start(), START_TIMEOUT_S)
+        self.http_url = f"http://{self.server.http_address}" if self.server.http_address \
+            else None
 
     def run(self, coro, timeout: float = 60) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)

@@ -8,13 +8,21 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from tandem.proto import generate
-from tandem.proto.v1 import kv_transfer_pb2, kv_transfer_pb2_grpc, tandem_pb2, tandem_pb2_grpc
+from tandem.proto.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    kv_transfer_pb2,
+    kv_transfer_pb2_grpc,
+    tandem_pb2,
+    tandem_pb2_grpc,
+)
 
 if importlib.util.find_spec("grpc_tools") is None:  # not imported: see generate.protoc
     pytest.skip("grpcio-tools is not installed", allow_module_level=True)
 
 MODULES = {"tandem/v1/tandem.proto": (tandem_pb2, tandem_pb2_grpc),
-           "tandem/v1/kv_transfer.proto": (kv_transfer_pb2, kv_transfer_pb2_grpc)}
+           "tandem/v1/kv_transfer.proto": (kv_transfer_pb2, kv_transfer_pb2_grpc),
+           "tandem/v1/admin.proto": (admin_pb2, admin_pb2_grpc)}
 
 
 def test_every_proto_file_has_stubs():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from numbers import Real
 
 import grpc
@@ -141,6 +142,7 @@ def build_generate_request(
     model: str | None,
     ignore_eos: bool,
     cache_salt: str | None = None,
+    options: SamplingExtras | None = None,
 ) -> pb.GenerateRequest:
     """Validate generate()/stream() arguments and build the GenerateRequest."""
     if sum(x is not None for x in (prompt, messages, segments)) != 1:
@@ -169,7 +171,45 @@ def build_generate_request(
         if not isinstance(cache_salt, str) or not cache_salt:
             raise ValueError("cache_salt must be a non-empty string")
         sampling.cache_salt = cache_salt
+    if options is not None:
+        options.apply(sampling)
     return request
+
+
+@dataclass(frozen=True)
+class SamplingExtras:
+    """The less common sampling options of generate()/stream(); None = the server's default.
+
+    n: choices to generate (choice i samples with seed + i); min_tokens: no EOS or stop token
+    before that many tokens; stop_token_ids: token ids that end a choice; logprobs: N most
+    likely alternatives per token, with each token's raw logprob; prompt_logprobs: the same
+    for the prompt's tokens; presence/frequency_penalty in [-2, 2] and repetition_penalty in
+    (0, 2], applied as vLLM does.
+    """
+
+    n: int | None = None
+    min_tokens: int | None = None
+    stop_token_ids: Sequence[int] | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+
+    def apply(self, sampling: pb.SamplingOptions) -> None:
+        for name in ("n", "min_tokens", "logprobs", "prompt_logprobs", "presence_penalty",
+                     "frequency_penalty", "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    setattr(sampling, name, value)
+                except (TypeError, ValueError):
+                    raise ValueError(f"{name}: {value!r} is out of range") from None
+        sampling.stop_token_ids.extend(self.stop_token_ids or ())
+
+    @property
+    def num_choices(self) -> int:
+        return self.n or 1
 
 
 def tokenize_request(text: str, add_special_tokens: bool, model: str | None) -> pb.TokenizeRequest:

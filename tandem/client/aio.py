@@ -12,6 +12,7 @@ from tandem.client._request import (
     HEALTH_TIMEOUT_S,
     Message,
     Prompt,
+    SamplingExtras,
     build_generate_request,
     call_metadata,
     channel_credentials,
@@ -70,6 +71,14 @@ class AsyncClient:
         model: str | None = None,
         ignore_eos: bool = False,
         cache_salt: str | None = None,
+        n: int | None = None,
+        min_tokens: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        repetition_penalty: float | None = None,
     ) -> Completion:
         """Generate a completion for exactly one of a prompt (str or token ids), chat messages,
         or segments; see `Client.generate` for `segments`, `recompute_ratio` and `blend`."""
@@ -77,7 +86,9 @@ class AsyncClient:
             prompt, messages=messages, segments=segments, recompute_ratio=recompute_ratio,
             blend=blend, max_tokens=max_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, seed=seed, stop=stop, request_id=request_id,
-            model=model, ignore_eos=ignore_eos, cache_salt=cache_salt)
+            model=model, ignore_eos=ignore_eos, cache_salt=cache_salt,
+            options=SamplingExtras(n, min_tokens, stop_token_ids, logprobs, prompt_logprobs,
+                                   presence_penalty, frequency_penalty, repetition_penalty))
         return Completion.from_chunks([c async for c in self._chunks(request, timeout)])
 
     def stream(
@@ -99,19 +110,30 @@ class AsyncClient:
         model: str | None = None,
         ignore_eos: bool = False,
         cache_salt: str | None = None,
+        n: int | None = None,
+        min_tokens: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        repetition_penalty: float | None = None,
     ) -> AsyncIterator[Chunk]:
         """Like generate(), but an async iterator of chunks as the server decodes them."""
         request = build_generate_request(
             prompt, messages=messages, segments=segments, recompute_ratio=recompute_ratio,
             blend=blend, max_tokens=max_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, seed=seed, stop=stop, request_id=request_id,
-            model=model, ignore_eos=ignore_eos, cache_salt=cache_salt)
+            model=model, ignore_eos=ignore_eos, cache_salt=cache_salt,
+            options=SamplingExtras(n, min_tokens, stop_token_ids, logprobs, prompt_logprobs,
+                                   presence_penalty, frequency_penalty, repetition_penalty))
         return self._chunks(request, timeout)
 
     async def _chunks(
         self, request: pb.GenerateRequest, timeout: float | None
     ) -> AsyncIterator[Chunk]:
-        """Run Generate and yield its chunks up to and including the final one."""
+        """Run Generate and yield its chunks up to and including each choice's final one."""
+        unfinished = request.sampling.n if request.sampling.HasField("n") else 1
         call = self._stub.Generate(request, timeout=resolve_timeout(timeout, self._timeout),
                                             metadata=self._metadata)
         try:
@@ -120,7 +142,9 @@ class AsyncClient:
                     chunk = Chunk.from_proto(response)
                     yield chunk
                     if chunk.finish_reason is not None:
-                        return
+                        unfinished -= 1
+                        if not unfinished:  # every choice has ended
+                            return
         finally:
             call.cancel()  # no-op once finished; stops the request if the caller quits early
         raise missing_finish_reason()

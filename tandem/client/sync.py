@@ -12,6 +12,7 @@ from tandem.client._request import (
     HEALTH_TIMEOUT_S,
     Message,
     Prompt,
+    SamplingExtras,
     build_generate_request,
     call_metadata,
     channel_credentials,
@@ -21,6 +22,8 @@ from tandem.client._request import (
 )
 from tandem.client.errors import missing_finish_reason, rpc_errors
 from tandem.client.types import Chunk, Completion, ModelInfo
+from tandem.proto.v1 import admin_pb2 as apb
+from tandem.proto.v1 import admin_pb2_grpc as apb_grpc
 from tandem.proto.v1 import tandem_pb2 as pb
 from tandem.proto.v1 import tandem_pb2_grpc as pb_grpc
 
@@ -48,6 +51,7 @@ class Client:
         else:
             self._channel = grpc.secure_channel(address, credentials, options=options)
         self._stub = pb_grpc.TandemStub(self._channel)
+        self._admin = apb_grpc.AdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
 
@@ -70,6 +74,14 @@ class Client:
         model: str | None = None,
         ignore_eos: bool = False,
         cache_salt: str | None = None,
+        n: int | None = None,
+        min_tokens: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        repetition_penalty: float | None = None,
     ) -> Completion:
         """Generate a completion for exactly one of a prompt (str or token ids), chat messages,
         or segments.
@@ -85,7 +97,9 @@ class Client:
             prompt, messages=messages, segments=segments, recompute_ratio=recompute_ratio,
             blend=blend, max_tokens=max_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, seed=seed, stop=stop, request_id=request_id,
-            model=model, ignore_eos=ignore_eos, cache_salt=cache_salt)
+            model=model, ignore_eos=ignore_eos, cache_salt=cache_salt,
+            options=SamplingExtras(n, min_tokens, stop_token_ids, logprobs, prompt_logprobs,
+                                   presence_penalty, frequency_penalty, repetition_penalty))
         return Completion.from_chunks(list(self._chunks(request, timeout)))
 
     def stream(
@@ -107,17 +121,28 @@ class Client:
         model: str | None = None,
         ignore_eos: bool = False,
         cache_salt: str | None = None,
+        n: int | None = None,
+        min_tokens: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        presence_penalty: float | None = None,
+        frequency_penalty: float | None = None,
+        repetition_penalty: float | None = None,
     ) -> Iterator[Chunk]:
         """Like generate(), but yield chunks as the server decodes them."""
         request = build_generate_request(
             prompt, messages=messages, segments=segments, recompute_ratio=recompute_ratio,
             blend=blend, max_tokens=max_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, seed=seed, stop=stop, request_id=request_id,
-            model=model, ignore_eos=ignore_eos, cache_salt=cache_salt)
+            model=model, ignore_eos=ignore_eos, cache_salt=cache_salt,
+            options=SamplingExtras(n, min_tokens, stop_token_ids, logprobs, prompt_logprobs,
+                                   presence_penalty, frequency_penalty, repetition_penalty))
         return self._chunks(request, timeout)
 
     def _chunks(self, request: pb.GenerateRequest, timeout: float | None) -> Iterator[Chunk]:
-        """Run Generate and yield its chunks up to and including the final one."""
+        """Run Generate and yield its chunks up to and including each choice's final one."""
+        unfinished = request.sampling.n if request.sampling.HasField("n") else 1
         call = self._stub.Generate(request, timeout=resolve_timeout(timeout, self._timeout),
                                             metadata=self._metadata)
         try:
@@ -126,7 +151,9 @@ class Client:
                     chunk = Chunk.from_proto(response)
                     yield chunk
                     if chunk.finish_reason is not None:
-                        return
+                        unfinished -= 1
+                        if not unfinished:  # every choice has ended
+                            return
         finally:
             call.cancel()  # no-op once finished; stops the request if the caller quits early
         raise missing_finish_reason()
@@ -161,6 +188,13 @@ class Client:
                                              timeout=resolve_timeout(timeout, self._timeout),
                                              metadata=self._metadata)
         return [ModelInfo.from_proto(m) for m in response.models]
+
+    def status(self, *, timeout: float | None = None) -> apb.StatusResponse:
+        """The Admin service's view of the cluster: pools, and each worker's state and load."""
+        with rpc_errors():
+            return self._admin.Status(apb.StatusRequest(),
+                                      timeout=resolve_timeout(timeout, self._timeout),
+                                      metadata=self._metadata)
 
     def health(self, *, timeout: float = HEALTH_TIMEOUT_S) -> bool:
         """True when the gateway reports SERVING; False when not serving or unreachable."""

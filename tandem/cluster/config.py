@@ -19,6 +19,12 @@ class _Strict(BaseModel):
 class GatewayConfig(_Strict):
     host: str = Field("127.0.0.1", description="Address the public gRPC server binds.")
     port: int = Field(50051, ge=0, le=65535, description="Its port; 0 picks a free one.")
+    http_port: int | None = Field(
+        8000, ge=0, le=65535, description="Port of the OpenAI-compatible HTTP API (and "
+        "/metrics, /health) on the same host; 0 picks a free one; None = no HTTP API.")
+    cors_origins: list[str] = Field(
+        default_factory=list, description="Origins browsers may call the HTTP API from "
+        "(CORS); empty = none.")
     max_queued_requests: int = Field(
         256, gt=0, description="Requests waiting for a worker before RESOURCE_EXHAUSTED.")
     request_timeout_s: float = Field(

@@ -34,6 +34,9 @@ def connect_ray(config: ServeConfig) -> bool:
         ray.init(address=config.ray.address, logging_level=logging.WARNING)
         return False
     workers = config.prefill_workers + config.decode_workers
+    # Token authentication, asked for explicitly: Ray then makes a token (~/.ray/auth_token)
+    # when there is none, instead of warning that it turned authentication on by itself.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     ray.init(num_cpus=config.ray.num_cpus, include_dashboard=False,
              logging_level=logging.WARNING,
              resources={name: workers for name in POOL_RESOURCES.values()})

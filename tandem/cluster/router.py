@@ -15,28 +15,26 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
-
-from ray.exceptions import GetTimeoutError, RayActorError, RaySystemError
 
 from tandem.cluster.errors import (
     ClusterError,
     HandoffFailed,
     InvalidRequest,
     Overloaded,
-    WorkerFailed,
     WorkerUnavailable,
+    translate,
 )
 from tandem.cluster.kv_index import KVIndex
 from tandem.decode_worker.worker import TokenDelta
 from tandem.engine.errors import OutOfBlocksError
+from tandem.engine.sampler import TokenLogprobs
 from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.segments import SegmentedPrompt
-from tandem.prefill_worker.worker import PrefillResult, RequestAborted
+from tandem.prefill_worker.worker import PrefillResult
 from tandem.transfer import TransportNotUsable, choose_receiver, log_fallback
 from tandem.transfer.base import ReceiverInfo
-from tandem.transfer.errors import TransferCorrupted, TransferError, TransferUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +228,8 @@ class Router:
                     return
                 raise
             for delta in deltas:
+                if delta.logprobs is not None and None in delta.logprobs:
+                    delta = await self._with_first_logprobs(delta, placed)
                 if delta.finish_reason is not None:
                     if self.colocated:
                         req.num_cached_tokens = delta.num_cached_tokens
@@ -239,16 +239,38 @@ class Router:
                 if delta.finish_reason is not None:
                     return
 
+    async def _with_first_logprobs(self, delta: TokenDelta, placed: _Placement) -> TokenDelta:
+        """`delta` with the logprobs of the tokens the prefill worker sampled (they travel
+        with its result, which is due right after the handoff that produced this delta)."""
+        first: list[TokenLogprobs] = []
+        if placed.prefill_task is not None and not placed.aborted:
+            first = list((await self._result(placed.prefill_task)).output_logprobs or ())
+        filled = [lp if lp is not None else (first.pop(0) if first else None)
+                  for lp in delta.logprobs or ()]
+        return replace(delta, logprobs=filled)
+
+    async def prompt_logprobs(self, token_ids: list[int], top_n: int, timeout_s: float) \
+            -> list[TokenLogprobs]:
+        """Logprobs of a prompt's tokens, scored by a prefill (or colocated) worker."""
+        workers = self.prefill_workers or self.decode_workers
+        index = min(range(len(workers)), key=lambda i: self.queued_prompt_tokens.get(i, 0)) \
+            if self.prefill_workers else 0
+        try:
+            return await asyncio.wait_for(
+                workers[index].prompt_logprobs.remote(token_ids, top_n), timeout_s)
+        except Exception as e:
+            raise translate(e) from None
+
     def _check_prefill(self, task: asyncio.Future) -> None:
         error = task.exception()
         if error is not None:
-            raise _translate(error)
+            raise translate(error)
 
     async def _result(self, future: Any) -> Any:
         try:
             return await future
         except Exception as e:
-            raise _translate(e) from None
+            raise translate(e) from None
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -260,7 +282,7 @@ class Router:
         except Exception as e:
             if keep is not None and isinstance(e, keep):
                 raise
-            raise _translate(e) from None
+            raise translate(e) from None
 
     async def _abort_on_workers(self, placed: _Placement) -> None:
         calls = []
@@ -290,29 +312,3 @@ class Router:
             await self.kv_index.stop()
         if self._cleanups:
             await asyncio.gather(*self._cleanups, return_exceptions=True)
-
-
-def _translate(error: BaseException) -> BaseException:
-    """Map worker and Ray errors to the cluster's errors (the gateway maps those to codes)."""
-    if isinstance(error, InvalidRequest | Overloaded | WorkerUnavailable | HandoffFailed
-                  | WorkerFailed | asyncio.CancelledError):
-        return error
-    if isinstance(error, TransferCorrupted):
-        return HandoffFailed(_message(error), corrupted=True)
-    if isinstance(error, TransferUnavailable):
-        return WorkerUnavailable(f"the decode worker is unreachable: {_message(error)}")
-    if isinstance(error, TransferError):
-        return HandoffFailed(_message(error))
-    if isinstance(error, RequestAborted):
-        return WorkerFailed(_message(error))
-    if isinstance(error, ValueError):
-        return InvalidRequest(_message(error))
-    if isinstance(error, RayActorError | RaySystemError | GetTimeoutError | TimeoutError):
-        return WorkerUnavailable(f"a worker is unavailable: {_message(error)}")
-    return WorkerFailed(_message(error))
-
-
-def _message(error: BaseException) -> str:
-    """The original message of an error raised in a worker, without Ray's traceback."""
-    cause = getattr(error, "cause", None) or error
-    return str(cause) or type(cause).__name__

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -11,21 +12,30 @@ import ray
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tandem.cluster.admin import AdminService
+from tandem.cluster.auth import ApiKeys
 from tandem.cluster.config import ServeConfig
+from tandem.cluster.frontend import Frontend
 from tandem.cluster.gateway import Gateway
 from tandem.cluster.kv_index import KVIndex
+from tandem.cluster.metrics import ClusterMetrics
+from tandem.cluster.openai.app import build_app
+from tandem.cluster.openai.server import HttpServer
 from tandem.cluster.placement import connect_ray, start_pool
 from tandem.cluster.redis_server import RedisServer, find_redis_server
 from tandem.cluster.router import Router
-from tandem.cluster.wire import add_tandem_service
+from tandem.cluster.wire import add_admin_service, add_tandem_service
+from tandem.cluster.worker_status import WorkerMonitor
 from tandem.engine.loader import load_tokenizer
 from tandem.kv_store.keys import namespace
+from tandem.proto.v1 import admin_pb2 as apb
 from tandem.proto.v1 import tandem_pb2 as pb
 from tandem.worker_base import WorkerInfo
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Tandem"].full_name
+ADMIN_SERVICE_NAME = apb.DESCRIPTOR.services_by_name["Admin"].full_name
 WORKER_START_TIMEOUT_S = 600.0
 
 
@@ -40,11 +50,20 @@ class TandemServer:
         self.redis: RedisServer | None = None  # the embedded shared KV tier, when started here
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
+        self._http: HttpServer | None = None
+        self.http_address: str | None = None  # HOST:PORT of the HTTP API, when it runs
+        self.metrics: ClusterMetrics | None = None
+        self.frontend: Frontend | None = None
+        self.monitor: WorkerMonitor | None = None
+        self.draining = False
+        # Start-up steps, for a progress display: (step, parts done, parts in all).
+        self.progress: Callable[..., None] = lambda step, done=None, total=None: None
 
     async def start(self) -> str:
         """Start everything; returns the gateway's HOST:PORT."""
         # Started from this thread: redis-server is told to exit when its parent thread dies.
         c = self.config = self._with_redis(_local_kv_host(self.config))
+        self.progress("starting Ray")
         self._owns_ray = connect_ray(c)
         if c.colocated:
             self.decode_workers = start_pool("colocated", c.prefill_workers + c.decode_workers, c)
@@ -52,17 +71,17 @@ class TandemServer:
             self.prefill_workers = start_pool("prefill", c.prefill_workers, c)
             self.decode_workers = start_pool("decode", c.decode_workers, c)
         workers = self.prefill_workers + self.decode_workers
-        logger.warning("loading the model on %d workers", len(workers))
+        logger.info("loading the model on %d workers", len(workers))
         tokenizer_task = asyncio.create_task(
             asyncio.to_thread(load_tokenizer, c.worker.engine.model))
-        infos: list[WorkerInfo] = await asyncio.wait_for(
-            asyncio.gather(*(w.start.remote() for w in workers)), WORKER_START_TIMEOUT_S)
+        infos = await self._start_workers(workers)
         tokenizer, model_config = await tokenizer_task
+        self.progress("starting the gateway")
         _check_agree(infos)
         kv_transports = [info.kv_transports for info in infos[:len(self.prefill_workers)]]
         kv_receivers = [info.kv_receivers for info in infos[len(self.prefill_workers):]]
         if not c.colocated:
-            logger.warning("KV handoff (--kv-transport %s): prefill workers send with %s; "
+            logger.info("KV handoff (--kv-transport %s): prefill workers send with %s; "
                            "decode workers receive with %s", c.worker.kv_transport,
                            _ways(kv_transports),
                            _ways([tuple(r.transport for r in rs) for rs in kv_receivers]))
@@ -78,18 +97,32 @@ class TandemServer:
                 self.prefill_workers, namespace(infos[0].fingerprint, infos[0].kv_spec),
                 store.chunk_tokens, c.gateway.worker_call_timeout_s)
             self.router.kv_index.start()
-            logger.warning("KV store: %s; chunks of %d tokens", _tiers(store),
+            logger.info("KV store: %s; chunks of %d tokens", _tiers(store),
                            store.chunk_tokens)
         model = pb.ModelInfo(id=c.model_id, max_model_len=infos[0].max_model_len,
                              fingerprint=infos[0].fingerprint)
-        gateway = Gateway(self.router, tokenizer, model, model_config.vocab_size, c.gateway)
+        self.metrics = ClusterMetrics(c.model_id)
+        keys = ApiKeys(c.gateway.api_keys)
+        frontend = self.frontend = Frontend(self.router, tokenizer, model,
+                                            model_config.vocab_size, c.gateway, self.metrics)
+        roles = ["colocated"] * len(workers) if c.colocated else \
+            ["prefill"] * len(self.prefill_workers) + ["decode"] * len(self.decode_workers)
+        pools: dict[str, list] = {}
+        for role, actor, info in zip(roles, workers, infos, strict=True):
+            pools.setdefault(role, []).append((actor, info))
+        self.monitor = WorkerMonitor(pools, self.metrics, c.gateway.worker_call_timeout_s)
+        await self.monitor.refresh()
+        self.monitor.start()
         limit = c.gateway.max_message_bytes
         self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                                 ("grpc.max_send_message_length", limit)])
-        add_tandem_service(gateway, self._server)
+        add_tandem_service(Gateway(frontend, keys), self._server)
+        add_admin_service(AdminService(c.model_id, self.monitor, self.router, keys),
+                          self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+            (SERVICE_NAME, ADMIN_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self._server)
         bind = f"{c.gateway.host}:{c.gateway.port}"
         port = self._server.add_secure_port(bind, c.gateway.tls.server_credentials()) \
             if c.gateway.tls else self._server.add_insecure_port(bind)
@@ -99,7 +132,32 @@ class TandemServer:
         for service in ("", SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.address = f"{c.gateway.host}:{port}"
+        if c.gateway.http_port is not None:
+            app = build_app(frontend, keys, self.metrics.registry, c.gateway.cors_origins,
+                            lambda: self.draining)
+            self._http = HttpServer(app, c.gateway.host, c.gateway.http_port, c.gateway.tls,
+                                    c.gateway.shutdown_grace_s)
+            self.http_address = await self._http.start()
         return self.address
+
+    async def _start_workers(self, workers: list[Any]) -> list[WorkerInfo]:
+        """Start every worker at once (each loads the model); progress as each is ready."""
+        loaded = 0
+        self.progress("loading the model in each worker", 0, len(workers))
+
+        async def start(worker: Any) -> WorkerInfo:
+            nonlocal loaded
+            info = await worker.start.remote()
+            loaded += 1
+            self.progress("loading the model in each worker", loaded, len(workers))
+            return info
+
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(start(w) for w in workers)),
+                                          WORKER_START_TIMEOUT_S)
+        except TimeoutError:
+            raise TimeoutError(f"{len(workers) - loaded} of {len(workers)} workers did not "
+                               f"start in {WORKER_START_TIMEOUT_S:.0f} s") from None
 
     def _with_redis(self, config: ServeConfig) -> ServeConfig:
         """`config` with the URL of an embedded redis-server, when the store wants one."""
@@ -134,10 +192,17 @@ class TandemServer:
 
     async def stop(self) -> None:
         """Stop taking requests, let running ones finish (grace period), then stop workers."""
+        self.draining = True  # /health answers 503 from now on
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
         if self._server is not None:
             await self._health.enter_graceful_shutdown()
             await self._server.stop(grace=self.config.gateway.shutdown_grace_s)
             self._server = None
+        if self.monitor is not None:
+            await self.monitor.stop()
+            self.monitor = None
         if self.router is not None:
             await self.router.drain()
         workers = self.prefill_workers + self.decode_workers

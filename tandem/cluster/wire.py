@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from tandem.proto.v1 import admin_pb2 as apb
 from tandem.proto.v1 import tandem_pb2 as pb
 
 
@@ -47,11 +49,20 @@ async def reject_unparsable(request: object, context: grpc.aio.ServicerContext) 
 def add_tandem_service(servicer: object, server: grpc.aio.Server) -> None:
     """Register `tandem.v1.Tandem` like the generated `add_TandemServicer_to_server`, but with
     lenient request parsing."""
-    service = pb.DESCRIPTOR.services_by_name["Tandem"]
+    _add_service(pb, "Tandem", servicer, server)
+
+
+def add_admin_service(servicer: object, server: grpc.aio.Server) -> None:
+    """Register `tandem.v1.Admin` the same way."""
+    _add_service(apb, "Admin", servicer, server)
+
+
+def _add_service(module: Any, name: str, servicer: object, server: grpc.aio.Server) -> None:
+    service = module.DESCRIPTOR.services_by_name[name]
     handlers = {}
     for method in service.methods:
-        request = getattr(pb, method.input_type.name)
-        response = getattr(pb, method.output_type.name)
+        request = getattr(module, method.input_type.name)
+        response = getattr(module, method.output_type.name)
         make = grpc.unary_stream_rpc_method_handler if method.server_streaming \
             else grpc.unary_unary_rpc_method_handler
         handlers[method.name] = make(getattr(servicer, method.name),

@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 
 from tandem.engine.errors import EngineError
 from tandem.engine.outputs import RequestOutput
+from tandem.engine.sampler import TokenLogprobs
 from tandem.engine.sampling_params import SamplingParams
 from tandem.transfer import TransportNotUsable, available_transports, make_transport
 from tandem.transfer.base import Handoff, KVIdentity, KVSink, KVTransport
@@ -41,6 +42,9 @@ class TokenDelta:
     finish_reason: str | None = None
     text: str | None = None  # the engine's final text (cut at a stop string), when finished
     num_cached_tokens: int = 0
+    # One per token when the request asked for logprobs; None for a token this worker did not
+    # sample (the prefill worker's first token: the router fills it in).
+    logprobs: list[TokenLogprobs | None] | None = None
 
 
 class DecodeWorker(EngineWorker, KVSink):
@@ -165,8 +169,15 @@ class DecodeWorker(EngineWorker, KVSink):
     def _delta(self, output: RequestOutput) -> TokenDelta:
         sent = self._num_sent.get(output.request_id, 0)
         self._num_sent[output.request_id] = len(output.token_ids)
+        logprobs = None
+        if output.logprobs is not None:
+            # Tokens handed over by the prefill worker come first and have no entry here.
+            handed = len(output.token_ids) - len(output.logprobs)
+            padded: list[TokenLogprobs | None] = [None] * handed
+            logprobs = [*padded, *output.logprobs][sent:]
         return TokenDelta(output.token_ids[sent:], output.finish_reason,
-                          output.text if output.finished else None, output.num_cached_tokens)
+                          output.text if output.finished else None, output.num_cached_tokens,
+                          logprobs)
 
     def forget(self, request_id: str) -> None:
         super().forget(request_id)

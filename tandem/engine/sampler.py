@@ -1,4 +1,5 @@
-"""Next-token choice, one implementation for CPU and CUDA: greedy, or a counter-based race.
+"""Next-token choice, one implementation for CPU and CUDA: greedy, or a counter-based race,
+on the logits after any penalties (`penalties.py`) and min_tokens bans.
 
 Each request's draw for its i-th output token is a pure function of (seed, i): a 32-bit key is
 hashed from the pair on the host, every vocabulary entry j gets the uniform
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tandem.engine.penalties import PenaltyInputs, apply_penalties, prepare_penalties
 from tandem.engine.sequence import Sequence
 
 NO_TOP_P = 2.0  # a nucleus no cumulative probability reaches: rows without top-p keep everything
@@ -55,6 +57,7 @@ class SamplingInputs:
     floats: torch.Tensor | None  # [B, 2] float32: temperature, top_p
     banned: tuple[torch.Tensor, torch.Tensor] | None  # (rows, token ids) that may not be drawn
     wants_logprobs: list[int | None]  # per row
+    penalties: PenaltyInputs | None = None  # None: no row's logits change
 
 
 def draw_key(seed: int, counter: int) -> int:
@@ -86,7 +89,8 @@ class Sampler:
         self.basis = lowbias32(torch.arange(vocab_size, dtype=torch.int32)).to(device)
 
     def prepare(self, seqs: Seq[Sequence]) -> SamplingInputs:
-        """Host side, O(batch): each row's key, flags and limits."""
+        """Host side, O(batch): each row's key, flags and limits; plus O(tokens) of the rows
+        that ask for penalties, if any do."""
         vocab = self.vocab_size
         keys, greedy, top_ks, temps, top_ps, wants = [], [], [], [], [], []
         ban_rows: list[int] = []
@@ -122,7 +126,8 @@ class Sampler:
             banned=None if not ban_rows else (
                 self._upload(torch.tensor(ban_rows, dtype=torch.int64)),
                 self._upload(torch.tensor(ban_tokens, dtype=torch.int64).clamp_(0, vocab - 1))),
-            wants_logprobs=wants)
+            wants_logprobs=wants,
+            penalties=prepare_penalties(seqs, vocab, self._upload))
 
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":
@@ -135,13 +140,17 @@ class Sampler:
         [B, 2 (+ 1 + 2N)] float64 (token id, finite flag, then logprobs when asked)."""
         raw, best = logits, logits.argmax(dim=1)
         # argmax takes a NaN (and +inf) as the largest value, so one gather finds any row that
-        # is not finite, instead of a pass over the whole [B, vocab] tensor.
+        # is not finite, instead of a pass over the whole [B, vocab] tensor. It looks at the raw
+        # logits: a penalty must not make a healthy row fail (or hide a broken one).
         finite = torch.isfinite(raw.gather(1, best.unsqueeze(1))).squeeze(1)
+        if inputs.penalties is not None:
+            logits = apply_penalties(logits, inputs.penalties)
         if inputs.banned is not None:
             # A filled device scalar, not new_tensor(): that would be a synchronous upload.
             banned = torch.full((), float("-inf"), device=logits.device)
             logits = logits.index_put(inputs.banned, banned)
-        token_ids = best if inputs.banned is None else logits.argmax(dim=1)
+        changed = inputs.banned is not None or inputs.penalties is not None
+        token_ids = logits.argmax(dim=1) if changed else best
         if not inputs.all_greedy:
             token_ids = torch.where(inputs.ints[:, 1].bool(), token_ids,
                                     self._race(logits, inputs))

@@ -24,6 +24,12 @@ class SamplingParams:
     logits, before temperature) of the sampled token and of the N most likely ones.
     `cache_salt` isolates the request's cached KV: it shares prefix and chunk caches only with
     requests of the same salt (as vLLM's), so tenants cannot probe each other's prompts.
+    Penalties act on the logits as vLLM's do, before temperature, top-k and top-p (and before
+    the greedy choice): `repetition_penalty` r divides a positive logit by r and multiplies a
+    negative one by r for every token seen in the prompt or the output (r > 1 discourages
+    repeats); `frequency_penalty` f subtracts f times a token's count in the output and
+    `presence_penalty` p subtracts p once from every token the output already holds. Returned
+    logprobs stay those of the unpenalized logits.
     """
 
     max_tokens: int = 16
@@ -37,6 +43,9 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     cache_salt: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -73,14 +82,32 @@ class SamplingParams:
             self.cache_salt if not isinstance(self.cache_salt, str)
             or len(self.cache_salt) <= 64 else f"<{len(self.cache_salt)} characters>",
             f"must be a non-empty string of at most {MAX_CACHE_SALT_LENGTH} characters")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_is_number(value) and -2 <= value <= 2, name, value, "must be in [-2, 2]")
+        _check(_is_number(self.repetition_penalty) and 0 < self.repetition_penalty <= 2,
+               "repetition_penalty", self.repetition_penalty, "must be in (0, 2]")
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
+    @property
+    def has_penalties(self) -> bool:
+        """Whether any penalty changes the logits (the neutral values leave them exact)."""
+        return (self.presence_penalty != 0 or self.frequency_penalty != 0
+                or self.repetition_penalty != 1)
+
 
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    """A finite int or float, not a bool. An int is finite however large (math.isfinite would
+    raise OverflowError on one past the float range, instead of the ValueError callers expect)."""
+    return isinstance(x, int | float) and not isinstance(x, bool) and (
+        isinstance(x, int) or math.isfinite(x))
 
 
 def _check(ok: bool, name: str, value: object, rule: str) -> None:

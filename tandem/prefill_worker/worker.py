@@ -26,6 +26,7 @@ from tandem.engine.engine import LLMEngine
 from tandem.engine.errors import OutOfBlocksError
 from tandem.engine.kv_cache import KVBlocks, KVSpec
 from tandem.engine.outputs import RequestOutput
+from tandem.engine.sampler import TokenLogprobs
 from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.segments import SegmentedPrompt
 from tandem.kv_store.codec import Codec, codec_for
@@ -55,6 +56,8 @@ class PrefillResult:
     transport: str  # which transport carried the KV
     layerwise: bool  # whether the KV streamed layer by layer during the prefill
     num_recomputed_tokens: int = 0  # blended chunk tokens recomputed (CacheBlend)
+    output_logprobs: list[TokenLogprobs] | None = None  # of the first token, when asked
+    handoff_bytes: int = 0  # the uncompressed size of the KV blocks handed over
 
 
 class PrefillWorker(EngineWorker):
@@ -149,9 +152,13 @@ class PrefillWorker(EngineWorker):
             if blended is None:
                 reuse.measure_prefill(n - item.num_cached_tokens, prefilled - computing)
             self.handoffs[f"{receiver.transport}/{'layerwise' if layerwise else 'onepiece'}"] += 1
+            handoff_s = time.perf_counter() - prefilled
+            handoff_bytes = len(block_ids) * engine.engine.kv_spec.bytes_per_block
+            self.handoff_bytes += handoff_bytes
+            self.handoff_s += handoff_s
             return PrefillResult(item.token_ids, item.num_cached_tokens, prefilled - started,
-                                 time.perf_counter() - prefilled, receiver.transport, layerwise,
-                                 item.num_recomputed_tokens)
+                                 handoff_s, receiver.transport, layerwise,
+                                 item.num_recomputed_tokens, item.logprobs, handoff_bytes)
         finally:
             self._streamers.pop(request_id, None)
             self._computed_at.pop(request_id, None)

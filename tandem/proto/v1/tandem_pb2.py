@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/tandem.proto\x12\ttandem.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\"i\n\x08Segments\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x1c\n\x0frecompute_ratio\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05\x62lend\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x12\n\x10_recompute_ratioB\x08\n\x06_blend\"\x85\x02\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x17\n\ncache_salt\x18\x08 \x01(\tH\x05\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_cache_salt\"\xfb\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12+\n\x08messages\x18\x05 \x01(\x0b\x32\x17.tandem.v1.ChatMessagesH\x00\x12\'\n\x08segments\x18\x07 \x01(\x0b\x32\x13.tandem.v1.SegmentsH\x00\x12,\n\x08sampling\x18\x06 \x01(\x0b\x32\x1a.tandem.v1.SamplingOptionsB\x07\n\x05input\"k\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x19\n\x11recomputed_tokens\x18\x04 \x01(\r\"a\n\x07Timings\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\x0f\n\x07total_s\x18\x02 \x01(\x01\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\x12\x11\n\thandoff_s\x18\x04 \x01(\x01\x12\x0f\n\x07queue_s\x18\x05 \x01(\x01\"\xa4\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\x12#\n\x07timings\x18\x06 \x01(\x0b\x32\x12.tandem.v1.Timings\"J\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x13\n\x11ListModelsRequest\"C\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.tandem.v1.ModelInfo\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\x9b\x02\n\x06Tandem\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.tandem.v1.TokenizeRequest\x1a\x1b.tandem.v1.TokenizeResponse\x12I\n\nListModels\x12\x1c.tandem.v1.ListModelsRequest\x1a\x1d.tandem.v1.ListModelsResponse\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/tandem.proto\x12\ttandem.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.tandem.v1.ChatMessage\"i\n\x08Segments\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x1c\n\x0frecompute_ratio\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05\x62lend\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x12\n\x10_recompute_ratioB\x08\n\x06_blend\"\xd3\x04\n\x0fSamplingOptions\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x17\n\ncache_salt\x18\x08 \x01(\tH\x05\x88\x01\x01\x12\x0e\n\x01n\x18\t \x01(\rH\x06\x88\x01\x01\x12\x17\n\nmin_tokens\x18\n \x01(\x05H\x07\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\r\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x08\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\r \x01(\x02H\t\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0e \x01(\x02H\n\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0f \x01(\x02H\x0b\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\x05H\x0c\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_cache_saltB\x04\n\x02_nB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x12\n\x10_prompt_logprobs\"\xfb\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x13.tandem.v1.TokenIdsH\x00\x12+\n\x08messages\x18\x05 \x01(\x0b\x32\x17.tandem.v1.ChatMessagesH\x00\x12\'\n\x08segments\x18\x07 \x01(\x0b\x32\x13.tandem.v1.SegmentsH\x00\x12,\n\x08sampling\x18\x06 \x01(\x0b\x32\x1a.tandem.v1.SamplingOptionsB\x07\n\x05input\"k\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12\x19\n\x11recomputed_tokens\x18\x04 \x01(\r\"a\n\x07Timings\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\x0f\n\x07total_s\x18\x02 \x01(\x01\x12\x11\n\tprefill_s\x18\x03 \x01(\x01\x12\x11\n\thandoff_s\x18\x04 \x01(\x01\x12\x0f\n\x07queue_s\x18\x05 \x01(\x01\"\x90\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.tandem.v1.Usage\x12#\n\x07timings\x18\x06 \x01(\x0b\x32\x12.tandem.v1.Timings\x12\r\n\x05index\x18\x07 \x01(\r\x12)\n\x08logprobs\x18\x08 \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\x12\x30\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x17.tandem.v1.TokenLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.tandem.v1.TopLogprob\"J\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1a\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\"\x13\n\x11ListModelsRequest\"C\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\r\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.tandem.v1.ModelInfo\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\x9b\x02\n\x06Tandem\x12\x45\n\x08Generate\x12\x1a.tandem.v1.GenerateRequest\x1a\x1b.tandem.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.tandem.v1.TokenizeRequest\x1a\x1b.tandem.v1.TokenizeResponse\x12I\n\nListModels\x12\x1c.tandem.v1.ListModelsRequest\x1a\x1d.tandem.v1.ListModelsResponse\x12:\n\x05\x41\x62ort\x12\x17.tandem.v1.AbortRequest\x1a\x18.tandem.v1.AbortResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,29 +40,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEGMENTS']._serialized_start=166
   _globals['_SEGMENTS']._serialized_end=271
   _globals['_SAMPLINGOPTIONS']._serialized_start=274
-  _globals['_SAMPLINGOPTIONS']._serialized_end=535
-  _globals['_GENERATEREQUEST']._serialized_start=538
-  _globals['_GENERATEREQUEST']._serialized_end=789
-  _globals['_USAGE']._serialized_start=791
-  _globals['_USAGE']._serialized_end=898
-  _globals['_TIMINGS']._serialized_start=900
-  _globals['_TIMINGS']._serialized_end=997
-  _globals['_GENERATERESPONSE']._serialized_start=1000
-  _globals['_GENERATERESPONSE']._serialized_end=1164
-  _globals['_TOKENIZEREQUEST']._serialized_start=1166
-  _globals['_TOKENIZEREQUEST']._serialized_end=1240
-  _globals['_TOKENIZERESPONSE']._serialized_start=1242
-  _globals['_TOKENIZERESPONSE']._serialized_end=1279
-  _globals['_LISTMODELSREQUEST']._serialized_start=1281
-  _globals['_LISTMODELSREQUEST']._serialized_end=1300
-  _globals['_MODELINFO']._serialized_start=1302
-  _globals['_MODELINFO']._serialized_end=1369
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1371
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1429
-  _globals['_ABORTREQUEST']._serialized_start=1431
-  _globals['_ABORTREQUEST']._serialized_end=1465
-  _globals['_ABORTRESPONSE']._serialized_start=1467
-  _globals['_ABORTRESPONSE']._serialized_end=1497
-  _globals['_TANDEM']._serialized_start=1500
-  _globals['_TANDEM']._serialized_end=1783
+  _globals['_SAMPLINGOPTIONS']._serialized_end=869
+  _globals['_GENERATEREQUEST']._serialized_start=872
+  _globals['_GENERATEREQUEST']._serialized_end=1123
+  _globals['_USAGE']._serialized_start=1125
+  _globals['_USAGE']._serialized_end=1232
+  _globals['_TIMINGS']._serialized_start=1234
+  _globals['_TIMINGS']._serialized_end=1331
+  _globals['_GENERATERESPONSE']._serialized_start=1334
+  _globals['_GENERATERESPONSE']._serialized_end=1606
+  _globals['_TOPLOGPROB']._serialized_start=1608
+  _globals['_TOPLOGPROB']._serialized_end=1655
+  _globals['_TOKENLOGPROB']._serialized_start=1657
+  _globals['_TOKENLOGPROB']._serialized_end=1742
+  _globals['_TOKENIZEREQUEST']._serialized_start=1744
+  _globals['_TOKENIZEREQUEST']._serialized_end=1818
+  _globals['_TOKENIZERESPONSE']._serialized_start=1820
+  _globals['_TOKENIZERESPONSE']._serialized_end=1857
+  _globals['_LISTMODELSREQUEST']._serialized_start=1859
+  _globals['_LISTMODELSREQUEST']._serialized_end=1878
+  _globals['_MODELINFO']._serialized_start=1880
+  _globals['_MODELINFO']._serialized_end=1947
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1949
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2007
+  _globals['_ABORTREQUEST']._serialized_start=2009
+  _globals['_ABORTREQUEST']._serialized_end=2043
+  _globals['_ABORTRESPONSE']._serialized_start=2045
+  _globals['_ABORTRESPONSE']._serialized_end=2075
+  _globals['_TANDEM']._serialized_start=2078
+  _globals['_TANDEM']._serialized_end=2361
 # @@protoc_insertion_point(module_scope)

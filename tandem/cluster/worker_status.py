@@ -1,0 +1,120 @@
+"""`WorkerMonitor`: the gateway's view of its workers, gathered off the request path.
+
+Every `interval_s` it asks each worker for its stats (with the control-call deadline), keeps
+the latest answer per worker, and publishes the cluster-wide figures the metrics export
+(`WorkerFigures`). The Admin service's `Status` reads the same snapshot, so neither a scrape nor
+a status call waits on a worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from tandem.cluster.metrics import ClusterMetrics, TierFigures, WorkerFigures
+from tandem.worker_base import WorkerInfo, WorkerStats
+
+logger = logging.getLogger(__name__)
+
+INTERVAL_S = 2.0
+
+
+@dataclass
+class WorkerState:
+    """One worker as last seen."""
+
+    id: str  # "<role>-<index>@<node>", plus "/<pod>" on Kubernetes: stable across restarts
+    role: str
+    actor: Any
+    info: WorkerInfo
+    stats: WorkerStats | None = None
+    seen_at: float = 0.0  # time.monotonic() of the last answer
+    error: str | None = None  # why the last call failed
+
+    @property
+    def state(self) -> str:
+        return "ready" if self.error is None and self.stats is not None else "unreachable"
+
+    @property
+    def kv_cache_usage(self) -> float:
+        if self.stats is None or not self.stats.engine.num_blocks:
+            return 0.0
+        e = self.stats.engine
+        return 1.0 - e.num_free_blocks / e.num_blocks
+
+
+def worker_id(role: str, index: int, info: WorkerInfo) -> str:
+    name = f"{role}-{index}@{info.node}"
+    return f"{name}/{info.pod}" if info.pod else name
+
+
+class WorkerMonitor:
+    def __init__(self, pools: dict[str, list[tuple[Any, WorkerInfo]]], metrics: ClusterMetrics,
+                 call_timeout_s: float, interval_s: float = INTERVAL_S) -> None:
+        self.metrics, self.call_timeout_s, self.interval_s = metrics, call_timeout_s, interval_s
+        self.workers = [WorkerState(worker_id(role, i, info), role, actor, info)
+                        for role, members in pools.items()
+                        for i, (actor, info) in enumerate(members)]
+        self.started = time.monotonic()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # a bug here must not end the loop: figures would freeze
+                logger.exception("gathering worker figures failed")
+            await asyncio.sleep(self.interval_s)
+
+    async def refresh(self) -> None:
+        """Ask every worker at once, then publish the figures."""
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(w.actor.stats.remote(), self.call_timeout_s)
+              for w in self.workers), return_exceptions=True)
+        now = time.monotonic()
+        for worker, answer in zip(self.workers, answers, strict=True):
+            if isinstance(answer, BaseException):
+                if worker.error is None:
+                    logger.warning("worker %s did not answer: %r", worker.id, answer)
+                worker.error = repr(answer)
+            else:
+                worker.stats, worker.seen_at, worker.error = answer, now, None
+        self.metrics.workers = self.figures()
+
+    def figures(self) -> WorkerFigures:
+        tiers: dict[str, TierFigures] = {}
+        levels: Counter[str] = Counter()
+        for w in self.workers:
+            if w.stats is None:
+                continue
+            if w.stats.kv_store is not None:
+                for t in w.stats.kv_store.tiers:
+                    old = tiers.get(t.name, TierFigures())
+                    tiers[t.name] = TierFigures(
+                        old.hits + t.hits, old.misses + t.misses, old.used_bytes + t.used_bytes,
+                        old.bytes_read + t.bytes_read, old.bytes_written + t.bytes_written,
+                        old.evictions + t.evictions, old.corrupt + t.corrupt)
+            for choice, count in w.stats.kv_codec_choices.items():
+                levels[choice.removeprefix("cachegen:")] += count
+        return WorkerFigures(
+            kv_cache_usage={(w.id, w.role): w.kv_cache_usage for w in self.workers
+                            if w.stats is not None},
+            tiers=tiers, cachegen_levels=dict(levels),
+            pool_workers=dict(Counter(w.role for w in self.workers)),
+            num_running=sum(w.stats.engine.num_running for w in self.workers
+                            if w.stats is not None and w.role != "prefill"))
