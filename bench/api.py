@@ -11,9 +11,9 @@ so that drift in the machine's speed hits both alike:
   are in flight throughout); after one unmeasured warm-up run per backend.
 - trace: the Azure 2023 conversation trace shipped with Tandem, replayed once per backend: the
   first `--trace-requests` (24) rows at `--trace-rate-scale` (0.1: a tenth of the trace's request
-  rate, ~0.15 req/s: what one CPU decode worker keeps up with), prompts clipped to
-  [`--trace-min-prompt` 32, `--trace-max-prompt` 512] tokens and outputs to `--trace-max-output`
-  (64), so a 2-core machine serves it in a few minutes.
+  rate, ~0.16 req/s: what one CPU prefill worker keeps up with), prompts clipped to
+  `--trace-max-prompt` (512) tokens and outputs to `--trace-max-output` (64), so a 2-core
+  machine serves it in about 3 minutes per backend.
 
 Reported per backend: the median over rounds of each run's TPOT p50 and mean, TTFT p50 and
 output tok/s, and the ratio HTTP / gRPC (target: TPOT ratio <= 1.05). Every figure is
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import Server, log  # bench/, next to this script
+from serve_process import Server, log  # bench/, next to this script
 
 TPOT_TARGET = 1.05
 
@@ -51,7 +51,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stream-output", type=int, default=64)
     p.add_argument("--trace-requests", type=int, default=24, help="0 skips the trace replay")
     p.add_argument("--trace-rate-scale", type=float, default=0.1)
-    p.add_argument("--trace-min-prompt", type=int, default=32)
     p.add_argument("--trace-max-prompt", type=int, default=512)
     p.add_argument("--trace-max-output", type=int, default=64)
     p.add_argument("--dtype", default="bfloat16")

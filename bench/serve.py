@@ -85,16 +85,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
-import threading
 import time
-from collections import deque
-from typing import IO, Any
+from typing import Any
+
+from serve_process import (  # bench/, next to this script
+    Server,
+    busy_fraction,
+    cpu_jiffies,
+    log,
+    measure_idle_busy,
+)
+from serve_report import BUSY_WARNING, MODES, build_report, print_table, summarize_mode
 
 from tandem.loadgen import (
     GrpcBackend,
@@ -103,29 +105,13 @@ from tandem.loadgen import (
     RequestResult,
     Workload,
     load_trace,
-    percentile,
     run_load,
-    summarize,
     synthetic_workload,
     trace_workload,
     warm_up,
 )
 
-MODES = ("disagg", "coloc")
-MODE_FLAGS = {"disagg": ["--disaggregated"], "coloc": ["--colocated"]}
-MODE_LABELS = {"disagg": "disagg 1P+1D", "coloc": "coloc 2x(P+D)"}
-READY_PREFIX = "ready grpc="
-START_TIMEOUT_S = 600.0
-STOP_TIMEOUT_S = 120.0
 REQUEST_TIMEOUT_S = 900.0
-BUSY_WARNING = 0.25  # machine CPU busy fraction before the run that triggers a warning
-LOG_LOCK = threading.Lock()  # the server's output is echoed from other threads
-
-
-def log(message: str) -> None:
-    with LOG_LOCK:
-        sys.stderr.write(message + "\n")
-        sys.stderr.flush()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -219,89 +205,6 @@ def trace(args: argparse.Namespace) -> Workload:
 # -- the server process ----------------------------------------------------------------------------
 
 
-class Server:
-    """`tandem serve` in its own session; its output is echoed to stderr (and kept, for errors)."""
-
-    def __init__(self, mode: str, args: argparse.Namespace) -> None:
-        self.mode = mode
-        self.cmd = [sys.executable, "-m", "tandem.cli", "serve", *MODE_FLAGS[mode],
-                    "--prefill-workers", "1", "--decode-workers", "1", "--grpc-port", "0",
-                    "--http-port", "0", "--dtype", args.dtype, "--threads", str(args.threads)]
-        if args.kv_cache_gb is not None:
-            self.cmd += ["--kv-cache-gb", str(args.kv_cache_gb)]
-        self.proc: subprocess.Popen[str] | None = None
-        self.address: str | None = None
-        self.http_address: str | None = None
-        self.ready = threading.Event()
-        self.tail: deque[str] = deque(maxlen=80)
-        self.pumps: list[threading.Thread] = []
-
-    def _pump(self, stream: IO[str], is_stdout: bool) -> None:
-        for raw in stream:
-            line = raw.rstrip("\n")
-            self.tail.append(line)
-            if is_stdout and self.address is None and line.startswith(READY_PREFIX):
-                # "ready grpc=HOST:PORT", then " http=HOST:PORT" when HTTP is served
-                words = line[len(READY_PREFIX):].split()
-                self.address = words[0]
-                self.http_address = next((w.removeprefix("http=") for w in words[1:]
-                                          if w.startswith("http=")), None)
-                self.ready.set()
-            log(f"  [serve {self.mode}] {line}")
-
-    def start(self, timeout: float = START_TIMEOUT_S) -> str:
-        """Start the server and wait for its `ready grpc=` line; its gRPC address."""
-        env = dict(os.environ, RAY_AUTH_MODE="disabled", TOKENIZERS_PARALLELISM="false")
-        log(f"{self.mode}: starting {' '.join(self.cmd[1:])}")
-        self.proc = subprocess.Popen(
-            self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, bufsize=1, env=env, start_new_session=True)
-        for stream, is_stdout in ((self.proc.stdout, True), (self.proc.stderr, False)):
-            assert stream is not None
-            thread = threading.Thread(target=self._pump, args=(stream, is_stdout), daemon=True)
-            thread.start()
-            self.pumps.append(thread)
-        started = time.monotonic()
-        next_note = started + 15
-        while not self.ready.wait(0.5):
-            now = time.monotonic()
-            if self.proc.poll() is not None:
-                for thread in self.pumps:
-                    thread.join(5)
-                output = "\n".join(self.tail)
-                raise RuntimeError(f"{self.mode}: the server exited with code "
-                                   f"{self.proc.returncode} before it was ready; its last "
-                                   f"output:\n{output}")
-            if now - started > timeout:
-                raise RuntimeError(f"{self.mode}: the server was not ready in {timeout:.0f} s")
-            if now >= next_note:
-                log(f"{self.mode}: waiting for the server ({now - started:.0f} s)")
-                next_note = now + 15
-        assert self.address is not None
-        log(f"{self.mode}: ready at {self.address} after {time.monotonic() - started:.1f} s")
-        return self.address
-
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
-        """SIGINT, wait for a clean exit, kill its process group if it hangs; the exit code."""
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            log(f"{self.mode}: stopping the server (SIGINT)")
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log(f"{self.mode}: no exit {timeout:.0f} s after SIGINT; killing its group")
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        for thread in self.pumps:
-            thread.join(5)
-        log(f"{self.mode}: server exited with code {proc.returncode}")
-        return proc.returncode
-
-
 # -- load ------------------------------------------------------------------------------------------
 
 
@@ -349,62 +252,6 @@ async def load(mode: str, address: str, workload: Workload, warmup: int) -> list
 # -- metrics ---------------------------------------------------------------------------------------
 
 
-def cpu_jiffies() -> tuple[int, int] | None:
-    """(busy, total) CPU time of the whole machine from /proc/stat; None where there is none."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    total = sum(fields[:8])  # guest time is already inside user and nice
-    return total - idle, total
-
-
-def busy_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
-    if before is None or after is None or after[1] <= before[1]:
-        return None
-    return (after[0] - before[0]) / (after[1] - before[1])
-
-
-def summarize_mode(mode: str, results: list[RequestResult], wall: dict[str, float],
-                   cpu_busy: float | None, client_cpu: float) -> dict[str, Any]:
-    """The `{mode}_*` keys of the report: tandem.loadgen's statistics plus the gateway's timings."""
-    s = summarize(results)
-    timings = [r.timings for r in results if r.ok and r.timings is not None]
-    # prefill_s and handoff_s are 0 where no prefill worker took part (colocated): not measured
-    staged = [t for t in timings if t.prefill_s > 0]
-    prefill = [t.prefill_s for t in staged]
-    handoff = [t.handoff_s for t in staged]
-    out: dict[str, Any] = {
-        "requests": s.requests,
-        "ok": s.completed,
-        "errors": s.failed,
-        "error_codes": s.error_codes,
-        "wrong_length": s.wrong_length,
-        "completion_tokens": s.completion_tokens,
-        "ttft_p50_s": s.ttft.p50,
-        "ttft_p99_s": s.ttft.p99,
-        "ttft_mean_s": s.ttft.mean,
-        "tpot_p50_s": s.tpot.p50,
-        "tpot_p99_s": s.tpot.p99,
-        "throughput_tok_s": s.output_throughput,
-        "run_s": s.duration_s,
-        "server_ttft_p50_s": percentile([t.ttft_s for t in timings], 50),
-        "server_ttft_p99_s": percentile([t.ttft_s for t in timings], 99),
-        "queue_p50_s": percentile([t.queue_s for t in timings], 50),
-        "prefill_p50_s": percentile(prefill, 50),
-        "handoff_p50_s": percentile(handoff, 50),
-        "handoff_frac": sum(handoff) / sum(prefill) if prefill else None,
-        "handoff_frac_median": percentile(
-            [h / p for h, p in zip(handoff, prefill, strict=True)], 50),
-        "cpu_busy": cpu_busy,
-        "client_cpu_share": client_cpu,
-        **{f"{name}_s": round(value, 2) for name, value in wall.items()},
-    }
-    return {f"{mode}_{key}": value for key, value in out.items()}
-
-
 def run_mode(mode: str, args: argparse.Namespace, workload: Workload) -> dict[str, Any]:
     server = Server(mode, args)
     wall: dict[str, float] = {}
@@ -429,106 +276,6 @@ def run_mode(mode: str, args: argparse.Namespace, workload: Workload) -> dict[st
 
 
 # -- report ----------------------------------------------------------------------------------------
-
-
-REPORT_KEYS = ("requests", "ok", "errors", "error_codes", "wrong_length", "completion_tokens",
-               "ttft_p50_s", "ttft_p99_s", "ttft_mean_s", "tpot_p50_s", "tpot_p99_s",
-               "throughput_tok_s", "run_s", "server_ttft_p50_s", "server_ttft_p99_s",
-               "queue_p50_s", "prefill_p50_s", "handoff_p50_s", "handoff_frac",
-               "handoff_frac_median", "cpu_busy", "client_cpu_share", "startup_s",
-               "shutdown_s", "mode_total_s", "server_exit_code")
-
-
-def build_report(args: argparse.Namespace, workload: Workload, per_mode: dict[str, Any],
-                 idle_busy: float | None, total_s: float) -> dict[str, Any]:
-    report: dict[str, Any] = {}
-    for mode in MODES:
-        for key in REPORT_KEYS:
-            report[f"{mode}_{key}"] = per_mode.get(f"{mode}_{key}")
-    for suffix in ("ttft_p50_s", "tpot_p50_s", "throughput_tok_s"):
-        report[f"disagg_over_coloc_{suffix}"] = ratio(report[f"disagg_{suffix}"],
-                                                      report[f"coloc_{suffix}"])
-    report["handoff_frac"] = report["disagg_handoff_frac"]
-    report["handoff_frac_median"] = report["disagg_handoff_frac_median"]
-    report["modes"] = args.modes
-    report["workload"] = workload.description
-    report["dtype"] = args.dtype
-    report["threads_per_worker"] = args.threads
-    report["kv_cache_gb"] = args.kv_cache_gb
-    report["warmup_requests"] = args.warmup
-    report["cpu_count"] = os.cpu_count()
-    report["cpu_busy_before"] = idle_busy
-    report["total_s"] = round(total_s, 1)
-    return report
-
-
-def ratio(num: float | None, den: float | None) -> float | None:
-    return None if num is None or not den else num / den
-
-
-def fmt(value: float | None, spec: str = ".2f", scale: float = 1.0) -> str:
-    return "n/a" if value is None else format(value * scale, spec)
-
-
-def print_table(report: dict[str, Any]) -> None:
-    w = report["workload"]
-    p_lo, p_mean, p_hi = w["prompt_tokens_min_mean_max"]
-    o_lo, o_mean, o_hi = w["output_tokens_min_mean_max"]
-    print(f"tandem serve under load: {w['source']} workload, {w['num_requests']} requests over "
-          f"{w['arrival_span_s']:.0f} s ({fmt(w['offered_rate_req_s'], '.3f')} req/s), prompts "
-          f"{p_lo}-{p_hi} (mean {p_mean:.0f}), outputs {o_lo}-{o_hi} (mean {o_mean:.0f}) tokens; "
-          f"offered {fmt(w['offered_prompt_tok_s'], '.0f')} prompt + "
-          f"{fmt(w['offered_output_tok_s'], '.0f')} output tok/s; dtype {report['dtype']}, "
-          f"{report['threads_per_worker']} thread/worker")
-    if w["source"] == "trace":
-        how = "auto" if w["trace_scale_auto"] else "--trace-scale"
-        print(f"trace {w['trace']}: first {w['num_requests']} rows ({w['trace_span_s']:.1f} s), "
-              f"prompts clipped to {w['prompt_clip']} ({w['prompts_clipped']} clipped), outputs "
-              f"to {w['output_clip']} ({w['outputs_clipped']} clipped); gaps stretched x"
-              f"{w['trace_scale']:.2f} ({how}: trace {w['trace_prompt_tok_s']:.0f} -> target "
-              f"{w['target_prompt_tok_s']:.0f} prompt tok/s)")
-    header = (f"{'mode':<14} {'ok/sent':>7} {'TTFT p50':>9} {'TTFT p99':>9} {'srvTTFT50':>9} "
-              f"{'TPOT p50':>9} {'TPOT p99':>9} {'tok/s':>7} {'handoff/':>9} {'CPU':>5}")
-    units = (f"{'':<14} {'':>7} {'s':>9} {'s':>9} {'s':>9} {'ms':>9} {'ms':>9} {'':>7} "
-             f"{'prefill':>9} {'busy':>5}")
-    print(header)
-    print(units)
-    print("-" * len(header))
-    for mode in report["modes"]:
-        r = {key: report[f"{mode}_{key}"] for key in REPORT_KEYS}
-        handoff = fmt(r["handoff_frac"], ".3f") if mode == "disagg" else "-"
-        sent = f"{r['ok']}/{r['requests']}"
-        print(f"{MODE_LABELS[mode]:<14} {sent:>7} "
-              f"{fmt(r['ttft_p50_s']):>9} {fmt(r['ttft_p99_s']):>9} "
-              f"{fmt(r['server_ttft_p50_s']):>9} {fmt(r['tpot_p50_s'], '.1f', 1e3):>9} "
-              f"{fmt(r['tpot_p99_s'], '.1f', 1e3):>9} {fmt(r['throughput_tok_s'], '.1f'):>7} "
-              f"{handoff:>9} {fmt(r['cpu_busy'], '.0%'):>5}")
-    for mode in report["modes"]:
-        errors = report[f"{mode}_errors"]
-        if errors:
-            print(f"{mode}: {errors} failed requests: {report[f'{mode}_error_codes']}")
-        if report[f"{mode}_wrong_length"]:
-            print(f"{mode}: {report[f'{mode}_wrong_length']} requests generated a different "
-                  f"number of tokens than asked")
-    if "disagg" in report["modes"]:
-        print(f"disagg handoff: sum(handoff_s)/sum(prefill_s) = "
-              f"{fmt(report['handoff_frac'], '.3f')}, median per request "
-              f"{fmt(report['handoff_frac_median'], '.3f')}, median handoff "
-              f"{fmt(report['disagg_handoff_p50_s'], '.1f', 1e3)} ms")
-    print("p99 of this few requests is close to the maximum. CPU caveat: both modes run 2 "
-          "single-thread workers on the same "
-          f"{report['cpu_count']} cores, competing with each other, the gateway, Ray's own "
-          "processes and this client (CPU busy = whole machine during the load)")
-    before = report["cpu_busy_before"]
-    if before is not None and before > BUSY_WARNING:
-        print(f"warning: the machine was {before:.0%} busy before the first server started; "
-              "other processes competed for the CPU, numbers are unreliable")
-
-
-def measure_idle_busy(seconds: float = 1.0) -> float | None:
-    before = cpu_jiffies()
-    time.sleep(seconds)
-    return busy_fraction(before, cpu_jiffies())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -129,3 +129,38 @@ def test_seeded_tokens_equal_the_cpus(tiny):
                             ignore_eos=True)
     on_cpu = generate(engine_for(tiny, device="cpu"), prompts(3), params)
     assert generate(engine_for(tiny), prompts(3), params) == on_cpu
+
+
+PENALISED = [SamplingParams(max_tokens=16, temperature=0, repetition_penalty=1.3,
+                            presence_penalty=0.5, frequency_penalty=0.4, ignore_eos=True),
+             SamplingParams(max_tokens=16, temperature=0.8, seed=7, repetition_penalty=1.2,
+                            frequency_penalty=0.3, ignore_eos=True, logprobs=1),
+             SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, min_tokens=4)]
+
+
+def generate_each(engine: LLMEngine, params: list[SamplingParams]) -> list[list[int]]:
+    for i, (prompt, p) in enumerate(zip(prompts(len(params)), params, strict=True)):
+        engine.add_request(f"r{i}", prompt, p)
+    done: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        done.update((o.request_id, o.token_ids) for o in engine.step() if o.finished)
+    return [done[f"r{i}"] for i in range(len(params))]
+
+
+def test_penalised_tokens_equal_the_cpus(tiny):
+    on_cpu = generate_each(engine_for(tiny, device="cpu"), PENALISED)
+    assert generate_each(engine_for(tiny), PENALISED) == on_cpu
+
+
+def test_a_penalised_decode_step_synchronises_only_for_its_result(tiny):
+    engine = engine_for(tiny)
+    for i, (prompt, p) in enumerate(zip(prompts(3), PENALISED, strict=True)):
+        engine.add_request(f"r{i}", prompt, p)
+    engine.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(8):
+            assert engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

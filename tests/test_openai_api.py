@@ -56,6 +56,18 @@ def test_greedy_chat_equals_the_grpc_sdk(api, grpc_client, model):
     assert http.usage.prompt_tokens == grpc.usage.prompt_tokens
 
 
+def test_chat_without_max_tokens_answers_until_eos(api, model):
+    r = api.chat.completions.create(model=model, messages=CHAT, temperature=0)
+    assert r.choices[0].finish_reason == "stop" and "Paris" in r.choices[0].message.content
+    assert r.usage.completion_tokens > 0
+
+
+def test_completion_without_max_tokens_gets_sixteen(api, model):
+    r = api.completions.create(model=model, prompt=PROMPT, temperature=0, extra_body={
+        "ignore_eos": True})
+    assert r.usage.completion_tokens == 16
+
+
 def test_greedy_completion_stream_equals_the_grpc_sdk(api, grpc_client, model):
     stream = api.completions.create(model=model, prompt=PROMPT, max_tokens=10, temperature=0,
                                     stream=True)
@@ -281,3 +293,16 @@ def test_each_stream_event_is_one_token_delta_then_done(server):
     chunks = [json.loads(e) for e in events[:-1]]
     tokens = sum(len(c["choices"][0]["logprobs"]["tokens"]) for c in chunks)
     assert tokens == 5
+
+
+def test_cors_allows_only_the_listed_origins(server):
+    app = build_app(server.server.frontend, ApiKeys([]), server.server.metrics.registry,
+                    ["https://ui.example"])
+    preflight = {"Access-Control-Request-Method": "POST"}
+    with TestClient(app) as http:
+        r = http.options("/v1/chat/completions",
+                         headers={"Origin": "https://ui.example", **preflight})
+        assert r.headers["access-control-allow-origin"] == "https://ui.example"
+        r = http.options("/v1/chat/completions",
+                         headers={"Origin": "https://evil.example", **preflight})
+        assert "access-control-allow-origin" not in r.headers

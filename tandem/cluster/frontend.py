@@ -35,7 +35,7 @@ from tandem.proto.v1 import tandem_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 16  # when a request sets none (clamped to the context left)
+DEFAULT_MAX_TOKENS = 16  # when a completion sets none (clamped to the context left)
 MAX_CHOICES = 16
 MAX_REQUEST_ID_LENGTH = 128
 
@@ -78,7 +78,8 @@ class Frontend:
         rid = rid or uuid.uuid4().hex
         prompt, segments = build_prompt(self.tokenizer, request, self.vocab_size,
                                         self.model.max_model_len)
-        params, n = self._params(request.sampling, len(prompt))
+        params, n = self._params(request.sampling, len(prompt),
+                                 chat=request.WhichOneof("input") == "messages")
         s = request.sampling
         if s.HasField("prompt_logprobs") and not 0 <= s.prompt_logprobs <= 20:
             raise InvalidRequest(f"prompt_logprobs: {s.prompt_logprobs} is not in [0, 20]")
@@ -94,8 +95,12 @@ class Frontend:
                         s.prompt_logprobs if s.HasField("prompt_logprobs") else None,
                         received, received + timeout, timeout, caller, segments)
 
-    def _params(self, s: pb.SamplingOptions, prompt_len: int) -> tuple[SamplingParams, int]:
+    def _params(self, s: pb.SamplingOptions, prompt_len: int, chat: bool) \
+            -> tuple[SamplingParams, int]:
         left = self.model.max_model_len - prompt_len  # build_prompt left at least one
+        # Unset max_tokens: a chat answer may use the rest of the context (it ends at EOS), as
+        # in OpenAI's chat API and vLLM; a completion gets 16 tokens, OpenAI's default there.
+        default_max_tokens = left if chat else min(DEFAULT_MAX_TOKENS, left)
         if s.HasField("max_tokens") and s.max_tokens > left:
             raise InvalidRequest(
                 f"max_tokens: {s.max_tokens} exceeds the {left} tokens the context of "
@@ -113,7 +118,7 @@ class Frontend:
 
         try:
             return SamplingParams(
-                max_tokens=get("max_tokens", min(DEFAULT_MAX_TOKENS, left)),
+                max_tokens=get("max_tokens", default_max_tokens),
                 temperature=get("temperature", 1.0), top_p=get("top_p", 1.0),
                 top_k=get("top_k", 0), seed=get("seed", None), stop=list(s.stop) or None,
                 stop_token_ids=list(s.stop_token_ids) or None, ignore_eos=s.ignore_eos,
