@@ -99,14 +99,19 @@ def test_a_decode_step_synchronises_only_for_its_result(tiny):
     for i, (prompt, p) in enumerate(zip(prompts(2), params, strict=True)):
         engine.add_request(f"r{i}", prompt, p)
     engine.step()  # the prefill (eager, with its own uploads)
+    decode_without_syncs(engine, 8)
+    assert engine.stats().graph_replays >= 8
+
+
+def decode_without_syncs(engine: LLMEngine, steps: int) -> None:
+    """Run decode steps with CUDA's sync debug mode raising on any host synchronisation."""
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for _ in range(8):
+        for _ in range(steps):
             assert engine.step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert engine.stats().graph_replays >= 8
 
 
 def test_fp32_logits_match_hf_on_a_1b_shaped_model(tmp_path):
@@ -157,10 +162,4 @@ def test_a_penalised_decode_step_synchronises_only_for_its_result(tiny):
     for i, (prompt, p) in enumerate(zip(prompts(3), PENALISED, strict=True)):
         engine.add_request(f"r{i}", prompt, p)
     engine.step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(8):
-            assert engine.step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    decode_without_syncs(engine, 8)
