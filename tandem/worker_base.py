@@ -53,6 +53,13 @@ class WorkerConfig(BaseModel):
         512, gt=0, description="Shortest prompt that streams layer by layer under auto.")
     handoff_timeout_s: float = Field(
         30.0, gt=0, description="Deadline for a KV handoff after the prefill, seconds.")
+    prefill_timeout_s: float = Field(
+        600.0, gt=0, description="Deadline for a prefill on a prefill worker, queueing "
+        "included, seconds.")
+    lease_s: float = Field(
+        30.0, gt=0, description="A decode worker frees a request's blocks (reserved, or "
+        "holding unpolled outputs) when the gateway has not polled it for this long: the "
+        "gateway polls at least every second while it waits, which renews the lease.")
     host: str | None = Field(
         None, description="Address the KV receiver binds; None = this node's IP.")
     tls: ClusterTLS | None = Field(
@@ -100,6 +107,7 @@ class WorkerStats:
     kv_codec_choices: dict[str, int] = field(default_factory=dict)  # cachegen:auto: level -> n
     handoff_bytes: int = 0  # KV block bytes handed over (prefill workers)
     handoff_s: float = 0.0  # their exposed handoff time
+    control_calls: dict[str, int] = field(default_factory=dict)  # "stats"/"reserve" -> calls
 
 
 class WorkerStepError(RuntimeError):
@@ -143,6 +151,7 @@ class EngineWorker:
         self.kv_transports: tuple[str, ...] = ()
         self.handoffs: Counter[str] = Counter()
         self.handoff_bytes, self.handoff_s = 0, 0.0
+        self.calls: Counter[str] = Counter()  # control calls received, by name
         self.store: TieredStore | None = None
 
     def engine_config(self) -> EngineConfig:
@@ -173,9 +182,11 @@ class EngineWorker:
         return self.engine
 
     async def stats(self) -> WorkerStats:
+        self.calls["stats"] += 1
         return WorkerStats(await self._engine.call(LLMEngine.stats), self.num_open_requests(),
                            dict(self.handoffs), self.store.stats() if self.store else None,
-                           self.codec_choices(), self.handoff_bytes, self.handoff_s)
+                           self.codec_choices(), self.handoff_bytes, self.handoff_s,
+                           dict(self.calls))
 
     async def prompt_logprobs(self, token_ids: list[int], top_n: int) -> list[TokenLogprobs]:
         """The raw logprobs of a prompt's tokens (from its second), each with its top_n."""

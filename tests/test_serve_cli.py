@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tandem.client import Client
@@ -47,7 +48,7 @@ def test_serve_colocated_prints_ready_serves_and_stops_on_ctrl_c(ray_cluster, ex
     address = ray_cluster.get_runtime_context().gcs_address
     proc = subprocess.Popen(
         [str(BIN / "tandem"), "serve", "--config", str(config), "--colocated",
-         "--grpc-port", "0", "--ray-address", address, "--threads", "1"],
+         "--grpc-port", "0", "--http-port", "0", "--ray-address", address, "--threads", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=os.environ | {"RAY_AUTH_MODE": "disabled"})
     lines: queue.Queue[str] = queue.Queue()
@@ -60,10 +61,15 @@ def test_serve_colocated_prints_ready_serves_and_stops_on_ctrl_c(ray_cluster, ex
             if line.startswith("ready grpc="):
                 break
             assert proc.poll() is None, "".join(seen)
-        grpc_address = line.split("=", 1)[1].strip()
-        with Client(grpc_address, timeout=120) as client:
+        fields = dict(word.split("=", 1) for word in line.split()[1:])
+        with Client(fields["grpc"], timeout=120) as client:
             out = client.generate(PROMPT, max_tokens=8, temperature=0)
         assert out.token_ids == expected
+        assert httpx.get(f"http://{fields['http']}/health", timeout=30).json() == \
+            {"status": "ok"}
+        # start-up progress on stderr (plain lines when it is not a terminal)
+        assert any("loading the model in each worker (2/2)" in s for s in seen), "".join(seen)
+        assert not any("Token authentication" in s for s in seen)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0
     finally:

@@ -62,7 +62,11 @@ class Frontend:
         self.vocab_size, self.config, self.metrics = vocab_size, config, metrics
         self._owners: dict[str, str | None] = {}  # running request -> its caller's key digest
         self._choice_ids: dict[str, list[str]] = {}  # running request -> its choices' ids
+        # Tokens (prompt + output) the smallest decode worker's KV pool can hold, when known:
+        # a chat answer's default length stays within it.
+        self.kv_capacity_tokens: int | None = None
         metrics.num_waiting = lambda: router.num_queued
+        metrics.num_resumed = lambda: router.num_resumed
 
     # -- admission -----------------------------------------------------------------------------
 
@@ -101,6 +105,9 @@ class Frontend:
         # Unset max_tokens: a chat answer may use the rest of the context (it ends at EOS), as
         # in OpenAI's chat API and vLLM; a completion gets 16 tokens, OpenAI's default there.
         default_max_tokens = left if chat else min(DEFAULT_MAX_TOKENS, left)
+        if chat and self.kv_capacity_tokens is not None:
+            default_max_tokens = max(1, min(default_max_tokens,
+                                            self.kv_capacity_tokens - prompt_len))
         if s.HasField("max_tokens") and s.max_tokens > left:
             raise InvalidRequest(
                 f"max_tokens: {s.max_tokens} exceeds the {left} tokens the context of "
@@ -196,9 +203,12 @@ class Frontend:
                                        f"{prepared.timeout_s:.3g} s exceeded") from None
                 now = time.perf_counter()
                 done = delta.finish_reason is not None
+                text = detok.add(delta.token_ids, delta.text if done else None)
+                if done and delta.text is None:  # resumed elsewhere: no engine has it all
+                    text += detok.finish()
                 reply = pb.GenerateResponse(
                     request_id=prepared.request_id, index=index, token_ids=delta.token_ids,
-                    text=detok.add(delta.token_ids, delta.text if done else None))
+                    text=text)
                 if delta.logprobs is not None:
                     reply.logprobs.extend(_token_logprobs(delta))
                 if delta.token_ids:

@@ -117,6 +117,11 @@ class _WorkerCollector(Collector):
                                     labels=["model_name"])
         waiting.add_metric([model], m.num_waiting())
         yield waiting
+        resumed = CounterMetricFamily(PREFIX + "request_resumed",
+                                      "Requests resumed on other workers after their decode "
+                                      "worker was lost.", labels=["model_name"])
+        resumed.add_metric([model], m.num_resumed())
+        yield resumed
 
 
 class ClusterMetrics:
@@ -127,6 +132,7 @@ class ClusterMetrics:
         self.registry = registry or CollectorRegistry()
         self.workers = WorkerFigures()
         self.num_waiting = lambda: 0  # the router's queue, set by the gateway
+        self.num_resumed = lambda: 0  # the router's resumes, set by the gateway
         r, labels = self.registry, ["model_name"]
 
         def histogram(name: str, text: str, buckets: tuple[float, ...],

@@ -1,11 +1,14 @@
 """`Router`: place each request on a prefill and a decode worker and relay its tokens.
 
-Per request: admit (bounded queue) -> reserve KV blocks on a decode worker (most free blocks,
-then smallest batch; waits while all are full) -> prefill on the prefill worker with the least
-work ahead of it (queued prompt tokens plus the tokens it would compute, after the prefix
-chunks its local KV tiers hold), which pushes the KV to the decode worker -> poll the decode
-worker for token deltas until the request finishes. However it ends (finished, aborted,
-failed, deadline, client gone), both workers forget it and free its blocks.
+Per request: admit (a bounded FIFO; only its head asks the decode workers for blocks, again
+when a request ends) -> reserve KV blocks on a decode worker (most free blocks, then smallest
+batch) -> prefill on the prefill worker with the least work ahead of it (queued prompt tokens
+plus the tokens it would compute, after the prefix chunks its local KV tiers hold), which
+pushes the KV to the decode worker -> poll the decode worker for token deltas (each poll has a
+deadline, and renews the worker's lease on the request) until the request finishes. If the
+decode worker is lost mid-stream, the request resumes elsewhere by re-prefill of its prompt and
+the tokens so far (`resume`). However it ends (finished, aborted, failed, deadline, client
+gone), both workers forget it and free its blocks.
 """
 
 from __future__ import annotations
@@ -18,20 +21,20 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from tandem.cluster.admission import AdmissionQueue
 from tandem.cluster.errors import (
     ClusterError,
     HandoffFailed,
     InvalidRequest,
-    Overloaded,
     WorkerUnavailable,
     translate,
 )
 from tandem.cluster.kv_index import KVIndex
+from tandem.cluster.routed import DecodeLost, Placement, RoutedRequest
+from tandem.cluster.routing_policy import decode_order, pick_prefill
 from tandem.decode_worker.worker import TokenDelta
 from tandem.engine.errors import OutOfBlocksError
 from tandem.engine.sampler import TokenLogprobs
-from tandem.engine.sampling_params import SamplingParams
-from tandem.engine.segments import SegmentedPrompt
 from tandem.prefill_worker.worker import PrefillResult
 from tandem.transfer import TransportNotUsable, choose_receiver, log_fallback
 from tandem.transfer.base import ReceiverInfo
@@ -39,34 +42,6 @@ from tandem.transfer.base import ReceiverInfo
 logger = logging.getLogger(__name__)
 
 POLL_S = 1.0  # one long-poll of a decode worker
-RESERVE_RETRY_S = 0.05  # pause while every decode worker is full
-
-
-@dataclass
-class RoutedRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    segments: SegmentedPrompt | None = None  # a segmented prompt (CacheBlend)
-    prefill_worker: int | None = None  # pin to this prefill worker (tests, debugging)
-    # Workers know the request by this id, fresh per request, so a client that reuses its
-    # request_id never meets the previous request's leftovers (late aborts, streams).
-    worker_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    # filled in as the request moves along
-    queue_s: float = 0.0
-    prefill: PrefillResult | None = None
-    num_cached_tokens: int = 0
-    num_recomputed_tokens: int = 0  # blended chunk tokens recomputed in the deeper layers
-
-
-@dataclass
-class _Placement:
-    worker_id: str
-    decode: Any | None = None  # None while the request waits for KV blocks
-    prefill: Any | None = None
-    prefill_task: asyncio.Future | None = None
-    transport: str | None = None  # the KV transport the prefill worker was told to use
-    aborted: bool = False
 
 
 @dataclass
@@ -79,51 +54,89 @@ class Router:
     max_queued_requests: int
     call_timeout_s: float
     kv_index: KVIndex | None = None
-    num_queued: int = 0
+    max_resumes: int = 2  # per request: re-placements after its decode worker was lost
+    num_resumed: int = 0
     queued_prompt_tokens: dict[int, int] = field(default_factory=dict)  # prefill index -> tokens
-    active: dict[str, _Placement] = field(default_factory=dict)
+    active: dict[str, Placement] = field(default_factory=dict)
     _cleanups: set[asyncio.Task] = field(default_factory=set)
 
+    def __post_init__(self) -> None:
+        self.admission = AdmissionQueue(self.max_queued_requests)
+
+    @property
+    def num_queued(self) -> int:
+        return len(self.admission)
+
     async def generate(self, req: RoutedRequest) -> AsyncIterator[TokenDelta]:
-        """Run `req` and yield its token deltas; the last one has a finish_reason."""
+        """Run `req` and yield its token deltas; the last one has a finish_reason. If its
+        decode worker is lost mid-stream, the request resumes elsewhere (`resume`)."""
         if req.request_id in self.active:
             raise InvalidRequest(f"request_id: {req.request_id!r} is already running")
-        if self.num_queued >= self.max_queued_requests:
-            raise Overloaded(f"{self.num_queued} requests are waiting for a worker "
-                             f"(max_queued_requests={self.max_queued_requests}); retry later")
-        placed = self.active[req.request_id] = _Placement(worker_id=req.worker_id)
-        finished = False
+        placed = self.active[req.request_id] = Placement(worker_id=req.worker_id)
+        finished, generated, current = False, [], req
         try:
             await self._place(req, placed)
             if placed.aborted:  # while it waited for blocks; `finally` frees them if it has any
                 yield TokenDelta([], "abort")
                 return
-            async for delta in self._relay(req, placed):
-                finished = delta.finish_reason is not None
-                yield delta
+            for attempt in range(self.max_resumes + 1):
+                try:
+                    async for delta in self._relay(current, placed):
+                        finished = delta.finish_reason is not None
+                        generated.extend(delta.token_ids)
+                        if current is not req and finished:  # the text spans two workers
+                            delta = replace(delta, text=None)
+                        yield delta
+                    return
+                except DecodeLost as e:
+                    if placed.aborted or attempt == self.max_resumes:
+                        raise
+                    current, placed = await self.resume(req, generated, placed, e)
+                    if placed.aborted:
+                        yield TokenDelta([], "abort")
+                        return
         finally:
-            del self.active[req.request_id]
+            self.active.pop(req.request_id, None)
             if placed.decode is not None and not finished:
                 self._clean_up_later(placed)
+            self.admission.capacity_changed()  # its blocks are (being) freed
+
+    async def resume(self, req: RoutedRequest, generated: list[int], lost: Placement,
+                     error: Exception) -> tuple[RoutedRequest, Placement]:
+        """Continue `req` on other workers after its decode worker was lost: prefill the prompt
+        plus the tokens generated so far (its cached prefix is reused), then decode the rest.
+        The client's stream goes on with no token lost or repeated."""
+        self.num_resumed += 1
+        logger.warning("request %s: its decode worker was lost after %d tokens (%s); resuming "
+                       "it elsewhere", req.request_id, len(generated), error)
+        self._clean_up_later(lost)
+        resumed = replace(req, prompt_token_ids=[*req.prompt_token_ids, *generated],
+                          params=req.params.after(len(generated)), segments=None,
+                          worker_id=uuid.uuid4().hex, prefill=None, prefill_worker=None)
+        placed = self.active[req.request_id] = Placement(worker_id=resumed.worker_id)
+        await self._place(resumed, placed)
+        return resumed, placed
 
     async def abort(self, request_id: str) -> bool:
         placed = self.active.get(request_id)
         if placed is None:
             return False
         placed.aborted = True
+        AdmissionQueue.release(placed.turn)  # a waiting request leaves the queue now
         if placed.decode is not None:
             await self._abort_on_workers(placed)
         return True
 
     # -- placement -----------------------------------------------------------------------------
 
-    async def _place(self, req: RoutedRequest, placed: _Placement) -> None:
+    async def _place(self, req: RoutedRequest, placed: Placement) -> None:
         started = time.perf_counter()
-        self.num_queued += 1
         try:
-            decode, block_ids = await self._reserve(req, placed)
+            async with self.admission.turn() as turn:  # FIFO: only the head asks for blocks
+                placed.turn = turn
+                await turn
+                decode, block_ids = await self._reserve(req, placed)
         finally:
-            self.num_queued -= 1
             req.queue_s = time.perf_counter() - started
         if decode is not None:
             placed.decode = self.decode_workers[decode]
@@ -142,11 +155,12 @@ class Router:
             # Its error is read in _relay; an aborted request's failed prefill is expected.
             placed.prefill_task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    async def _reserve(self, req: RoutedRequest, placed: _Placement) \
+    async def _reserve(self, req: RoutedRequest, placed: Placement) \
             -> tuple[int | None, list[int]]:
         """Index of a decode worker holding blocks for `req` (or running it, when colocated)
         and the blocks; (None, []) if the request was aborted while it waited."""
         while not placed.aborted:
+            seen = self.admission.generation
             for i in await self._decode_order():
                 worker = self.decode_workers[i]
                 method = worker.generate if self.colocated else worker.reserve
@@ -159,7 +173,7 @@ class Router:
                     return i, blocks or []
                 except OutOfBlocksError:
                     placed.decode = None
-            await asyncio.sleep(RESERVE_RETRY_S)
+            await self.admission.wait_for_capacity(seen)  # a request ends, or a re-check
         return None, []
 
     async def _decode_order(self) -> list[int]:
@@ -167,31 +181,11 @@ class Router:
         out (UNAVAILABLE when none answers)."""
         stats = await asyncio.gather(*(self._call(w.stats.remote())
                                        for w in self.decode_workers), return_exceptions=True)
-        live = [i for i, s in enumerate(stats) if not isinstance(s, BaseException)]
-        if not live:
-            raise WorkerUnavailable(f"no decode worker answers: {stats[0]}")
-        return sorted(live, key=lambda i: (-stats[i].engine.num_free_blocks,
-                                           stats[i].engine.num_running))
+        return decode_order(stats)
 
     def _pick_prefill(self, req: RoutedRequest) -> int:
-        """The prefill worker with the least work ahead: queued prompt tokens plus the tokens
-        this prompt leaves to compute after the prefix chunks it holds locally."""
-        count = len(self.prefill_workers)
-        if req.prefill_worker is not None:
-            if not 0 <= req.prefill_worker < count:
-                raise InvalidRequest(f"prefill_worker: {req.prefill_worker} is not in "
-                                     f"[0, {count})")
-            return req.prefill_worker
-        n = len(req.prompt_token_ids)
-        keys = self.kv_index.prefix_keys(req.prompt_token_ids, req.params.cache_salt) \
-            if self.kv_index else []
-
-        def cost(i: int) -> tuple[int, int]:
-            queued = self.queued_prompt_tokens.get(i, 0)
-            cached = self.kv_index.cached_tokens(i, keys) if self.kv_index else 0
-            return n - cached + queued, queued
-
-        return min(range(count), key=cost)
+        return pick_prefill(req, len(self.prefill_workers), self.queued_prompt_tokens,
+                            self.kv_index)
 
     async def _prefill(self, index: int, req: RoutedRequest, receiver: ReceiverInfo,
                        block_ids: list[int]) -> PrefillResult:
@@ -210,9 +204,10 @@ class Router:
 
     # -- relaying tokens -----------------------------------------------------------------------
 
-    async def _relay(self, req: RoutedRequest, placed: _Placement) -> AsyncIterator[TokenDelta]:
+    async def _relay(self, req: RoutedRequest, placed: Placement) -> AsyncIterator[TokenDelta]:
         while True:
-            poll = asyncio.ensure_future(placed.decode.poll.remote(req.worker_id, POLL_S))
+            poll = asyncio.ensure_future(asyncio.wait_for(
+                placed.decode.poll.remote(req.worker_id, POLL_S), POLL_S + self.call_timeout_s))
             waiting = {poll}
             if placed.prefill_task is not None and not placed.prefill_task.done():
                 waiting.add(placed.prefill_task)
@@ -222,10 +217,12 @@ class Router:
                 self._check_prefill(placed.prefill_task)
             try:
                 deltas = await self._result(poll)
-            except ClusterError:
+            except ClusterError as e:
                 if placed.aborted:  # the worker forgot it between two polls
                     yield TokenDelta([], "abort")
                     return
+                if isinstance(e, WorkerUnavailable):
+                    raise DecodeLost(str(e)) from None
                 raise
             for delta in deltas:
                 if delta.logprobs is not None and None in delta.logprobs:
@@ -239,7 +236,7 @@ class Router:
                 if delta.finish_reason is not None:
                     return
 
-    async def _with_first_logprobs(self, delta: TokenDelta, placed: _Placement) -> TokenDelta:
+    async def _with_first_logprobs(self, delta: TokenDelta, placed: Placement) -> TokenDelta:
         """`delta` with the logprobs of the tokens the prefill worker sampled (they travel
         with its result, which is due right after the handoff that produced this delta)."""
         first: list[TokenLogprobs] = []
@@ -284,7 +281,7 @@ class Router:
                 raise
             raise translate(e) from None
 
-    async def _abort_on_workers(self, placed: _Placement) -> None:
+    async def _abort_on_workers(self, placed: Placement) -> None:
         calls = []
         if placed.decode is not None:  # it keeps blocks a sender may still write into
             calls.append(placed.decode.abort.remote(placed.worker_id, placed.transport))
@@ -298,13 +295,14 @@ class Router:
                 logger.warning("request %s: abort on a worker failed: %r", placed.worker_id,
                                result)
 
-    def _clean_up_later(self, placed: _Placement) -> None:
+    def _clean_up_later(self, placed: Placement) -> None:
         """Abort on both workers in the background: the caller may be being cancelled."""
         if placed.prefill_task is not None and not placed.prefill_task.done():
             placed.prefill_task.cancel()
         task = asyncio.get_running_loop().create_task(self._abort_on_workers(placed))
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
+        task.add_done_callback(lambda _: self.admission.capacity_changed())
 
     async def drain(self) -> None:
         """Wait for background clean-ups (at shutdown)."""

@@ -113,6 +113,10 @@ class TandemServer:
         self.monitor = WorkerMonitor(pools, self.metrics, c.gateway.worker_call_timeout_s)
         await self.monitor.refresh()
         self.monitor.start()
+        pools = [w.stats.engine.num_blocks for w in self.monitor.workers
+                 if w.role != "prefill" and w.stats is not None]
+        if pools:
+            frontend.kv_capacity_tokens = min(pools) * infos[0].kv_spec.block_size
         limit = c.gateway.max_message_bytes
         self._server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                                 ("grpc.max_send_message_length", limit)])

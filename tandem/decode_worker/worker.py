@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, replace
 
 from tandem.engine.errors import EngineError
@@ -56,6 +57,9 @@ class DecodeWorker(EngineWorker, KVSink):
         self.transports: list[KVTransport] = []
         self._num_sent: dict[str, int] = {}  # request -> output tokens already polled
         self._reserved: dict[str, Reservation] = {}  # requests whose KV may be landing
+        self._leases: dict[str, float] = {}  # request -> monotonic time its lease ends
+        self._sweeper: asyncio.Task | None = None
+        self.num_expired = 0  # requests freed because their lease ran out
 
     async def start(self) -> WorkerInfo:
         names = available_transports(self.config.kv_transport, self.config.tls is not None) \
@@ -70,7 +74,30 @@ class DecodeWorker(EngineWorker, KVSink):
             receiver = await transport.start_receiver(host, identity, e.cache, self)
             # Senders introduce themselves through this handle (Ray), never over the transport.
             self.kv_receivers = (*self.kv_receivers, replace(receiver, control=own_actor()))
+        self._sweeper = asyncio.get_running_loop().create_task(self._expire_leases())
         return self.info()
+
+    async def _expire_leases(self) -> None:
+        """Free what a gateway that stopped polling (it died, or lost this worker) left here."""
+        lease = self.config.lease_s
+        while True:
+            await asyncio.sleep(min(lease / 4, 5.0))
+            now = time.monotonic()
+            expired = [r for r, end in self._leases.items() if end < now]
+            for request_id in expired:
+                self._leases.pop(request_id, None)
+                self.num_expired += 1
+                logger.warning("request %s: not polled for %.0f s (lease expired); freeing "
+                               "its blocks", request_id, lease)
+            # A sender may still be writing: each waits (in parallel) for every transport to
+            # settle, at most handoff_timeout_s.
+            results = await asyncio.gather(
+                *(self.abort(r, *(t.name for t in self.transports)) for r in expired),
+                return_exceptions=True)
+            for request_id, result in zip(expired, results, strict=True):
+                if isinstance(result, BaseException):  # the sweeping goes on regardless
+                    logger.error("request %s: freeing after the lease failed: %r", request_id,
+                                 result)
 
     async def admit_kv_sender(self, transport: str, introduction: bytes) -> None:
         """A prefill worker introduces itself before it sends KV with `transport` (NIXL: its
@@ -87,6 +114,7 @@ class DecodeWorker(EngineWorker, KVSink):
                       params: SamplingParams) -> list[int]:
         """Hold blocks for a prompt and return their ids, in order; raises OutOfBlocksError
         when too few are free."""
+        self.calls["reserve"] += 1
         blocks = await self._open(
             request_id, lambda e: e.reserve(request_id, prompt_token_ids, params))
         for transport in self.transports:
@@ -102,6 +130,7 @@ class DecodeWorker(EngineWorker, KVSink):
     async def _open(self, request_id: str, submit):
         self._engine.open_stream(request_id)
         self._num_sent[request_id] = 0
+        self._leases[request_id] = time.monotonic() + self.config.lease_s
         try:
             return await self._engine.call(submit)
         except BaseException:
@@ -133,13 +162,13 @@ class DecodeWorker(EngineWorker, KVSink):
         except EngineError as e:
             raise TransferRejected(str(e)) from None
 
-    async def abort(self, request_id: str, transport: str | None = None) -> bool:
-        """Stop a request and free its blocks. `transport` names the one a prefill worker was
-        told to send its KV with, if any: while that may still write into the blocks, they
+    async def abort(self, request_id: str, *transports: str | None) -> bool:
+        """Stop a request and free its blocks. `transports` name those a prefill worker was
+        told to send its KV with, if any: while they may still write into the blocks, those
         stay held (up to `handoff_timeout_s`)."""
-        if self._reserved.pop(request_id, None) is not None and transport is not None:
+        if self._reserved.pop(request_id, None) is not None and any(transports):
             await asyncio.gather(*(t.settled(request_id, self.config.handoff_timeout_s)
-                                   for t in self.transports if t.name == transport))
+                                   for t in self.transports if t.name in transports))
         aborted = await super().abort(request_id)
         self._reserved.pop(request_id, None)  # a reserve() that raced this abort
         return aborted
@@ -148,6 +177,7 @@ class DecodeWorker(EngineWorker, KVSink):
         """New tokens of a request, waiting up to `timeout_s` for the first; [] on timeout."""
         if request_id not in self._num_sent:
             raise EngineError(f"unknown request {request_id!r} on this decode worker")
+        self._leases[request_id] = time.monotonic() + self.config.lease_s  # renewed
         stream = self._engine.stream_of(request_id)
         try:
             items = [await asyncio.wait_for(stream.get(), timeout_s)]
@@ -182,11 +212,14 @@ class DecodeWorker(EngineWorker, KVSink):
     def forget(self, request_id: str) -> None:
         super().forget(request_id)
         self._num_sent.pop(request_id, None)
+        self._leases.pop(request_id, None)
 
     def num_open_requests(self) -> int:
         return len(self._num_sent)
 
     async def shutdown(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for transport in self.transports:
             await transport.close()
         await super().shutdown()

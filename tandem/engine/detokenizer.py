@@ -19,6 +19,7 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Tokenizer, stop: list[str] | None = None) -> None:
         self.tokenizer = tokenizer
+        self.stop = list(stop or ())
         self.holdback = max((len(s) for s in stop or ()), default=1) - 1
         self.token_ids: list[int] = []
         self.num_emitted_chars = 0
@@ -46,4 +47,16 @@ class IncrementalDetokenizer:
             return ""
         delta = text[self.num_emitted_chars:safe]
         self.num_emitted_chars = safe
+        return delta
+
+    def finish(self) -> str:
+        """The text still held back, once no token will come and the engine's final text is
+        not known (a request resumed on another worker): all tokens decoded, cut before the
+        first stop string."""
+        text = self.tokenizer.decode(self.token_ids)
+        cuts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        if cuts:
+            text = text[:min(cuts)]
+        delta = text[self.num_emitted_chars:]
+        self.num_emitted_chars = max(self.num_emitted_chars, len(text))
         return delta

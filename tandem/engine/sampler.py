@@ -98,7 +98,8 @@ class Sampler:
         for row, seq in enumerate(seqs):
             p = seq.params
             is_greedy = p.is_greedy
-            keys.append(0 if is_greedy else draw_key(seq.seed, seq.num_output_tokens))
+            keys.append(0 if is_greedy else draw_key(seq.seed,
+                                                     seq.num_output_tokens + p.draw_offset))
             greedy.append(int(is_greedy))
             top_ks.append(p.top_k if 0 < p.top_k < vocab else vocab)
             temps.append(1.0 if is_greedy else float(p.temperature))

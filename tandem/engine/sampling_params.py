@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 GREEDY_TEMPERATURE = 1e-5  # below this, sampling is greedy (dividing by it would overflow)
 MAX_LOGPROBS = 20  # most top alternatives returned per token (vLLM's default cap)
@@ -46,6 +46,16 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # Output position of the first draw: a request resumed after n tokens (their ids now end
+    # its prompt) continues the same sequence of draws, so a seeded request repeats exactly.
+    draw_offset: int = 0
+
+    def after(self, num_generated: int) -> SamplingParams:
+        """These settings for the rest of a request that has generated `num_generated` tokens
+        (which become part of its prompt)."""
+        return replace(self, max_tokens=self.max_tokens - num_generated,
+                       min_tokens=max(0, self.min_tokens - num_generated),
+                       draw_offset=self.draw_offset + num_generated)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -87,6 +97,9 @@ class SamplingParams:
             _check(_is_number(value) and -2 <= value <= 2, name, value, "must be in [-2, 2]")
         _check(_is_number(self.repetition_penalty) and 0 < self.repetition_penalty <= 2,
                "repetition_penalty", self.repetition_penalty, "must be in (0, 2]")
+
+        _check(_is_int(self.draw_offset) and self.draw_offset >= 0, "draw_offset",
+               self.draw_offset, "must be an integer >= 0")
 
     @property
     def is_greedy(self) -> bool:

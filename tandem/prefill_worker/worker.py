@@ -139,7 +139,11 @@ class PrefillWorker(EngineWorker):
             await engine.call(lambda e: _add(e, request_id, prompt_token_ids, params,
                                              None if blended else cached, blended,
                                              streamer if layerwise else None))
-            item = await stream.get()
+            try:
+                item = await asyncio.wait_for(stream.get(), self.config.prefill_timeout_s)
+            except TimeoutError:
+                raise TimeoutError(f"request {request_id}: the prefill did not finish in "
+                                   f"{self.config.prefill_timeout_s:.0f} s") from None
             if isinstance(item, BaseException):
                 raise item
             if item.finish_reason == "abort":

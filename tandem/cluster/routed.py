@@ -1,0 +1,45 @@
+"""What the router tracks per request: the request as routed, and where it runs now."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from tandem.cluster.errors import WorkerUnavailable
+from tandem.engine.sampling_params import SamplingParams
+from tandem.engine.segments import SegmentedPrompt
+from tandem.prefill_worker.worker import PrefillResult
+
+
+@dataclass
+class RoutedRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    segments: SegmentedPrompt | None = None  # a segmented prompt (CacheBlend)
+    prefill_worker: int | None = None  # pin to this prefill worker (tests, debugging)
+    # Workers know the request by this id, fresh per request, so a client that reuses its
+    # request_id never meets the previous request's leftovers (late aborts, streams).
+    worker_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # filled in as the request moves along
+    queue_s: float = 0.0
+    prefill: PrefillResult | None = None
+    num_cached_tokens: int = 0
+    num_recomputed_tokens: int = 0  # blended chunk tokens recomputed in the deeper layers
+
+
+@dataclass
+class Placement:
+    worker_id: str
+    decode: Any | None = None  # None while the request waits for KV blocks
+    prefill: Any | None = None
+    prefill_task: asyncio.Future | None = None
+    transport: str | None = None  # the KV transport the prefill worker was told to use
+    aborted: bool = False
+    turn: asyncio.Future | None = None  # its place in the admission queue
+
+
+class DecodeLost(WorkerUnavailable):
+    """The decode worker running a request stopped answering: the request can resume."""

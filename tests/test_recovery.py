@@ -1,0 +1,135 @@
+"""Leases, event-driven admission and recovery from a lost decode worker, on a real 1 prefill +
+2 decode cluster (fp32, gRPC and NIXL handoffs, small KV pools so they fill up)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+import ray
+
+from tandem.client import Client, TandemError
+from tandem.engine.config import EngineConfig
+from tandem.engine.engine import LLMEngine
+from tandem.engine.llm import LLM
+from tandem.engine.sampling_params import SamplingParams
+
+from .conftest import serve_config
+
+pytestmark = pytest.mark.slow
+
+LEASE_S = 5.0
+MAX_QUEUED = 3
+PROMPT = "Once upon a time, in a small village at the edge of a great forest,"
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_cluster):
+    from .serving import ServerThread
+
+    config = serve_config(decode_workers=2, gateway={"max_queued_requests": MAX_QUEUED},
+                          worker={"lease_s": LEASE_S, "handoff_timeout_s": 5.0,
+                                  "kv_store": {"enabled": False}})
+    running = ServerThread(config)
+    yield running
+    running.close()
+
+
+def decode_workers(cluster) -> list:
+    return cluster.server.decode_workers
+
+
+def fill(worker, prefix: str) -> list[str]:
+    """Reserve every free block of a decode worker directly, as a gateway would before a
+    prefill; the ids of the reservations."""
+    stats = ray.get(worker.stats.remote())
+    ids, n = [], 0
+    tokens = stats.engine.num_free_blocks * 16
+    while tokens >= 16:
+        rid = f"{prefix}-{n}"
+        ray.get(worker.reserve.remote(rid, list(range(1000, 999 + tokens)),
+                                      SamplingParams(max_tokens=1)))
+        ids.append(rid)
+        n += 1
+        tokens = ray.get(worker.stats.remote()).engine.num_free_blocks * 16
+    return ids
+
+
+def test_an_unpolled_reservation_expires_and_its_blocks_come_back(cluster):
+    worker = decode_workers(cluster)[0]
+    fill(worker, "orphan")  # the gateway that reserved these never polls: it "died"
+    assert ray.get(worker.stats.remote()).engine.num_free_blocks == 0
+    deadline = time.monotonic() + LEASE_S * 4 + 40
+    while ray.get(worker.stats.remote()).engine.num_free_blocks != \
+            ray.get(worker.stats.remote()).engine.num_blocks:
+        assert time.monotonic() < deadline, "the expired reservations kept their blocks"
+        time.sleep(0.5)
+    cluster.wait_idle(timeout=60)
+
+
+def test_admission_is_a_bounded_queue_without_a_polling_storm(cluster):
+    workers = decode_workers(cluster)
+    for i, w in enumerate(workers):
+        fill(w, f"full{i}")
+    calls_before = [ray.get(w.stats.remote()).control_calls for w in workers]
+    outcomes: list[str] = []
+
+    def request(i: int) -> None:
+        with Client(cluster.address, timeout=LEASE_S * 6) as client:
+            try:
+                out = client.generate(PROMPT, max_tokens=2, temperature=0)
+                outcomes.append(out.finish_reason)
+            except TandemError as e:
+                outcomes.append(e.code().name)
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(MAX_QUEUED + 2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    time.sleep(3)  # the queue waits; only its head may ask the workers, about once a second
+    calls_after = [ray.get(w.stats.remote()).control_calls for w in workers]
+    for t in threads:
+        t.join(LEASE_S * 8)
+    # The excess was refused at once; the queued ones ran once the leases freed the blocks.
+    assert outcomes.count("RESOURCE_EXHAUSTED") == 2
+    assert sorted(o for o in outcomes if o != "RESOURCE_EXHAUSTED") == ["length"] * MAX_QUEUED
+    for before, after in zip(calls_before, calls_after, strict=True):
+        asked = sum(after.values()) - sum(before.values())
+        # One stats call each per second of waiting (plus the monitor's every 2 s); polling
+        # every 50 ms for each of the 3 queued requests would be ~200 in 3.6 s.
+        assert asked < 30, (before, after)
+    cluster.wait_idle(timeout=60)
+
+
+def test_a_lost_decode_worker_resumes_the_stream_identically(cluster, loaded_fp32):
+    llm = LLM.from_engine(LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=0.1),
+                                    loaded=loaded_fp32))
+    n = 120
+    want = llm.generate([PROMPT], SamplingParams(max_tokens=n, temperature=0,
+                                                 ignore_eos=True))[0].token_ids
+    router = cluster.server.router
+    resumed_before = router.num_resumed
+    got: list[int] = []
+    killed = None
+    with Client(cluster.address, timeout=300) as client:
+        for chunk in client.stream(PROMPT, max_tokens=n, temperature=0, ignore_eos=True):
+            got.extend(chunk.token_ids)
+            if len(got) >= 8 and killed is None:
+                killed = next(w for w in decode_workers(cluster)
+                              if ray.get(w.stats.remote()).engine.num_running > 0)
+                ray.kill(killed, no_restart=True)  # mid-stream: it holds the sequence now
+            if chunk.finish_reason:
+                break
+    assert got == want
+    assert router.num_resumed == resumed_before + 1
+
+
+def test_with_no_decode_worker_left_the_answer_is_unavailable(cluster):
+    for w in list(decode_workers(cluster)):
+        ray.kill(w, no_restart=True)
+    with Client(cluster.address, timeout=60) as client, \
+            pytest.raises(TandemError) as caught:
+        client.generate(PROMPT, max_tokens=2, temperature=0)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
