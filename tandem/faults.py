@@ -5,9 +5,15 @@ worker steps. Unset (the default) every fault is off; production code has no oth
 
     transfer.delay=S    sleep S seconds before each KV transfer
     transfer.fail=P     fail a KV transfer with probability P (as a network error)
+    transfer.stall=P    stall a KV transfer for stall.s seconds with probability P
     transfer.corrupt=P  flip one payload byte in transit with probability P
     step.delay=S        sleep S seconds before each engine step on a worker
     step.fail=P         fail an engine step with probability P
+    step.stall=P        stall an engine step for stall.s seconds with probability P
+    store.delay=S       sleep S seconds before each KV store read (per tier)
+    store.fail=P        fail a KV store read with probability P (as a tier error)
+    store.stall=P       stall a KV store read for stall.s seconds with probability P
+    stall.s=S           how long a stall lasts (default 2)
 """
 
 from __future__ import annotations
@@ -27,8 +33,14 @@ class Faults(BaseModel):
     transfer_delay: float = Field(0.0, ge=0, description="Seconds of delay per KV transfer.")
     transfer_fail: float = Field(0.0, ge=0, le=1, description="Probability a transfer fails.")
     transfer_corrupt: float = Field(0.0, ge=0, le=1, description="Probability of a bit flip.")
+    transfer_stall: float = Field(0.0, ge=0, le=1, description="Probability a transfer stalls.")
     step_delay: float = Field(0.0, ge=0, description="Seconds of delay per worker step.")
     step_fail: float = Field(0.0, ge=0, le=1, description="Probability a worker step fails.")
+    step_stall: float = Field(0.0, ge=0, le=1, description="Probability a worker step stalls.")
+    store_delay: float = Field(0.0, ge=0, description="Seconds of delay per store read.")
+    store_fail: float = Field(0.0, ge=0, le=1, description="Probability a store read fails.")
+    store_stall: float = Field(0.0, ge=0, le=1, description="Probability a store read stalls.")
+    stall_s: float = Field(2.0, ge=0, description="Seconds a stall lasts.")
 
     @classmethod
     def parse(cls, spec: str) -> Faults:
@@ -51,6 +63,10 @@ class Faults(BaseModel):
     @staticmethod
     def hit(probability: float) -> bool:
         return probability > 0 and random.random() < probability
+
+    def pause(self, delay: float, stall: float) -> float:
+        """Seconds to hold one operation: its fixed delay, plus a stall if one is drawn."""
+        return delay + (self.stall_s if self.hit(stall) else 0.0)
 
 
 @functools.cache

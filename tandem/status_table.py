@@ -27,7 +27,7 @@ def print_status(status: apb.StatusResponse, as_json: bool = False) -> None:
     longest = max((len(w.id) for w in status.workers), default=6)
     workers.add_column("worker", no_wrap=True, min_width=longest)  # ids are copied by hand
     for name in ("role", "state", "KV use", "running", "waiting", "handoffs", "handoff GB/s",
-                 "store hit rate", "age"):
+                 "store hit rate", "RSS", "age"):
         workers.add_column(name)
     for w in status.workers:
         tiers = ", ".join(f"{t.tier} {t.hit_rate:.0%}" for t in w.tiers) or "-"
@@ -35,5 +35,5 @@ def print_status(status: apb.StatusResponse, as_json: bool = False) -> None:
         workers.add_row(w.id, w.role, state, f"{w.kv_cache_usage:.1%}", str(w.num_running),
                         str(w.num_waiting), str(w.handoffs) if w.role == "prefill" else "-",
                         f"{w.handoff_gbps:.2f}" if w.handoffs else "-", tiers,
-                        f"{w.age_s:.1f} s")
+                        f"{w.rss_bytes / 2**30:.2f} GiB", f"{w.age_s:.1f} s")
     console.print(workers)

@@ -108,6 +108,7 @@ class WorkerStats:
     handoff_bytes: int = 0  # KV block bytes handed over (prefill workers)
     handoff_s: float = 0.0  # their exposed handoff time
     control_calls: dict[str, int] = field(default_factory=dict)  # "stats"/"reserve" -> calls
+    rss_bytes: int = 0  # this process's resident memory (0 where /proc is missing)
 
 
 class WorkerStepError(RuntimeError):
@@ -116,10 +117,20 @@ class WorkerStepError(RuntimeError):
 
 def inject_step_faults() -> None:
     faults = active_faults()
-    if faults.step_delay:
-        time.sleep(faults.step_delay)
+    pause = faults.pause(faults.step_delay, faults.step_stall)
+    if pause:
+        time.sleep(pause)
     if Faults.hit(faults.step_fail):
         raise WorkerStepError("injected fault: step.fail")
+
+
+def resident_bytes() -> int:
+    """This process's resident set size, from /proc (0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def node_ip() -> str:
@@ -186,7 +197,7 @@ class EngineWorker:
         return WorkerStats(await self._engine.call(LLMEngine.stats), self.num_open_requests(),
                            dict(self.handoffs), self.store.stats() if self.store else None,
                            self.codec_choices(), self.handoff_bytes, self.handoff_s,
-                           dict(self.calls))
+                           dict(self.calls), resident_bytes())
 
     async def prompt_logprobs(self, token_ids: list[int], top_n: int) -> list[TokenLogprobs]:
         """The raw logprobs of a prompt's tokens (from its second), each with its top_n."""

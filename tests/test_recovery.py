@@ -1,5 +1,5 @@
-"""Leases, event-driven admission and recovery from a lost decode worker, on a real 1 prefill +
-2 decode cluster (fp32, gRPC and NIXL handoffs, small KV pools so they fill up)."""
+"""Leases, event-driven admission and recovery from lost workers, on a real 2 prefill + 2 decode
+cluster (fp32, NIXL handoffs where available, small KV pools so they fill up)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ PROMPT = "Once upon a time, in a small village at the edge of a great forest,"
 def cluster(ray_cluster):
     from .serving import ServerThread
 
-    config = serve_config(decode_workers=2, gateway={"max_queued_requests": MAX_QUEUED},
+    config = serve_config(prefill_workers=2, decode_workers=2,
+                          gateway={"max_queued_requests": MAX_QUEUED},
                           worker={"lease_s": LEASE_S, "handoff_timeout_s": 5.0,
                                   "kv_store": {"enabled": False}})
     running = ServerThread(config)
@@ -39,6 +40,12 @@ def cluster(ray_cluster):
 
 def decode_workers(cluster) -> list:
     return cluster.server.decode_workers
+
+
+@pytest.fixture(scope="module")
+def llm(loaded_fp32) -> LLM:
+    return LLM.from_engine(LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=0.1),
+                                     loaded=loaded_fp32))
 
 
 def fill(worker, prefix: str) -> list[str]:
@@ -103,9 +110,40 @@ def test_admission_is_a_bounded_queue_without_a_polling_storm(cluster):
     cluster.wait_idle(timeout=60)
 
 
-def test_a_lost_decode_worker_resumes_the_stream_identically(cluster, loaded_fp32):
-    llm = LLM.from_engine(LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=0.1),
-                                    loaded=loaded_fp32))
+def test_a_prefill_worker_lost_mid_prefill_is_retried_on_the_other(cluster, llm):
+    prompt = " ".join(["The lighthouse keeper counted the ships that passed the rocks."] * 50)
+    want = llm.generate([prompt], SamplingParams(max_tokens=4, temperature=0))[0].token_ids
+    router = cluster.server.router
+    resumed_before = router.num_resumed
+    result: dict = {}
+
+    def request() -> None:
+        with Client(cluster.address, timeout=300) as client:
+            try:
+                result["out"] = client.generate(prompt, max_tokens=4, temperature=0,
+                                                request_id="lost-prefill")
+            except TandemError as e:
+                result["error"] = e
+
+    thread = threading.Thread(target=request)
+    thread.start()
+    busy = None
+    deadline = time.monotonic() + 60
+    while busy is None:  # the prompt takes seconds to prefill: kill its worker meanwhile
+        assert time.monotonic() < deadline and thread.is_alive(), f"never saw it: {result}"
+        placed = router.active.get("lost-prefill")
+        if placed is not None and placed.prefill is not None and \
+                placed.prefill_task is not None and not placed.prefill_task.done():
+            busy = placed.prefill
+        time.sleep(0.02)
+    ray.kill(busy, no_restart=True)
+    thread.join(300)
+    assert "error" not in result, result
+    assert result["out"].token_ids == want
+    assert router.num_resumed == resumed_before + 1
+
+
+def test_a_lost_decode_worker_resumes_the_stream_identically(cluster, llm):
     n = 120
     want = llm.generate([PROMPT], SamplingParams(max_tokens=n, temperature=0,
                                                  ignore_eos=True))[0].token_ids

@@ -22,6 +22,8 @@ from tandem.client._request import (
 )
 from tandem.client.errors import missing_finish_reason, rpc_errors
 from tandem.client.types import Chunk, Completion, ModelInfo
+from tandem.proto.v1 import admin_pb2 as apb
+from tandem.proto.v1 import admin_pb2_grpc as apb_grpc
 from tandem.proto.v1 import tandem_pb2 as pb
 from tandem.proto.v1 import tandem_pb2_grpc as pb_grpc
 
@@ -49,6 +51,7 @@ class AsyncClient:
         else:
             self._channel = grpc.aio.secure_channel(address, credentials, options=options)
         self._stub = pb_grpc.TandemStub(self._channel)
+        self._admin = apb_grpc.AdminStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
 
@@ -180,6 +183,13 @@ class AsyncClient:
                 pb.ListModelsRequest(), timeout=resolve_timeout(timeout, self._timeout),
                                         metadata=self._metadata)
         return [ModelInfo.from_proto(m) for m in response.models]
+
+    async def status(self, *, timeout: float | None = None) -> apb.StatusResponse:
+        """The Admin service's view of the cluster: pools, and each worker's state and load."""
+        with rpc_errors():
+            return await self._admin.Status(apb.StatusRequest(),
+                                            timeout=resolve_timeout(timeout, self._timeout),
+                                            metadata=self._metadata)
 
     async def health(self, *, timeout: float = HEALTH_TIMEOUT_S) -> bool:
         """True when the gateway reports SERVING; False when not serving or unreachable."""

@@ -56,6 +56,8 @@ def _worker(w: WorkerState, now: float) -> apb.WorkerStatus:
     if s is None:
         return status
     status.num_running = s.engine.num_running
+    status.rss_bytes = s.rss_bytes
+    status.open_requests = s.num_open_requests
     status.num_waiting = s.engine.num_waiting + s.engine.num_reserved
     status.handoffs = sum(s.handoffs.values())
     status.handoff_gbps = s.handoff_bytes / s.handoff_s / 1e9 if s.handoff_s > 0 else 0.0

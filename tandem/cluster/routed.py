@@ -39,7 +39,20 @@ class Placement:
     transport: str | None = None  # the KV transport the prefill worker was told to use
     aborted: bool = False
     turn: asyncio.Future | None = None  # its place in the admission queue
+    prefill_index: int | None = None
 
 
-class DecodeLost(WorkerUnavailable):
-    """The decode worker running a request stopped answering: the request can resume."""
+class WorkerLost(WorkerUnavailable):
+    """A worker serving a request stopped answering: the request can resume elsewhere."""
+
+
+class DecodeLost(WorkerLost):
+    """The decode worker (or the KV receiver on it) is gone."""
+
+
+class PrefillLost(WorkerLost):
+    """The prefill worker died before the handoff ended."""
+
+    def __init__(self, message: str, index: int | None) -> None:
+        super().__init__(message)
+        self.index = index

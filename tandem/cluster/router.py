@@ -23,14 +23,13 @@ from typing import Any
 
 from tandem.cluster.admission import AdmissionQueue
 from tandem.cluster.errors import (
-    ClusterError,
     HandoffFailed,
     InvalidRequest,
-    WorkerUnavailable,
     translate,
 )
 from tandem.cluster.kv_index import KVIndex
-from tandem.cluster.routed import DecodeLost, Placement, RoutedRequest
+from tandem.cluster.relay import TokenRelay
+from tandem.cluster.routed import Placement, PrefillLost, RoutedRequest, WorkerLost
 from tandem.cluster.routing_policy import decode_order, pick_prefill
 from tandem.decode_worker.worker import TokenDelta
 from tandem.engine.errors import OutOfBlocksError
@@ -41,11 +40,10 @@ from tandem.transfer.base import ReceiverInfo
 
 logger = logging.getLogger(__name__)
 
-POLL_S = 1.0  # one long-poll of a decode worker
 
 
 @dataclass
-class Router:
+class Router(TokenRelay):
     prefill_workers: list[Any]
     decode_workers: list[Any]  # colocated workers in colocated mode
     kv_receivers: list[tuple[ReceiverInfo, ...]]  # how to reach each decode worker
@@ -56,6 +54,7 @@ class Router:
     kv_index: KVIndex | None = None
     max_resumes: int = 2  # per request: re-placements after its decode worker was lost
     num_resumed: int = 0
+    lost_prefill: set[int] = field(default_factory=set)  # prefill workers seen dead
     queued_prompt_tokens: dict[int, int] = field(default_factory=dict)  # prefill index -> tokens
     active: dict[str, Placement] = field(default_factory=dict)
     _cleanups: set[asyncio.Task] = field(default_factory=set)
@@ -88,9 +87,11 @@ class Router:
                             delta = replace(delta, text=None)
                         yield delta
                     return
-                except DecodeLost as e:
+                except WorkerLost as e:
                     if placed.aborted or attempt == self.max_resumes:
                         raise
+                    if isinstance(e, PrefillLost) and e.index is not None:
+                        self.lost_prefill.add(e.index)
                     current, placed = await self.resume(req, generated, placed, e)
                     if placed.aborted:
                         yield TokenDelta([], "abort")
@@ -103,15 +104,16 @@ class Router:
 
     async def resume(self, req: RoutedRequest, generated: list[int], lost: Placement,
                      error: Exception) -> tuple[RoutedRequest, Placement]:
-        """Continue `req` on other workers after its decode worker was lost: prefill the prompt
-        plus the tokens generated so far (its cached prefix is reused), then decode the rest.
-        The client's stream goes on with no token lost or repeated."""
+        """Continue `req` on other workers after one of its workers was lost: prefill the
+        prompt plus the tokens generated so far (its cached prefix is reused), then decode the
+        rest. The client's stream goes on with no token lost or repeated."""
         self.num_resumed += 1
-        logger.warning("request %s: its decode worker was lost after %d tokens (%s); resuming "
-                       "it elsewhere", req.request_id, len(generated), error)
+        logger.warning("request %s: %s after %d tokens; resuming it elsewhere",
+                       req.request_id, error, len(generated))
         self._clean_up_later(lost)
         resumed = replace(req, prompt_token_ids=[*req.prompt_token_ids, *generated],
-                          params=req.params.after(len(generated)), segments=None,
+                          params=req.params.after(len(generated)),
+                          segments=None if generated else req.segments,
                           worker_id=uuid.uuid4().hex, prefill=None, prefill_worker=None)
         placed = self.active[req.request_id] = Placement(worker_id=resumed.worker_id)
         await self._place(resumed, placed)
@@ -141,7 +143,7 @@ class Router:
         if decode is not None:
             placed.decode = self.decode_workers[decode]
         if not self.colocated and not placed.aborted:
-            index = self._pick_prefill(req)
+            index = placed.prefill_index = self._pick_prefill(req)
             try:
                 receiver, reason = choose_receiver(self.kv_transports[index],
                                                    self.kv_receivers[decode])
@@ -185,7 +187,7 @@ class Router:
 
     def _pick_prefill(self, req: RoutedRequest) -> int:
         return pick_prefill(req, len(self.prefill_workers), self.queued_prompt_tokens,
-                            self.kv_index)
+                            self.kv_index, self.lost_prefill)
 
     async def _prefill(self, index: int, req: RoutedRequest, receiver: ReceiverInfo,
                        block_ids: list[int]) -> PrefillResult:
@@ -202,50 +204,6 @@ class Router:
         finally:
             self.queued_prompt_tokens[index] -= n
 
-    # -- relaying tokens -----------------------------------------------------------------------
-
-    async def _relay(self, req: RoutedRequest, placed: Placement) -> AsyncIterator[TokenDelta]:
-        while True:
-            poll = asyncio.ensure_future(asyncio.wait_for(
-                placed.decode.poll.remote(req.worker_id, POLL_S), POLL_S + self.call_timeout_s))
-            waiting = {poll}
-            if placed.prefill_task is not None and not placed.prefill_task.done():
-                waiting.add(placed.prefill_task)
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            if placed.prefill_task is not None and placed.prefill_task.done() \
-                    and not placed.aborted:
-                self._check_prefill(placed.prefill_task)
-            try:
-                deltas = await self._result(poll)
-            except ClusterError as e:
-                if placed.aborted:  # the worker forgot it between two polls
-                    yield TokenDelta([], "abort")
-                    return
-                if isinstance(e, WorkerUnavailable):
-                    raise DecodeLost(str(e)) from None
-                raise
-            for delta in deltas:
-                if delta.logprobs is not None and None in delta.logprobs:
-                    delta = await self._with_first_logprobs(delta, placed)
-                if delta.finish_reason is not None:
-                    if self.colocated:
-                        req.num_cached_tokens = delta.num_cached_tokens
-                    elif placed.prefill_task is not None and not placed.aborted:
-                        await self._result(placed.prefill_task)  # its timings end the stream
-                yield delta
-                if delta.finish_reason is not None:
-                    return
-
-    async def _with_first_logprobs(self, delta: TokenDelta, placed: Placement) -> TokenDelta:
-        """`delta` with the logprobs of the tokens the prefill worker sampled (they travel
-        with its result, which is due right after the handoff that produced this delta)."""
-        first: list[TokenLogprobs] = []
-        if placed.prefill_task is not None and not placed.aborted:
-            first = list((await self._result(placed.prefill_task)).output_logprobs or ())
-        filled = [lp if lp is not None else (first.pop(0) if first else None)
-                  for lp in delta.logprobs or ()]
-        return replace(delta, logprobs=filled)
-
     async def prompt_logprobs(self, token_ids: list[int], top_n: int, timeout_s: float) \
             -> list[TokenLogprobs]:
         """Logprobs of a prompt's tokens, scored by a prefill (or colocated) worker."""
@@ -255,17 +213,6 @@ class Router:
         try:
             return await asyncio.wait_for(
                 workers[index].prompt_logprobs.remote(token_ids, top_n), timeout_s)
-        except Exception as e:
-            raise translate(e) from None
-
-    def _check_prefill(self, task: asyncio.Future) -> None:
-        error = task.exception()
-        if error is not None:
-            raise translate(error)
-
-    async def _result(self, future: Any) -> Any:
-        try:
-            return await future
         except Exception as e:
             raise translate(e) from None
 

@@ -19,9 +19,12 @@ def decode_order(stats: list[WorkerStats | BaseException]) -> list[int]:
 
 
 def pick_prefill(req: RoutedRequest, count: int, queued_prompt_tokens: dict[int, int],
-                 kv_index: KVIndex | None) -> int:
+                 kv_index: KVIndex | None, lost: set[int] | frozenset[int] = frozenset()) -> int:
     """The prefill worker with the least work ahead: queued prompt tokens plus the tokens this
-    prompt leaves to compute after the prefix chunks it holds locally."""
+    prompt leaves to compute after the prefix chunks it holds locally; none of those `lost`."""
+    live = [i for i in range(count) if i not in lost]
+    if not live:
+        raise WorkerUnavailable(f"no prefill worker is left ({count} lost)")
     if req.prefill_worker is not None:
         if not 0 <= req.prefill_worker < count:
             raise InvalidRequest(f"prefill_worker: {req.prefill_worker} is not in [0, {count})")
@@ -34,4 +37,4 @@ def pick_prefill(req: RoutedRequest, count: int, queued_prompt_tokens: dict[int,
         cached = kv_index.cached_tokens(i, keys) if kv_index else 0
         return n - cached + queued, queued
 
-    return min(range(count), key=cost)
+    return min(live, key=cost)

@@ -17,6 +17,7 @@ import time
 import torch
 
 from tandem.engine.kv_cache import KVBlocks, KVSpec
+from tandem.faults import Faults, active_faults
 from tandem.kv_store import keys
 from tandem.kv_store.codec import get_codec
 from tandem.kv_store.codec.controller import TEXT, BandwidthMeter, StreamingController
@@ -188,6 +189,7 @@ class TieredStore:
                 continue
             started = time.perf_counter()
             try:
+                inject_read_faults(tier.name)
                 data = read(tier)
             except TierError as e:
                 health.failed(e)
@@ -248,3 +250,14 @@ class TieredStore:
         self._writes.close()
         for tier in self.tiers:
             tier.close()
+
+
+def inject_read_faults(tier: str) -> None:
+    """Injected store faults (TANDEM_FAULTS) before a tier read: store.delay and store.stall
+    sleep, store.fail raises the tier error a failing backend would."""
+    faults = active_faults()
+    pause = faults.pause(faults.store_delay, faults.store_stall)
+    if pause:
+        time.sleep(pause)
+    if Faults.hit(faults.store_fail):
+        raise TierError(f"{tier}: injected store.fail")

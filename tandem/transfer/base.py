@@ -149,10 +149,11 @@ class KVTransport(ABC):
 
 async def apply_send_faults(request_id: str) -> None:
     """Injected transfer faults (TANDEM_FAULTS) when a handoff finishes: sleeps for
-    transfer.delay, raises for transfer.fail."""
+    transfer.delay (and transfer.stall), raises for transfer.fail."""
     faults = active_faults()
-    if faults.transfer_delay:
-        await asyncio.sleep(faults.transfer_delay)
+    pause = faults.pause(faults.transfer_delay, faults.transfer_stall)
+    if pause:
+        await asyncio.sleep(pause)
     if Faults.hit(faults.transfer_fail):
         raise TransferUnavailable(f"request {request_id}: injected transfer.fail")
 

@@ -25,7 +25,7 @@ class TierStatus(_message.Message):
     def __init__(self, tier: _Optional[str] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., hit_rate: _Optional[float] = ..., bytes_used: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("id", "role", "state", "node", "pod", "kv_cache_usage", "num_running", "num_waiting", "tiers", "handoff_gbps", "handoffs", "age_s")
+    __slots__ = ("id", "role", "state", "node", "pod", "kv_cache_usage", "num_running", "num_waiting", "tiers", "handoff_gbps", "handoffs", "age_s", "rss_bytes", "open_requests")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,8 @@ class WorkerStatus(_message.Message):
     HANDOFF_GBPS_FIELD_NUMBER: _ClassVar[int]
     HANDOFFS_FIELD_NUMBER: _ClassVar[int]
     AGE_S_FIELD_NUMBER: _ClassVar[int]
+    RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OPEN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: str
     state: str
@@ -50,7 +52,9 @@ class WorkerStatus(_message.Message):
     handoff_gbps: float
     handoffs: int
     age_s: float
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., node: _Optional[str] = ..., pod: _Optional[str] = ..., kv_cache_usage: _Optional[float] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStatus, _Mapping]]] = ..., handoff_gbps: _Optional[float] = ..., handoffs: _Optional[int] = ..., age_s: _Optional[float] = ...) -> None: ...
+    rss_bytes: int
+    open_requests: int
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., node: _Optional[str] = ..., pod: _Optional[str] = ..., kv_cache_usage: _Optional[float] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStatus, _Mapping]]] = ..., handoff_gbps: _Optional[float] = ..., handoffs: _Optional[int] = ..., age_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., open_requests: _Optional[int] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
     __slots__ = ("role", "workers", "ready")
