@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 SERVE_FLAGS ?=
 
-.PHONY: run test lint bench bench-gpu bench-tls bench-api bench-serve bench-transfer bench-store bench-codec bench-blend proto install clean
+.PHONY: run test lint bench bench-gpu bench-tls bench-api bench-soak bench-serve bench-transfer bench-store bench-codec bench-blend proto install clean
 
 # Local Ray, one prefill + one decode worker, the shipped model, gateway on 127.0.0.1:50051.
 run: install
@@ -31,6 +31,9 @@ bench-tls: install
 
 bench-api: install
 	$(BIN)/python bench/api.py
+
+bench-soak: install
+	$(BIN)/python bench/soak.py
 
 bench-serve: install
 	$(BIN)/python bench/serve.py
