@@ -164,7 +164,46 @@ def test_a_lost_decode_worker_resumes_the_stream_identically(cluster, llm):
     assert router.num_resumed == resumed_before + 1
 
 
+def test_a_dead_worker_is_restarted_in_its_slot_and_takes_handoffs_again(cluster, llm):
+    pools = cluster.server.pools
+    dead = [w for w in pools.of("decode") if w.state != "ready"]
+    if not dead:  # the previous test's kill may not have been noticed yet
+        victim = pools.of("decode")[0]
+        ray.kill(victim.actor, no_restart=True)
+    deadline = time.monotonic() + 180
+    while not all(w.state == "ready" for w in pools.of("decode")):  # restarted in its slot
+        assert time.monotonic() < deadline, [(w.id, w.state) for w in pools.of("decode")]
+        cluster.run(pools.check_health(), timeout=300)  # as the background checks do
+        time.sleep(0.5)
+    restarts = [w.restarts for w in pools.of("decode")]
+    assert max(restarts) == 1, restarts  # each killed slot restarted once
+    ids = [w.id for w in pools.of("decode")]
+    assert [i.split("@")[0] for i in ids] == ["decode-0", "decode-1"]  # stable slots
+    want = llm.generate([PROMPT], SamplingParams(max_tokens=4, temperature=0))[0].token_ids
+    with Client(cluster.address, timeout=120) as client:
+        for _ in range(4):  # both decode workers get some (most free blocks first)
+            assert client.generate(PROMPT, max_tokens=4, temperature=0).token_ids == want
+    for w in pools.of("decode"):
+        assert ray.get(w.actor.stats.remote()).control_calls.get("reserve", 0) >= 1, w.id
+
+
+def test_an_added_decode_worker_serves_and_a_removed_one_is_skipped(cluster, llm):
+    pools = cluster.server.pools
+    added = cluster.run(pools.add("decode"), timeout=300)
+    assert added.id.startswith("decode-2")
+    want = llm.generate([PROMPT], SamplingParams(max_tokens=4, temperature=0))[0].token_ids
+    for i, w in enumerate(pools.of("decode")[:2]):
+        fill(w.actor, f"busy{i}")  # only the added worker has room now
+    with Client(cluster.address, timeout=120) as client:
+        assert client.generate(PROMPT, max_tokens=4, temperature=0).token_ids == want
+        assert ray.get(added.actor.stats.remote()).control_calls.get("reserve", 0) >= 1
+        cluster.run(pools.remove(added.id))  # then the others, once their leases free them
+        assert client.generate(PROMPT, max_tokens=4, temperature=0).token_ids == want
+    assert pools.get(added.id).state == "removed"
+
+
 def test_with_no_decode_worker_left_the_answer_is_unavailable(cluster):
+    cluster.server.pools.restart_budget = 0  # no restarts: the pool stays empty
     for w in list(decode_workers(cluster)):
         ray.kill(w, no_restart=True)
     with Client(cluster.address, timeout=60) as client, \

@@ -41,9 +41,10 @@ class KVIndex:
     async def refresh(self) -> None:
         """Apply every worker's changes since the last refresh (a worker that fails to answer
         keeps its last picture)."""
+        known = list(zip(self.workers, self.versions, strict=False))  # a slot may be new
         results = await asyncio.gather(*(
             asyncio.wait_for(w.kv_index_changes.remote(v), self.call_timeout_s)
-            for w, v in zip(self.workers, self.versions, strict=True)), return_exceptions=True)
+            for w, v in known), return_exceptions=True)
         for i, delta in enumerate(results):
             if isinstance(delta, BaseException):
                 logger.debug("prefill worker %d: no KV index update: %r", i, delta)
@@ -56,6 +57,13 @@ class KVIndex:
                 self.keys[i].update(delta.added)
                 self.keys[i].difference_update(delta.removed)
             self.versions[i] = delta.version
+
+    def slot_changed(self, slot: int) -> None:
+        """The prefill worker in `slot` was added or replaced: start its picture afresh."""
+        while len(self.keys) <= slot:
+            self.keys.append(set())
+            self.versions.append(0)
+        self.keys[slot], self.versions[slot] = set(), 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._poll())

@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 POOL_RESOURCES = {"prefill": "tandem_prefill", "decode": "tandem_decode",
                   "colocated": "tandem_colocated"}
 # Passed on to worker processes: fault injection, logging, tokenizer threads, UCX (NIXL).
+POOL_CAPACITY = 16  # workers a local cluster can hold per pool
 FORWARDED_ENV = (FAULTS_ENV, "TANDEM_LOG_LEVEL", "TOKENIZERS_PARALLELISM")
 
 
@@ -33,7 +34,8 @@ def connect_ray(config: ServeConfig) -> bool:
     if config.ray.address:
         ray.init(address=config.ray.address, logging_level=logging.WARNING)
         return False
-    workers = config.prefill_workers + config.decode_workers
+    # Each pool resource, as much as a pool may grow to, so added workers can be placed.
+    workers = max(config.prefill_workers + config.decode_workers, POOL_CAPACITY)
     # Token authentication, asked for explicitly: Ray then makes a token (~/.ray/auth_token)
     # when there is none, instead of warning that it turned authentication on by itself.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -43,8 +45,9 @@ def connect_ray(config: ServeConfig) -> bool:
     return True
 
 
-def start_pool(pool: str, count: int, config: ServeConfig) -> list[Any]:
-    """Create `count` worker actors of `pool` (prefill, decode or colocated)."""
+def start_pool(pool: str, count: int, config: ServeConfig, first_slot: int = 0) -> list[Any]:
+    """Create `count` worker actors of `pool` (prefill, decode or colocated), for the slots
+    from `first_slot` on."""
     cls = PrefillWorker if pool == "prefill" else DecodeWorker
     env = {k: v for k, v in os.environ.items() if k in FORWARDED_ENV or k.startswith("UCX_")}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -58,6 +61,7 @@ def start_pool(pool: str, count: int, config: ServeConfig) -> list[Any]:
         worker_config = worker_config.model_copy(
             update={"engine": worker_config.engine.model_copy(update={"device": "cuda"})})
     if pool == "prefill":  # the index names the worker's SSD directory
-        return [actor.remote(worker_config, config.model_id, index=i) for i in range(count)]
+        return [actor.remote(worker_config, config.model_id, index=first_slot + i)
+                for i in range(count)]
     extra = {"receives_kv": False} if pool == "colocated" else {}  # they prefill themselves
     return [actor.remote(worker_config, config.model_id, **extra) for _ in range(count)]

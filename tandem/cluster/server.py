@@ -21,7 +21,8 @@ from tandem.cluster.kv_index import KVIndex
 from tandem.cluster.metrics import ClusterMetrics
 from tandem.cluster.openai.app import build_app
 from tandem.cluster.openai.server import HttpServer
-from tandem.cluster.placement import connect_ray, start_pool
+from tandem.cluster.placement import connect_ray
+from tandem.cluster.pools import PoolManager, PoolWorker
 from tandem.cluster.redis_server import RedisServer, find_redis_server
 from tandem.cluster.router import Router
 from tandem.cluster.wire import add_admin_service, add_tandem_service
@@ -54,6 +55,7 @@ class TandemServer:
         self.http_address: str | None = None  # HOST:PORT of the HTTP API, when it runs
         self.metrics: ClusterMetrics | None = None
         self.frontend: Frontend | None = None
+        self.pools: PoolManager | None = None
         self.monitor: WorkerMonitor | None = None
         self.draining = False
         # Start-up steps, for a progress display: (step, parts done, parts in all).
@@ -65,21 +67,19 @@ class TandemServer:
         c = self.config = self._with_redis(_local_kv_host(self.config))
         self.progress("starting Ray")
         self._owns_ray = connect_ray(c)
-        if c.colocated:
-            self.decode_workers = start_pool("colocated", c.prefill_workers + c.decode_workers, c)
-        else:
-            self.prefill_workers = start_pool("prefill", c.prefill_workers, c)
-            self.decode_workers = start_pool("decode", c.decode_workers, c)
-        workers = self.prefill_workers + self.decode_workers
-        logger.info("loading the model on %d workers", len(workers))
+        self.pools = PoolManager(c, c.gateway.worker_call_timeout_s)
+        self.pools.progress = self.progress
+        # The pools' lists, changed in place as workers come and go: the router shares them.
+        self.prefill_workers, self.decode_workers = \
+            self.pools.prefill_actors, self.pools.decode_actors
+        logger.info("loading the model on %d workers", c.prefill_workers + c.decode_workers)
         tokenizer_task = asyncio.create_task(
             asyncio.to_thread(load_tokenizer, c.worker.engine.model))
-        infos = await self._start_workers(workers)
+        infos = await self.pools.start()
         tokenizer, model_config = await tokenizer_task
         self.progress("starting the gateway")
         _check_agree(infos)
-        kv_transports = [info.kv_transports for info in infos[:len(self.prefill_workers)]]
-        kv_receivers = [info.kv_receivers for info in infos[len(self.prefill_workers):]]
+        kv_transports, kv_receivers = self.pools.kv_transports, self.pools.kv_receivers
         if not c.colocated:
             logger.info("KV handoff (--kv-transport %s): prefill workers send with %s; "
                            "decode workers receive with %s", c.worker.kv_transport,
@@ -105,14 +105,11 @@ class TandemServer:
         keys = ApiKeys(c.gateway.api_keys)
         frontend = self.frontend = Frontend(self.router, tokenizer, model,
                                             model_config.vocab_size, c.gateway, self.metrics)
-        roles = ["colocated"] * len(workers) if c.colocated else \
-            ["prefill"] * len(self.prefill_workers) + ["decode"] * len(self.decode_workers)
-        pools: dict[str, list] = {}
-        for role, actor, info in zip(roles, workers, infos, strict=True):
-            pools.setdefault(role, []).append((actor, info))
-        self.monitor = WorkerMonitor(pools, self.metrics, c.gateway.worker_call_timeout_s)
+        self.monitor = WorkerMonitor(self.pools, self.metrics, c.gateway.worker_call_timeout_s)
         await self.monitor.refresh()
         self.monitor.start()
+        self.pools.on_change = self._pool_changed
+        self.pools.start_health_checks()
         pools = [w.stats.engine.num_blocks for w in self.monitor.workers
                  if w.role != "prefill" and w.stats is not None]
         if pools:
@@ -144,24 +141,18 @@ class TandemServer:
             self.http_address = await self._http.start()
         return self.address
 
-    async def _start_workers(self, workers: list[Any]) -> list[WorkerInfo]:
-        """Start every worker at once (each loads the model); progress as each is ready."""
-        loaded = 0
-        self.progress("loading the model in each worker", 0, len(workers))
-
-        async def start(worker: Any) -> WorkerInfo:
-            nonlocal loaded
-            info = await worker.start.remote()
-            loaded += 1
-            self.progress("loading the model in each worker", loaded, len(workers))
-            return info
-
-        try:
-            return await asyncio.wait_for(asyncio.gather(*(start(w) for w in workers)),
-                                          WORKER_START_TIMEOUT_S)
-        except TimeoutError:
-            raise TimeoutError(f"{len(workers) - loaded} of {len(workers)} workers did not "
-                               f"start in {WORKER_START_TIMEOUT_S:.0f} s") from None
+    def _pool_changed(self, worker: PoolWorker) -> None:
+        """A worker was added, replaced, removed or found dead: tell those that route."""
+        router = self.router
+        assert router is not None
+        if worker.role == "prefill":
+            if worker.state == "ready":
+                router.lost_prefill.discard(worker.slot)
+            else:
+                router.lost_prefill.add(worker.slot)
+            if router.kv_index is not None:
+                router.kv_index.slot_changed(worker.slot)
+        router.admission.capacity_changed()  # a new decode worker has free blocks
 
     def _with_redis(self, config: ServeConfig) -> ServeConfig:
         """`config` with the URL of an embedded redis-server, when the store wants one."""
@@ -209,12 +200,9 @@ class TandemServer:
             self.monitor = None
         if self.router is not None:
             await self.router.drain()
-        workers = self.prefill_workers + self.decode_workers
-        if workers:
-            await asyncio.gather(*(asyncio.wait_for(w.shutdown.remote(), 10.0) for w in workers),
-                                 return_exceptions=True)
-            for w in workers:
-                ray.kill(w)
+        if self.pools is not None:
+            await self.pools.shutdown()
+            self.pools = None
         self.prefill_workers, self.decode_workers = [], []
         if self._owns_ray:
             ray.shutdown()

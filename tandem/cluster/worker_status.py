@@ -14,9 +14,9 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
 
 from tandem.cluster.metrics import ClusterMetrics, TierFigures, WorkerFigures
+from tandem.cluster.pools import PoolManager, PoolWorker
 from tandem.worker_base import WorkerInfo, WorkerStats
 
 logger = logging.getLogger(__name__)
@@ -28,16 +28,27 @@ INTERVAL_S = 2.0
 class WorkerState:
     """One worker as last seen."""
 
-    id: str  # "<role>-<index>@<node>", plus "/<pod>" on Kubernetes: stable across restarts
-    role: str
-    actor: Any
-    info: WorkerInfo
+    member: PoolWorker
     stats: WorkerStats | None = None
     seen_at: float = 0.0  # time.monotonic() of the last answer
     error: str | None = None  # why the last call failed
 
     @property
+    def id(self) -> str:  # "<role>-<slot>@<node>", plus "/<pod>" on Kubernetes: stable
+        return self.member.id
+
+    @property
+    def role(self) -> str:
+        return self.member.role
+
+    @property
+    def info(self) -> WorkerInfo | None:
+        return self.member.info
+
+    @property
     def state(self) -> str:
+        if self.member.state != "ready":
+            return self.member.state
         return "ready" if self.error is None and self.stats is not None else "unreachable"
 
     @property
@@ -48,20 +59,25 @@ class WorkerState:
         return 1.0 - e.num_free_blocks / e.num_blocks
 
 
-def worker_id(role: str, index: int, info: WorkerInfo) -> str:
-    name = f"{role}-{index}@{info.node}"
-    return f"{name}/{info.pod}" if info.pod else name
-
-
 class WorkerMonitor:
-    def __init__(self, pools: dict[str, list[tuple[Any, WorkerInfo]]], metrics: ClusterMetrics,
-                 call_timeout_s: float, interval_s: float = INTERVAL_S) -> None:
-        self.metrics, self.call_timeout_s, self.interval_s = metrics, call_timeout_s, interval_s
-        self.workers = [WorkerState(worker_id(role, i, info), role, actor, info)
-                        for role, members in pools.items()
-                        for i, (actor, info) in enumerate(members)]
+    def __init__(self, pools: PoolManager, metrics: ClusterMetrics, call_timeout_s: float,
+                 interval_s: float = INTERVAL_S) -> None:
+        self.pools, self.metrics = pools, metrics
+        self.call_timeout_s, self.interval_s = call_timeout_s, interval_s
+        self._states: dict[tuple[str, int], WorkerState] = {}
         self.started = time.monotonic()
         self._task: asyncio.Task | None = None
+
+    @property
+    def workers(self) -> list[WorkerState]:
+        """Every worker the pools have, in pool order, with what was last seen of it."""
+        states = []
+        for member in self.pools.members:
+            state = self._states.get((member.role, member.slot))
+            if state is None or state.member is not member:  # new, or a replacement
+                state = self._states[(member.role, member.slot)] = WorkerState(member)
+            states.append(state)
+        return states
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -82,12 +98,13 @@ class WorkerMonitor:
             await asyncio.sleep(self.interval_s)
 
     async def refresh(self) -> None:
-        """Ask every worker at once, then publish the figures."""
+        """Ask every serving worker at once, then publish the figures."""
+        workers = [w for w in self.workers if w.member.state == "ready"]
         answers = await asyncio.gather(
-            *(asyncio.wait_for(w.actor.stats.remote(), self.call_timeout_s)
-              for w in self.workers), return_exceptions=True)
+            *(asyncio.wait_for(w.member.actor.stats.remote(), self.call_timeout_s)
+              for w in workers), return_exceptions=True)
         now = time.monotonic()
-        for worker, answer in zip(self.workers, answers, strict=True):
+        for worker, answer in zip(workers, answers, strict=True):
             if isinstance(answer, BaseException):
                 if worker.error is None:
                     logger.warning("worker %s did not answer: %r", worker.id, answer)
@@ -97,9 +114,10 @@ class WorkerMonitor:
         self.metrics.workers = self.figures()
 
     def figures(self) -> WorkerFigures:
+        live = [w for w in self.workers if w.member.state == "ready"]
         tiers: dict[str, TierFigures] = {}
         levels: Counter[str] = Counter()
-        for w in self.workers:
+        for w in live:
             if w.stats is None:
                 continue
             if w.stats.kv_store is not None:
@@ -112,9 +130,9 @@ class WorkerMonitor:
             for choice, count in w.stats.kv_codec_choices.items():
                 levels[choice.removeprefix("cachegen:")] += count
         return WorkerFigures(
-            kv_cache_usage={(w.id, w.role): w.kv_cache_usage for w in self.workers
+            kv_cache_usage={(w.id, w.role): w.kv_cache_usage for w in live
                             if w.stats is not None},
             tiers=tiers, cachegen_levels=dict(levels),
-            pool_workers=dict(Counter(w.role for w in self.workers)),
-            num_running=sum(w.stats.engine.num_running for w in self.workers
+            pool_workers=dict(Counter(w.role for w in live)),
+            num_running=sum(w.stats.engine.num_running for w in live
                             if w.stats is not None and w.role != "prefill"))

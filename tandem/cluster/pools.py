@@ -1,0 +1,226 @@
+"""`PoolManager`: the one owner of each pool's workers.
+
+It starts them, adds, replaces and removes them, checks their health, and restarts a dead one
+(a new actor whose `start()` runs again: Ray's own restarts would only re-run `__init__`) up to
+a budget. Each worker has a stable id, "<role>-<slot>@<node>": a replacement takes the slot, and
+so the id, of the worker it replaces. The router, the KV index and the monitor see the pools
+through lists this manager changes in place (a slot keeps its index), so no one else creates or
+kills workers. The autoscaler and the operator use this API and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from tandem.cluster.config import ServeConfig
+from tandem.cluster.placement import start_pool
+from tandem.transfer.base import ReceiverInfo
+from tandem.worker_base import WorkerInfo
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 600.0
+HEALTH_INTERVAL_S = 5.0
+RESTART_BUDGET = 3  # restarts per slot; past it a dead worker stays dead (and is reported)
+
+
+@dataclass
+class PoolWorker:
+    role: str  # "prefill", "decode" or "colocated"
+    slot: int  # its index in its pool's lists: stable for the life of the cluster
+    actor: Any
+    info: WorkerInfo | None = None
+    state: str = "starting"  # starting, ready, dead, removed
+    restarts: int = 0
+
+    @property
+    def id(self) -> str:
+        node = f"@{self.info.node}" if self.info is not None and self.info.node else ""
+        pod = f"/{self.info.pod}" if self.info is not None and self.info.pod else ""
+        return f"{self.role}-{self.slot}{node}{pod}"
+
+
+class PoolManager:
+    def __init__(self, config: ServeConfig, call_timeout_s: float,
+                 restart_budget: int = RESTART_BUDGET) -> None:
+        self.config, self.call_timeout_s = config, call_timeout_s
+        self.restart_budget = restart_budget
+        self.members: list[PoolWorker] = []
+        # The views the router and the KV index index by slot; changed in place only.
+        self.prefill_actors: list[Any] = []
+        self.decode_actors: list[Any] = []  # colocated workers in colocated mode
+        self.kv_transports: list[tuple[str, ...]] = []  # per prefill slot
+        self.kv_receivers: list[tuple[ReceiverInfo, ...]] = []  # per decode slot
+        self.on_change: Callable[[PoolWorker], None] = lambda worker: None
+        self.progress: Callable[..., None] = lambda step, done=None, total=None: None
+        self._health: asyncio.Task | None = None
+        self._lock = asyncio.Lock()  # one change at a time
+
+    @property
+    def decode_role(self) -> str:
+        return "colocated" if self.config.colocated else "decode"
+
+    def of(self, role: str) -> list[PoolWorker]:
+        return [w for w in self.members if w.role == role]
+
+    def get(self, worker_id: str) -> PoolWorker:
+        for w in self.members:
+            if w.id == worker_id or f"{w.role}-{w.slot}" == worker_id:
+                return w
+        raise KeyError(f"no worker {worker_id!r}; workers: "
+                       f"{', '.join(w.id for w in self.members)}")
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> list[WorkerInfo]:
+        """Start the configured pools; every worker's info, prefill pool first."""
+        c = self.config
+        counts = {"colocated": c.prefill_workers + c.decode_workers} if c.colocated else \
+            {"prefill": c.prefill_workers, "decode": c.decode_workers}
+        for role, count in counts.items():
+            for actor in start_pool(role, count, c, first_slot=0):
+                self._append(PoolWorker(role, len(self.of(role)), actor))
+        loaded = 0
+        total = len(self.members)
+        self.progress("loading the model in each worker", 0, total)
+
+        async def start(worker: PoolWorker) -> None:
+            nonlocal loaded
+            await self._start(worker)
+            loaded += 1
+            self.progress("loading the model in each worker", loaded, total)
+
+        try:
+            await asyncio.wait_for(asyncio.gather(*(start(w) for w in self.members)),
+                                   START_TIMEOUT_S)
+        except TimeoutError:
+            raise TimeoutError(f"{total - loaded} of {total} workers did not start in "
+                               f"{START_TIMEOUT_S:.0f} s") from None
+        return [w.info for w in self.members]  # type: ignore[misc]
+
+    async def _start(self, worker: PoolWorker) -> None:
+        worker.info = await worker.actor.start.remote()
+        if worker.role == "prefill":
+            self.kv_transports[worker.slot] = worker.info.kv_transports
+        else:
+            self.kv_receivers[worker.slot] = worker.info.kv_receivers
+        worker.state = "ready"
+
+    def _append(self, worker: PoolWorker) -> None:
+        self.members.append(worker)
+        if worker.role == "prefill":
+            self.prefill_actors.append(worker.actor)
+            self.kv_transports.append(())
+        else:
+            self.decode_actors.append(worker.actor)
+            self.kv_receivers.append(())
+
+    async def add(self, role: str) -> PoolWorker:
+        """Start one more worker in `role`'s pool; it serves once its model is loaded."""
+        async with self._lock:
+            self._check_role(role)
+            slot = len(self.of(role))
+            worker = PoolWorker(role, slot, start_pool(role, 1, self.config,
+                                                       first_slot=slot)[0])
+            self._append(worker)
+            await self._start(worker)
+            logger.info("worker %s added", worker.id)
+            self.on_change(worker)
+            return worker
+
+    async def replace(self, worker_id: str) -> PoolWorker:
+        """A fresh worker in the slot of `worker_id` (which is stopped if it still runs)."""
+        async with self._lock:
+            return await self._replace(self.get(worker_id))
+
+    async def _replace(self, old: PoolWorker) -> PoolWorker:
+        await self._stop(old.actor)
+        actor = start_pool(old.role, 1, self.config, first_slot=old.slot)[0]
+        new = PoolWorker(old.role, old.slot, actor, restarts=old.restarts)
+        self.members[self.members.index(old)] = new
+        (self.prefill_actors if old.role == "prefill" else self.decode_actors)[old.slot] = actor
+        try:
+            await asyncio.wait_for(self._start(new), START_TIMEOUT_S)
+        except Exception:
+            new.state = "dead"
+            raise
+        logger.info("worker %s replaced", new.id)
+        self.on_change(new)
+        return new
+
+    async def remove(self, worker_id: str) -> None:
+        """Stop a worker; its slot stays empty (routers skip it). Requests it was serving
+        resume elsewhere."""
+        async with self._lock:
+            worker = self.get(worker_id)
+            await self._stop(worker.actor)
+            worker.state = "removed"
+            logger.info("worker %s removed", worker.id)
+            self.on_change(worker)
+
+    def _check_role(self, role: str) -> None:
+        allowed = ("colocated",) if self.config.colocated else ("prefill", "decode")
+        if role not in allowed:
+            raise ValueError(f"role: {role!r} is not a pool of this cluster "
+                             f"({', '.join(allowed)})")
+
+    async def _stop(self, actor: Any) -> None:
+        with contextlib.suppress(Exception):  # it may be dead already
+            await asyncio.wait_for(actor.shutdown.remote(), 10.0)
+        with contextlib.suppress(Exception):
+            ray.kill(actor, no_restart=True)
+
+    # -- health --------------------------------------------------------------------------------
+
+    async def check_health(self) -> list[str]:
+        """Ask every serving worker for its stats; restart those that are gone (within the
+        budget). The ids restarted."""
+        serving = [w for w in self.members if w.state == "ready"]
+        answers = await asyncio.gather(
+            *(asyncio.wait_for(w.actor.stats.remote(), self.call_timeout_s) for w in serving),
+            return_exceptions=True)
+        for worker, answer in zip(serving, answers, strict=True):
+            if isinstance(answer, RayActorError):  # gone (a slow answer is not a death)
+                worker.state = "dead"
+                logger.warning("worker %s died (restarts so far: %d of %d)", worker.id,
+                               worker.restarts, self.restart_budget)
+                self.on_change(worker)
+        restarted = []
+        for worker in [w for w in self.members if w.state == "dead"]:
+            if worker.restarts >= self.restart_budget:
+                continue  # reported when it died; it stays dead
+            worker.restarts += 1
+            async with self._lock:
+                try:
+                    new = await self._replace(worker)
+                    restarted.append(new.id)
+                except Exception as e:  # the slot stays dead; the next check tries again
+                    logger.error("worker %s did not restart: %r", worker.id, e)
+        return restarted
+
+    def start_health_checks(self, interval_s: float = HEALTH_INTERVAL_S) -> None:
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(interval_s)
+                try:
+                    await self.check_health()
+                except Exception:  # the loop must outlive one bad round
+                    logger.exception("health check failed")
+
+        self._health = asyncio.get_running_loop().create_task(loop())
+
+    async def shutdown(self) -> None:
+        if self._health is not None:
+            self._health.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health
+        await asyncio.gather(*(self._stop(w.actor) for w in self.members),
+                             return_exceptions=True)
