@@ -279,6 +279,30 @@ def _env_api_keys() -> list[str] | None:
     return keys or None
 
 
+@app.command()
+def drain(
+    worker_id: Annotated[str, typer.Argument(help="Worker id as `tandem status` shows it.")],
+    address: Annotated[str, typer.Option(help="Gateway HOST:PORT (gRPC).")] = "127.0.0.1:50051",
+    api_key: Annotated[str | None, typer.Option(
+        help="API key (default: TANDEM_API_KEY).", envvar="TANDEM_API_KEY")] = None,
+    tls_ca: Annotated[Path | None, typer.Option(
+        help="Connect over TLS, trusting this PEM CA.")] = None,
+) -> None:
+    """Take a worker out of service: its running requests move to other workers (their
+    streams go on), then it is removed."""
+    from tandem.client import Client, TandemError
+
+    root = tls_ca.read_bytes() if tls_ca else None
+    with Client(address, tls=tls_ca is not None, root_certificates=root,
+                api_key=(api_key or "").split(",")[0].strip() or None, timeout=300) as client:
+        try:
+            done = client.drain(worker_id)
+        except TandemError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from None
+    typer.echo(f"drained {done.worker_id}: {done.moved_requests} requests moved")
+
+
 app.command("bench")(bench)  # `tandem bench`: its options live with the load generator
 
 

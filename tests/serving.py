@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +17,20 @@ from tandem.cluster.server import TandemServer
 from tandem.worker_base import WorkerStats
 
 START_TIMEOUT_S = 600
+
+
+@contextlib.contextmanager
+def tandem_faults(spec: str):
+    """TANDEM_FAULTS set to `spec` while a server starts (its workers inherit it), then put back."""
+    previous = os.environ.get("TANDEM_FAULTS")
+    os.environ["TANDEM_FAULTS"] = spec
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TANDEM_FAULTS"]
+        else:
+            os.environ["TANDEM_FAULTS"] = previous
 
 
 class ServerThread:

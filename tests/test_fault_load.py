@@ -4,7 +4,6 @@ with a clear status before its deadline, and no block stays held."""
 
 from __future__ import annotations
 
-import os
 import threading
 
 import grpc
@@ -32,19 +31,11 @@ PROMPTS = [" ".join([f"Report {i}: the river rose by {i} feet overnight and the 
 
 @pytest.fixture(scope="module")
 def faulty(ray_cluster):
-    from .serving import ServerThread
+    from .serving import ServerThread, tandem_faults
 
-    previous = os.environ.get("TANDEM_FAULTS")
-    os.environ["TANDEM_FAULTS"] = FAULTS
-    try:
-        config = serve_config(worker={"handoff_timeout_s": 10.0,
-                                      "kv_store": {"cpu_gb": 0.2, "ssd_gb": 0}})
-        running = ServerThread(config)
-    finally:
-        if previous is None:
-            del os.environ["TANDEM_FAULTS"]
-        else:
-            os.environ["TANDEM_FAULTS"] = previous
+    with tandem_faults(FAULTS):
+        running = ServerThread(serve_config(
+            worker={"handoff_timeout_s": 10.0, "kv_store": {"cpu_gb": 0.2, "ssd_gb": 0}}))
     yield running
     running.close()
 

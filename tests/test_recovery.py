@@ -202,6 +202,33 @@ def test_an_added_decode_worker_serves_and_a_removed_one_is_skipped(cluster, llm
     assert pools.get(added.id).state == "removed"
 
 
+def test_draining_a_decode_worker_moves_its_stream_without_a_gap(cluster, llm):
+    n = 100
+    want = llm.generate([PROMPT], SamplingParams(max_tokens=n, temperature=0,
+                                                 ignore_eos=True))[0].token_ids
+    router, pools = cluster.server.router, cluster.server.pools
+    resumed_before = router.num_resumed
+    got: list[int] = []
+    drained: dict = {}
+    with Client(cluster.address, timeout=300) as client:
+        for chunk in client.stream(PROMPT, max_tokens=n, temperature=0, ignore_eos=True):
+            got.extend(chunk.token_ids)
+            if len(got) >= 8 and not drained:
+                holder = next(w for w in pools.of("decode") if w.state == "ready" and
+                              ray.get(w.actor.stats.remote()).engine.num_running > 0)
+                drained["worker"] = holder
+                thread = threading.Thread(target=lambda h=holder: drained.update(
+                    reply=Client(cluster.address, timeout=300).drain(h.id)))
+                thread.start()
+            if chunk.finish_reason:
+                break
+    thread.join(120)
+    assert got == want  # no token lost or repeated
+    assert drained["reply"].moved_requests == 1
+    assert router.num_resumed == resumed_before + 1
+    assert drained["worker"].state == "removed" and drained["worker"].emptied
+
+
 def test_with_no_decode_worker_left_the_answer_is_unavailable(cluster):
     cluster.server.pools.restart_budget = 0  # no restarts: the pool stays empty
     for w in list(decode_workers(cluster)):

@@ -4,7 +4,6 @@ pool is tiny and the admission queue holds one request."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -20,20 +19,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def faulty(ray_cluster):
-    from .serving import ServerThread
+    from .serving import ServerThread, tandem_faults
 
-    previous = os.environ.get("TANDEM_FAULTS")
-    os.environ["TANDEM_FAULTS"] = "transfer.corrupt=1.0,transfer.delay=1.0,step.delay=0.5"
-    try:
-        config = serve_config(
+    with tandem_faults("transfer.corrupt=1.0,transfer.delay=1.0,step.delay=0.5"):
+        running = ServerThread(serve_config(
             worker={"engine": {"dtype": "float32", "num_kv_blocks": 8, "num_threads": 1}},
-            gateway={"port": 0, "max_queued_requests": 1})
-        running = ServerThread(config)
-    finally:
-        if previous is None:
-            del os.environ["TANDEM_FAULTS"]
-        else:
-            os.environ["TANDEM_FAULTS"] = previous
+            gateway={"port": 0, "max_queued_requests": 1}))
     yield running
     running.close()
 

@@ -196,6 +196,14 @@ class Client:
                                       timeout=resolve_timeout(timeout, self._timeout),
                                       metadata=self._metadata)
 
+    def drain(self, worker_id: str, *, timeout: float | None = None) -> apb.DrainResponse:
+        """Take a worker out of service (Admin); its running requests move to other workers
+        and their streams go on. Returns once it is removed."""
+        with rpc_errors():
+            return self._admin.Drain(apb.DrainRequest(worker_id=worker_id),
+                                     timeout=resolve_timeout(timeout, self._timeout),
+                                     metadata=self._metadata)
+
     def health(self, *, timeout: float = HEALTH_TIMEOUT_S) -> bool:
         """True when the gateway reports SERVING; False when not serving or unreachable."""
         try:

@@ -2,7 +2,8 @@
 
 `Status` answers from the `WorkerMonitor`'s snapshot (refreshed every few seconds off the
 request path), so it never waits on a worker. The gateway's API keys and TLS protect it like
-the Tandem service. Draining and the operator's calls will be added here.
+the Tandem service. `Drain` takes a worker out of service through the pool manager, moving its
+running requests to other workers first.
 """
 
 from __future__ import annotations
@@ -24,6 +25,19 @@ class AdminService(apb_grpc.AdminServicer):
     def __init__(self, model: str, monitor: WorkerMonitor, router: Router, keys: ApiKeys) \
             -> None:
         self.model, self.monitor, self.router, self.keys = model, monitor, router, keys
+
+    async def Drain(self, request: apb.DrainRequest, context: grpc.aio.ServicerContext) \
+            -> apb.DrainResponse:
+        await self.keys.check(context)
+        await reject_unparsable(request, context)
+        pools = self.monitor.pools
+        try:
+            worker = pools.get(request.worker_id)
+            moved = await pools.drain(request.worker_id)
+        except (KeyError, ValueError) as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"worker_id: {e.args[0] if e.args else e}")
+        return apb.DrainResponse(worker_id=worker.id, moved_requests=moved)
 
     async def Status(self, request: apb.StatusRequest, context: grpc.aio.ServicerContext) \
             -> apb.StatusResponse:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,11 @@ logger = logging.getLogger(__name__)
 START_TIMEOUT_S = 600.0
 HEALTH_INTERVAL_S = 5.0
 RESTART_BUDGET = 3  # restarts per slot; past it a dead worker stays dead (and is reported)
+DRAIN_TIMEOUT_S = 60.0  # the wait for a draining worker to hold nothing
+
+
+async def _nothing_to_move(worker: PoolWorker) -> int:
+    return 0
 
 
 @dataclass
@@ -38,8 +43,9 @@ class PoolWorker:
     slot: int  # its index in its pool's lists: stable for the life of the cluster
     actor: Any
     info: WorkerInfo | None = None
-    state: str = "starting"  # starting, ready, dead, removed
+    state: str = "starting"  # starting, ready, draining, dead, removed
     restarts: int = 0
+    emptied: bool | None = None  # after a drain: whether it held nothing when it was stopped
 
     @property
     def id(self) -> str:
@@ -60,6 +66,8 @@ class PoolManager:
         self.kv_transports: list[tuple[str, ...]] = []  # per prefill slot
         self.kv_receivers: list[tuple[ReceiverInfo, ...]] = []  # per decode slot
         self.on_change: Callable[[PoolWorker], None] = lambda worker: None
+        # Moves a draining decode worker's requests elsewhere (the router); how many moved.
+        self.evict: Callable[[PoolWorker], Awaitable[int]] = _nothing_to_move
         self.progress: Callable[..., None] = lambda step, done=None, total=None: None
         self._health: asyncio.Task | None = None
         self._lock = asyncio.Lock()  # one change at a time
@@ -165,6 +173,41 @@ class PoolManager:
             worker.state = "removed"
             logger.info("worker %s removed", worker.id)
             self.on_change(worker)
+
+    async def drain(self, worker_id: str, timeout_s: float = DRAIN_TIMEOUT_S) -> int:
+        """Take a worker out of service without losing a stream: it gets no new request, a
+        decode worker's running requests move to other decode workers (re-prefill of their
+        prompt and tokens so far), a prefill worker finishes what it holds; then it is
+        removed. The number of requests moved."""
+        worker = self.get(worker_id)
+        if worker.state != "ready":
+            raise ValueError(f"worker {worker.id} is {worker.state}, not ready")
+        worker.state = "draining"
+        self.on_change(worker)
+        moved = await self.evict(worker) if worker.role != "prefill" else 0
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:  # until it holds nothing (bounded: what is left is freed by remove)
+            try:
+                stats = await asyncio.wait_for(worker.actor.stats.remote(), self.call_timeout_s)
+            except Exception:  # it died meanwhile: nothing left to wait for
+                worker.emptied = False
+                break
+            e = stats.engine
+            if stats.num_open_requests == 0 and e.num_free_blocks == e.num_blocks:
+                worker.emptied = True
+                break
+            if asyncio.get_running_loop().time() > deadline:
+                logger.warning("worker %s still held requests after %.0f s of draining",
+                               worker.id, timeout_s)
+                worker.emptied = False
+                break
+            await asyncio.sleep(0.2)
+        async with self._lock:
+            await self._stop(worker.actor)
+            worker.state = "removed"
+        logger.info("worker %s drained (%d requests moved) and removed", worker.id, moved)
+        self.on_change(worker)
+        return moved
 
     def _check_role(self, role: str) -> None:
         allowed = ("colocated",) if self.config.colocated else ("prefill", "decode")

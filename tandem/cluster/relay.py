@@ -45,6 +45,8 @@ class TokenRelay:
             try:
                 deltas = await self._result(poll)
             except ClusterError as e:
+                if placed.evicted:
+                    raise DecodeLost("its decode worker is draining") from None
                 if placed.aborted:  # the worker forgot it between two polls
                     yield TokenDelta([], "abort")
                     return
@@ -52,6 +54,10 @@ class TokenRelay:
                     raise DecodeLost(str(e)) from None
                 raise
             for delta in deltas:
+                if placed.evicted and delta.finish_reason == "abort":  # moved, not ended
+                    if delta.token_ids:
+                        yield replace(delta, finish_reason=None, text=None)
+                    raise DecodeLost("its decode worker is draining")
                 if delta.logprobs is not None and None in delta.logprobs:
                     delta = await self._with_first_logprobs(delta, placed)
                 if delta.finish_reason is not None:

@@ -40,6 +40,7 @@ class Placement:
     aborted: bool = False
     turn: asyncio.Future | None = None  # its place in the admission queue
     prefill_index: int | None = None
+    evicted: bool = False  # its decode worker is draining: the request moves elsewhere
 
 
 class WorkerLost(WorkerUnavailable):

@@ -25,6 +25,7 @@ from tandem.cluster.admission import AdmissionQueue
 from tandem.cluster.errors import (
     HandoffFailed,
     InvalidRequest,
+    WorkerUnavailable,
     translate,
 )
 from tandem.cluster.kv_index import KVIndex
@@ -55,6 +56,7 @@ class Router(TokenRelay):
     max_resumes: int = 2  # per request: re-placements after its decode worker was lost
     num_resumed: int = 0
     lost_prefill: set[int] = field(default_factory=set)  # prefill workers seen dead
+    draining: set[int] = field(default_factory=set)  # decode slots that take no new request
     queued_prompt_tokens: dict[int, int] = field(default_factory=dict)  # prefill index -> tokens
     active: dict[str, Placement] = field(default_factory=dict)
     _cleanups: set[asyncio.Task] = field(default_factory=set)
@@ -179,11 +181,28 @@ class Router(TokenRelay):
         return None, []
 
     async def _decode_order(self) -> list[int]:
-        """Decode workers by most free KV blocks, then smallest batch; unreachable ones left
-        out (UNAVAILABLE when none answers)."""
-        stats = await asyncio.gather(*(self._call(w.stats.remote())
-                                       for w in self.decode_workers), return_exceptions=True)
+        """Decode workers by most free KV blocks, then smallest batch; unreachable and
+        draining ones left out (UNAVAILABLE when none answers)."""
+        async def ask(slot: int, worker: Any) -> Any:
+            if slot in self.draining:  # counted as not answering: it takes nothing new
+                return WorkerUnavailable(f"decode slot {slot} is draining")
+            return await self._call(worker.stats.remote())
+
+        stats = await asyncio.gather(*(ask(i, w) for i, w in enumerate(self.decode_workers)),
+                                     return_exceptions=True)
         return decode_order(stats)
+
+    async def evict(self, slot: int) -> int:
+        """Drain decode slot `slot`: it gets no new request, and each request it runs moves
+        to another decode worker (re-prefill of its prompt and tokens so far; the client's
+        stream goes on). The number of requests moved."""
+        self.draining.add(slot)
+        actor = self.decode_workers[slot]
+        moving = [p for p in self.active.values() if p.decode is actor and not p.aborted]
+        for placed in moving:
+            placed.evicted = True
+        await asyncio.gather(*(self._abort_on_workers(p) for p in moving))
+        return len(moving)
 
     def _pick_prefill(self, req: RoutedRequest) -> int:
         return pick_prefill(req, len(self.prefill_workers), self.queued_prompt_tokens,

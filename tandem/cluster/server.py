@@ -109,6 +109,7 @@ class TandemServer:
         await self.monitor.refresh()
         self.monitor.start()
         self.pools.on_change = self._pool_changed
+        self.pools.evict = lambda worker: self.router.evict(worker.slot)
         self.pools.start_health_checks()
         pools = [w.stats.engine.num_blocks for w in self.monitor.workers
                  if w.role != "prefill" and w.stats is not None]

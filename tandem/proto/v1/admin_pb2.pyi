@@ -6,6 +6,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class DrainRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("worker_id", "moved_requests")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    MOVED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    moved_requests: int
+    def __init__(self, worker_id: _Optional[str] = ..., moved_requests: _Optional[int] = ...) -> None: ...
+
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

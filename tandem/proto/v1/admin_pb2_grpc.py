@@ -26,8 +26,8 @@ if _version_not_supported:
 
 
 class AdminStub:
-    """Operators' view of a running cluster. The gateway's API keys and mTLS protect it like the
-    Tandem service. Draining and the operator's calls will be added here.
+    """Operators' view of a running cluster, and its pools' changes. The gateway's API keys and
+    mTLS protect it like the Tandem service.
     """
 
     def __init__(self, channel):
@@ -41,15 +41,28 @@ class AdminStub:
                 request_serializer=tandem_dot_v1_dot_admin__pb2.StatusRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_admin__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/tandem.v1.Admin/Drain',
+                request_serializer=tandem_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_admin__pb2.DrainResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
-    """Operators' view of a running cluster. The gateway's API keys and mTLS protect it like the
-    Tandem service. Draining and the operator's calls will be added here.
+    """Operators' view of a running cluster, and its pools' changes. The gateway's API keys and
+    mTLS protect it like the Tandem service.
     """
 
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Take a worker out of service without losing a stream: it gets no new request, its running
+        requests move to other workers, then it is removed. Returns once it is gone.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -62,6 +75,11 @@ def add_AdminServicer_to_server(servicer, server):
                     request_deserializer=tandem_dot_v1_dot_admin__pb2.StatusRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_admin__pb2.StatusResponse.SerializeToString,
             ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=tandem_dot_v1_dot_admin__pb2.DrainRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_admin__pb2.DrainResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tandem.v1.Admin', rpc_method_handlers)
@@ -71,8 +89,8 @@ def add_AdminServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Admin:
-    """Operators' view of a running cluster. The gateway's API keys and mTLS protect it like the
-    Tandem service. Draining and the operator's calls will be added here.
+    """Operators' view of a running cluster, and its pools' changes. The gateway's API keys and
+    mTLS protect it like the Tandem service.
     """
 
     @staticmethod
@@ -92,6 +110,33 @@ class Admin:
             '/tandem.v1.Admin/Status',
             tandem_dot_v1_dot_admin__pb2.StatusRequest.SerializeToString,
             tandem_dot_v1_dot_admin__pb2.StatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.Admin/Drain',
+            tandem_dot_v1_dot_admin__pb2.DrainRequest.SerializeToString,
+            tandem_dot_v1_dot_admin__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,
