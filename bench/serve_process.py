@@ -31,11 +31,13 @@ def log(message: str) -> None:
 class Server:
     """`tandem serve` in its own session; its output is echoed to stderr (and kept, for errors)."""
 
-    def __init__(self, mode: str, args: argparse.Namespace) -> None:
+    def __init__(self, mode: str, args: argparse.Namespace, decode_workers: int = 1,
+                 extra: tuple[str, ...] = ()) -> None:
         self.mode = mode
         self.cmd = [sys.executable, "-m", "tandem.cli", "serve", *MODE_FLAGS[mode],
-                    "--prefill-workers", "1", "--decode-workers", "1", "--grpc-port", "0",
-                    "--http-port", "0", "--dtype", args.dtype, "--threads", str(args.threads)]
+                    "--prefill-workers", "1", "--decode-workers", str(decode_workers),
+                    "--grpc-port", "0", "--http-port", "0", "--dtype", args.dtype,
+                    "--threads", str(args.threads), *extra]
         if args.kv_cache_gb is not None:
             self.cmd += ["--kv-cache-gb", str(args.kv_cache_gb)]
         self.proc: subprocess.Popen[str] | None = None

@@ -96,6 +96,7 @@ class WorkerInfo:
     kv_transports: tuple[str, ...]  # what this worker sends KV with (prefill workers), best first
     node: str = ""  # the node's IP address
     pod: str = ""  # the Kubernetes pod (POD_NAME, from the downward API); "" elsewhere
+    pid: int = 0  # the worker's process id on its node
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,7 @@ class EngineWorker:
         e = self._engine.engine
         return WorkerInfo(self.role, self.model_id, e.fingerprint, e.max_model_len, e.kv_spec,
                           self.kv_receivers, self.kv_transports, node_ip(),
-                          os.environ.get("POD_NAME", ""))
+                          os.environ.get("POD_NAME", ""), os.getpid())
 
     @property
     def _engine(self) -> AsyncEngine:

@@ -65,7 +65,8 @@ def status_of(model: str, monitor: WorkerMonitor, router: Router) -> apb.StatusR
 def _worker(w: WorkerState, now: float) -> apb.WorkerStatus:
     status = apb.WorkerStatus(id=w.id, role=w.role, state=w.state,
                               node=w.info.node if w.info else "",
-                              pod=w.info.pod if w.info else "", kv_cache_usage=w.kv_cache_usage,
+                              pod=w.info.pod if w.info else "", pid=w.info.pid if w.info else 0,
+                              kv_cache_usage=w.kv_cache_usage,
                               age_s=now - w.seen_at if w.seen_at else 0.0)
     s = w.stats
     if s is None or w.member.state != "ready":

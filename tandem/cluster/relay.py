@@ -55,8 +55,8 @@ class TokenRelay:
                 raise
             for delta in deltas:
                 if placed.evicted and delta.finish_reason == "abort":  # moved, not ended
-                    if delta.token_ids:
-                        yield replace(delta, finish_reason=None, text=None)
+                    # Its tokens are not forwarded: the worker has forgotten what it sent, and
+                    # the resumed request generates any unsent ones again, identically.
                     raise DecodeLost("its decode worker is draining")
                 if delta.logprobs is not None and None in delta.logprobs:
                     delta = await self._with_first_logprobs(delta, placed)

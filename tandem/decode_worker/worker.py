@@ -185,6 +185,8 @@ class DecodeWorker(EngineWorker, KVSink):
             return []
         while not stream.empty():
             items.append(stream.get_nowait())
+        if request_id not in self._num_sent:  # aborted while this poll waited: what it sent
+            return [TokenDelta([], "abort")]  # is no longer known, so send nothing more
         deltas = []
         for item in items:
             if isinstance(item, BaseException):

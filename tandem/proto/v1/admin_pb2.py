@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tandem/v1/admin.proto\x12\ttandem.v1\"!\n\x0c\x44rainRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\":\n\rDrainResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x16\n\x0emoved_requests\x18\x02 \x01(\r\"\x0f\n\rStatusRequest\"^\n\nTierStatus\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x0c\n\x04hits\x18\x02 \x01(\x04\x12\x0e\n\x06misses\x18\x03 \x01(\x04\x12\x10\n\x08hit_rate\x18\x04 \x01(\x01\x12\x12\n\nbytes_used\x18\x05 \x01(\x04\"\x9b\x02\n\x0cWorkerStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x0b\n\x03pod\x18\x05 \x01(\t\x12\x16\n\x0ekv_cache_usage\x18\x06 \x01(\x01\x12\x13\n\x0bnum_running\x18\x07 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x08 \x01(\r\x12$\n\x05tiers\x18\t \x03(\x0b\x32\x15.tandem.v1.TierStatus\x12\x14\n\x0chandoff_gbps\x18\n \x01(\x01\x12\x10\n\x08handoffs\x18\x0b \x01(\x04\x12\r\n\x05\x61ge_s\x18\x0c \x01(\x01\x12\x11\n\trss_bytes\x18\r \x01(\x04\x12\x15\n\ropen_requests\x18\x0e \x01(\r\":\n\nPoolStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07workers\x18\x02 \x01(\r\x12\r\n\x05ready\x18\x03 \x01(\r\"\xbd\x01\n\x0eStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x05pools\x18\x02 \x03(\x0b\x32\x15.tandem.v1.PoolStatus\x12(\n\x07workers\x18\x03 \x03(\x0b\x32\x17.tandem.v1.WorkerStatus\x12\x1c\n\x14num_requests_running\x18\x04 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x05 \x01(\r\x12\x10\n\x08uptime_s\x18\x06 \x01(\x01\x32\x82\x01\n\x05\x41\x64min\x12=\n\x06Status\x12\x18.tandem.v1.StatusRequest\x1a\x19.tandem.v1.StatusResponse\x12:\n\x05\x44rain\x12\x17.tandem.v1.DrainRequest\x1a\x18.tandem.v1.DrainResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tandem/v1/admin.proto\x12\ttandem.v1\"!\n\x0c\x44rainRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\":\n\rDrainResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x16\n\x0emoved_requests\x18\x02 \x01(\r\"\x0f\n\rStatusRequest\"^\n\nTierStatus\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x0c\n\x04hits\x18\x02 \x01(\x04\x12\x0e\n\x06misses\x18\x03 \x01(\x04\x12\x10\n\x08hit_rate\x18\x04 \x01(\x01\x12\x12\n\nbytes_used\x18\x05 \x01(\x04\"\xa8\x02\n\x0cWorkerStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x0b\n\x03pod\x18\x05 \x01(\t\x12\x16\n\x0ekv_cache_usage\x18\x06 \x01(\x01\x12\x13\n\x0bnum_running\x18\x07 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x08 \x01(\r\x12$\n\x05tiers\x18\t \x03(\x0b\x32\x15.tandem.v1.TierStatus\x12\x14\n\x0chandoff_gbps\x18\n \x01(\x01\x12\x10\n\x08handoffs\x18\x0b \x01(\x04\x12\r\n\x05\x61ge_s\x18\x0c \x01(\x01\x12\x11\n\trss_bytes\x18\r \x01(\x04\x12\x15\n\ropen_requests\x18\x0e \x01(\r\x12\x0b\n\x03pid\x18\x0f \x01(\r\":\n\nPoolStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07workers\x18\x02 \x01(\r\x12\r\n\x05ready\x18\x03 \x01(\r\"\xbd\x01\n\x0eStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x05pools\x18\x02 \x03(\x0b\x32\x15.tandem.v1.PoolStatus\x12(\n\x07workers\x18\x03 \x03(\x0b\x32\x17.tandem.v1.WorkerStatus\x12\x1c\n\x14num_requests_running\x18\x04 \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x05 \x01(\r\x12\x10\n\x08uptime_s\x18\x06 \x01(\x01\x32\x82\x01\n\x05\x41\x64min\x12=\n\x06Status\x12\x18.tandem.v1.StatusRequest\x1a\x19.tandem.v1.StatusResponse\x12:\n\x05\x44rain\x12\x17.tandem.v1.DrainRequest\x1a\x18.tandem.v1.DrainResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,11 +40,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TIERSTATUS']._serialized_start=148
   _globals['_TIERSTATUS']._serialized_end=242
   _globals['_WORKERSTATUS']._serialized_start=245
-  _globals['_WORKERSTATUS']._serialized_end=528
-  _globals['_POOLSTATUS']._serialized_start=530
-  _globals['_POOLSTATUS']._serialized_end=588
-  _globals['_STATUSRESPONSE']._serialized_start=591
-  _globals['_STATUSRESPONSE']._serialized_end=780
-  _globals['_ADMIN']._serialized_start=783
-  _globals['_ADMIN']._serialized_end=913
+  _globals['_WORKERSTATUS']._serialized_end=541
+  _globals['_POOLSTATUS']._serialized_start=543
+  _globals['_POOLSTATUS']._serialized_end=601
+  _globals['_STATUSRESPONSE']._serialized_start=604
+  _globals['_STATUSRESPONSE']._serialized_end=793
+  _globals['_ADMIN']._serialized_start=796
+  _globals['_ADMIN']._serialized_end=926
 # @@protoc_insertion_point(module_scope)

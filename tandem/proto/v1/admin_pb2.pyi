@@ -39,7 +39,7 @@ class TierStatus(_message.Message):
     def __init__(self, tier: _Optional[str] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., hit_rate: _Optional[float] = ..., bytes_used: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("id", "role", "state", "node", "pod", "kv_cache_usage", "num_running", "num_waiting", "tiers", "handoff_gbps", "handoffs", "age_s", "rss_bytes", "open_requests")
+    __slots__ = ("id", "role", "state", "node", "pod", "kv_cache_usage", "num_running", "num_waiting", "tiers", "handoff_gbps", "handoffs", "age_s", "rss_bytes", "open_requests", "pid")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class WorkerStatus(_message.Message):
     AGE_S_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     OPEN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: str
     state: str
@@ -68,7 +69,8 @@ class WorkerStatus(_message.Message):
     age_s: float
     rss_bytes: int
     open_requests: int
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., node: _Optional[str] = ..., pod: _Optional[str] = ..., kv_cache_usage: _Optional[float] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStatus, _Mapping]]] = ..., handoff_gbps: _Optional[float] = ..., handoffs: _Optional[int] = ..., age_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., open_requests: _Optional[int] = ...) -> None: ...
+    pid: int
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., node: _Optional[str] = ..., pod: _Optional[str] = ..., kv_cache_usage: _Optional[float] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStatus, _Mapping]]] = ..., handoff_gbps: _Optional[float] = ..., handoffs: _Optional[int] = ..., age_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., open_requests: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
     __slots__ = ("role", "workers", "ready")

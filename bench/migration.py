@@ -1,0 +1,127 @@
+"""What a stream sees when its decode worker drains, and when it is lost, at batch 1.
+
+For each KV transport (`--transports`: nixl, grpc), one `tandem serve --prefill-workers 1
+--decode-workers 2 --kv-transport T` (bf16, one torch thread per worker) serves one greedy
+stream at a time of a `--context` (2,048) token prompt (random token ids) and `--tokens` (64)
+output tokens, EOS ignored:
+
+- drain: after `--after` (16) tokens, `Admin.Drain` the decode worker that runs it; the stall is
+  the stream's longest gap between two tokens, against its median gap (target: stall <= 3x the
+  median inter-token time);
+- loss: after `--after` tokens, the decode worker that runs it is killed (SIGKILL); the time to
+  resume is the stream's longest gap.
+
+Today both move the sequence by re-prefill (its prompt and the tokens so far are prefilled again
+on another decode path), not by moving its KV, so the stall is about one prefill of the
+context: this run measures that baseline. Each server is started once per transport and both
+events run on it (drain first; a replacement worker is not waited for). Times are client-side.
+
+    python bench/migration.py [--json] [--transports nixl grpc] [--context 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import itertools
+
+from serve_process import Server, log  # bench/, next to this script
+
+from tandem.client import Client
+
+STALL_TARGET = 3.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--transports", nargs="+", default=["nixl", "grpc"])
+    p.add_argument("--context", type=int, default=2048)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--after", type=int, default=16)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--kv-cache-gb", type=float, default=None)
+    p.add_argument("--json", action="store_true")
+    return p.parse_args(argv)
+
+
+def holder_of(client: Client) -> Any:
+    """The decode worker running the one live request."""
+    status = client.status()
+    return next(w for w in status.workers if w.role == "decode" and w.num_running > 0)
+
+
+def stream_with(address: str, prompt: list[int], tokens: int, after: int, event) -> dict:
+    """Stream one request; call `event(client)` once `after` tokens arrived; the gaps."""
+    stamps: list[float] = []
+    fired = None
+    with Client(address, timeout=600) as client:
+        for chunk in client.stream(prompt, max_tokens=tokens, temperature=0, ignore_eos=True):
+            now = time.perf_counter()
+            stamps.extend([now] * len(chunk.token_ids))
+            if len(stamps) >= after and fired is None:
+                fired = threading.Thread(target=event, args=(client,))
+                fired.start()
+            if chunk.finish_reason:
+                break
+    if fired is not None:
+        fired.join(600)
+    gaps = [b - a for a, b in itertools.pairwise(stamps) if b > a]
+    return {"tokens": len(stamps), "stall_s": max(gaps), "median_gap_s": statistics.median(gaps)}
+
+
+def run_transport(transport: str, args: argparse.Namespace) -> dict[str, Any]:
+    server = Server("disagg", args, decode_workers=2, extra=("--kv-transport", transport))
+    server.start()
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1000, 40000) for _ in range(args.context)] for _ in range(3)]
+    try:
+        with Client(server.address, timeout=600) as c:  # warm-up: one unmeasured stream
+            c.generate(prompts[0], max_tokens=4, temperature=0, ignore_eos=True)
+
+        def drain(client: Client) -> None:
+            client.drain(holder_of(client).id)
+
+        def kill(client: Client) -> None:
+            os.kill(holder_of(client).pid, signal.SIGKILL)  # Status names its process
+
+        drained = stream_with(server.address, prompts[1], args.tokens, args.after, drain)
+        log(f"{transport} drain: {drained}")
+        lost = stream_with(server.address, prompts[2], args.tokens, args.after, kill)
+        log(f"{transport} loss: {lost}")
+    finally:
+        server.stop()
+    return {"drain": drained, "loss": lost,
+            "drain_stall_ratio": drained["stall_s"] / drained["median_gap_s"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    report = {t: run_transport(t, args) for t in args.transports}
+    print(f"{'transport':10}{'median ITL':>12}{'drain stall':>13}{'ratio':>8}"
+          f"{'resume after loss':>19}")
+    for t, r in report.items():
+        d, lost = r["drain"], r["loss"]
+        print(f"{t:10}{d['median_gap_s'] * 1000:10.1f}ms{d['stall_s'] * 1000:11.0f}ms"
+              f"{r['drain_stall_ratio']:8.1f}{lost['stall_s'] * 1000:17.0f}ms")
+    worst = max(r["drain_stall_ratio"] for r in report.values())
+    print(f"target: migration stall <= {STALL_TARGET:.0f}x the median inter-token time: "
+          f"{'met' if worst <= STALL_TARGET else 'MISS'} (worst {worst:.1f}x; the sequence "
+          "moves by re-prefill today)")
+    if args.json:
+        print(json.dumps({"transports": report, "settings": vars(args)}))
+
+
+if __name__ == "__main__":
+    main()
