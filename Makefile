@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 SERVE_FLAGS ?=
 
-.PHONY: run test lint bench bench-gpu bench-tls bench-api bench-soak bench-serve bench-transfer bench-store bench-codec bench-blend proto install clean
+.PHONY: run test lint bench bench-gpu bench-tls bench-api bench-soak bench-migration bench-serve bench-transfer bench-store bench-codec bench-blend proto install clean
 
 # Local Ray, one prefill + one decode worker, the shipped model, gateway on 127.0.0.1:50051.
 run: install
@@ -34,6 +34,9 @@ bench-api: install
 
 bench-soak: install
 	$(BIN)/python bench/soak.py
+
+bench-migration: install
+	$(BIN)/python bench/migration.py
 
 bench-serve: install
 	$(BIN)/python bench/serve.py

@@ -1,8 +1,8 @@
 """What a stream sees when its decode worker drains, and when it is lost, at batch 1.
 
 For each KV transport (`--transports`: nixl, grpc), one `tandem serve --prefill-workers 1
---decode-workers 2 --kv-transport T` (bf16, one torch thread per worker) serves one greedy
-stream at a time of a `--context` (2,048) token prompt (random token ids) and `--tokens` (64)
+--decode-workers 3 --kv-transport T` (bf16, one torch thread per worker) serves one greedy
+stream at a time of a `--context` (2,048) token prompt (random token ids) and `--tokens` (256)
 output tokens, EOS ignored:
 
 - drain: after `--after` (16) tokens, `Admin.Drain` the decode worker that runs it; the stall is
@@ -12,9 +12,10 @@ output tokens, EOS ignored:
   resume is the stream's longest gap.
 
 Today both move the sequence by re-prefill (its prompt and the tokens so far are prefilled again
-on another decode path), not by moving its KV, so the stall is about one prefill of the
-context: this run measures that baseline. Each server is started once per transport and both
-events run on it (drain first; a replacement worker is not waited for). Times are client-side.
+for another decode worker, the prompt's chunks coming back from the KV store), not by moving its
+KV: this run measures that baseline. Each server is started once per transport and both events
+run on it (drain first, then the loss, each leaving a decode worker to move to). Times are
+client-side; a run whose drain or kill did not happen fails rather than report.
 
     python bench/migration.py [--json] [--transports nixl grpc] [--context 2048]
 """
@@ -47,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--transports", nargs="+", default=["nixl", "grpc"])
     p.add_argument("--context", type=int, default=2048)
-    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--after", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--threads", type=int, default=1)
@@ -56,33 +57,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def holder_of(client: Client) -> Any:
-    """The decode worker running the one live request."""
-    status = client.status()
-    return next(w for w in status.workers if w.role == "decode" and w.num_running > 0)
+def holder_of(client: Client, wait_s: float = 10.0) -> Any:
+    """The decode worker running the one live request (Status refreshes every 2 s)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        status = client.status()
+        running = [w for w in status.workers if w.role == "decode" and w.num_running > 0]
+        if running:
+            return running[0]
+        time.sleep(0.2)
+    raise RuntimeError("no decode worker reported the request as running")
 
 
 def stream_with(address: str, prompt: list[int], tokens: int, after: int, event) -> dict:
-    """Stream one request; call `event(client)` once `after` tokens arrived; the gaps."""
+    """Stream one request; call `event(client)` once `after` tokens arrived; the gaps, and
+    what the event returned (it must have happened, or the figures mean nothing)."""
     stamps: list[float] = []
     fired = None
+    outcome: dict[str, Any] = {}
+
+    def run_event(client: Client) -> None:
+        try:
+            outcome["result"] = event(client)
+        except Exception as e:  # reported: a run without its event is not a measurement
+            outcome["error"] = repr(e)
+
     with Client(address, timeout=600) as client:
         for chunk in client.stream(prompt, max_tokens=tokens, temperature=0, ignore_eos=True):
             now = time.perf_counter()
             stamps.extend([now] * len(chunk.token_ids))
             if len(stamps) >= after and fired is None:
-                fired = threading.Thread(target=event, args=(client,))
+                fired = threading.Thread(target=run_event, args=(client,))
                 fired.start()
             if chunk.finish_reason:
                 break
     if fired is not None:
         fired.join(600)
+    if "error" in outcome or fired is None:
+        raise RuntimeError(f"the event did not happen: {outcome.get('error', 'too short')}")
     gaps = [b - a for a, b in itertools.pairwise(stamps) if b > a]
-    return {"tokens": len(stamps), "stall_s": max(gaps), "median_gap_s": statistics.median(gaps)}
+    return {"tokens": len(stamps), "stall_s": max(gaps), "median_gap_s": statistics.median(gaps),
+            "event": outcome.get("result")}
 
 
 def run_transport(transport: str, args: argparse.Namespace) -> dict[str, Any]:
-    server = Server("disagg", args, decode_workers=2, extra=("--kv-transport", transport))
+    server = Server("disagg", args, decode_workers=3, extra=("--kv-transport", transport))
     server.start()
     rng = random.Random(0)
     prompts = [[rng.randrange(1000, 40000) for _ in range(args.context)] for _ in range(3)]
@@ -90,11 +109,16 @@ def run_transport(transport: str, args: argparse.Namespace) -> dict[str, Any]:
         with Client(server.address, timeout=600) as c:  # warm-up: one unmeasured stream
             c.generate(prompts[0], max_tokens=4, temperature=0, ignore_eos=True)
 
-        def drain(client: Client) -> None:
-            client.drain(holder_of(client).id)
+        def drain(client: Client) -> str:
+            reply = client.drain(holder_of(client).id)
+            if reply.moved_requests != 1:
+                raise RuntimeError(f"the drain moved {reply.moved_requests} requests, not 1")
+            return f"drained {reply.worker_id}"
 
-        def kill(client: Client) -> None:
-            os.kill(holder_of(client).pid, signal.SIGKILL)  # Status names its process
+        def kill(client: Client) -> str:
+            worker = holder_of(client)
+            os.kill(worker.pid, signal.SIGKILL)  # Status names its process
+            return f"killed {worker.id} (pid {worker.pid})"
 
         drained = stream_with(server.address, prompts[1], args.tokens, args.after, drain)
         log(f"{transport} drain: {drained}")
