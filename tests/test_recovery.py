@@ -207,12 +207,12 @@ def test_an_added_decode_worker_serves_and_a_removed_one_is_skipped(cluster, llm
     assert pools.get(added.id).state == "removed"
 
 
-def test_draining_a_decode_worker_moves_its_stream_without_a_gap(cluster, llm):
+def test_draining_a_decode_worker_moves_its_stream_and_kv_without_a_gap(cluster, llm):
     n = 100
     want = llm.generate([PROMPT], SamplingParams(max_tokens=n, temperature=0,
                                                  ignore_eos=True))[0].token_ids
     router, pools = cluster.server.router, cluster.server.pools
-    resumed_before = router.num_resumed
+    resumed_before, migrated_before = router.num_resumed, router.num_migrated
     got: list[int] = []
     drained: dict = {}
     with Client(cluster.address, timeout=300) as client:
@@ -230,7 +230,8 @@ def test_draining_a_decode_worker_moves_its_stream_without_a_gap(cluster, llm):
     thread.join(120)
     assert got == want  # no token lost or repeated
     assert drained["reply"].moved_requests == 1
-    assert router.num_resumed == resumed_before + 1
+    assert router.num_migrated == migrated_before + 1  # its KV moved: no re-prefill
+    assert router.num_resumed == resumed_before
     assert drained["worker"].state == "removed" and drained["worker"].emptied
 
 

@@ -67,6 +67,7 @@ class Frontend:
         self.kv_capacity_tokens: int | None = None
         metrics.num_waiting = lambda: router.num_queued
         metrics.num_resumed = lambda: router.num_resumed
+        metrics.num_migrated = lambda: router.num_migrated
 
     # -- admission -----------------------------------------------------------------------------
 

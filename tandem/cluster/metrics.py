@@ -122,6 +122,11 @@ class _WorkerCollector(Collector):
                                       "worker was lost.", labels=["model_name"])
         resumed.add_metric([model], m.num_resumed())
         yield resumed
+        migrated = CounterMetricFamily(PREFIX + "request_migrated",
+                                       "Requests moved to another decode worker with their KV "
+                                       "(drains, rebalancing).", labels=["model_name"])
+        migrated.add_metric([model], m.num_migrated())
+        yield migrated
 
 
 class ClusterMetrics:
@@ -133,6 +138,7 @@ class ClusterMetrics:
         self.workers = WorkerFigures()
         self.num_waiting = lambda: 0  # the router's queue, set by the gateway
         self.num_resumed = lambda: 0  # the router's resumes, set by the gateway
+        self.num_migrated = lambda: 0  # the router's live migrations, set by the gateway
         r, labels = self.registry, ["model_name"]
 
         def histogram(name: str, text: str, buckets: tuple[float, ...],

@@ -17,7 +17,8 @@ from typing import Any
 from ray.exceptions import RayActorError
 
 from tandem.cluster.errors import ClusterError, WorkerUnavailable, message_of, translate
-from tandem.cluster.routed import DecodeLost, Placement, PrefillLost, RoutedRequest
+from tandem.cluster.routed import DecodeLost, Placement, PrefillLost, RequestMoving, RoutedRequest
+from tandem.decode_worker.migration import MIGRATED
 from tandem.decode_worker.worker import TokenDelta
 from tandem.prefill_worker.worker import PrefillResult
 from tandem.transfer.errors import TransferUnavailable
@@ -54,6 +55,8 @@ class TokenRelay:
                     raise DecodeLost(str(e)) from None
                 raise
             for delta in deltas:
+                if delta.finish_reason == MIGRATED:  # every token it made here came before
+                    raise RequestMoving("its decode worker suspended it to move it")
                 if placed.evicted and delta.finish_reason == "abort":  # moved, not ended
                     # Its tokens are not forwarded: the worker has forgotten what it sent, and
                     # the resumed request generates any unsent ones again, identically.

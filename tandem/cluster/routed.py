@@ -41,6 +41,14 @@ class Placement:
     turn: asyncio.Future | None = None  # its place in the admission queue
     prefill_index: int | None = None
     evicted: bool = False  # its decode worker is draining: the request moves elsewhere
+    decode_slot: int | None = None
+    block_ids: list[int] = field(default_factory=list)  # reserved on the decode worker
+    # The request as the client sent it, and the tokens streamed so far (a move reads them).
+    origin: RoutedRequest | None = None
+    generated: list[int] | None = None
+    moving: asyncio.Future | None = None  # its move to another decode worker (a `Move`)
+    move_target: Any = None  # where it moves, once the pre-copy reserved blocks there
+    moving_since: float = 0.0  # when it was suspended
 
 
 class WorkerLost(WorkerUnavailable):
@@ -49,6 +57,10 @@ class WorkerLost(WorkerUnavailable):
 
 class DecodeLost(WorkerLost):
     """The decode worker (or the KV receiver on it) is gone."""
+
+
+class RequestMoving(WorkerLost):
+    """Its decode worker suspended it so that it moves, KV and all, to another one."""
 
 
 class PrefillLost(WorkerLost):

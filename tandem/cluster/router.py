@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -29,8 +30,9 @@ from tandem.cluster.errors import (
     translate,
 )
 from tandem.cluster.kv_index import KVIndex
+from tandem.cluster.migration import Migrator
 from tandem.cluster.relay import TokenRelay
-from tandem.cluster.routed import Placement, PrefillLost, RoutedRequest, WorkerLost
+from tandem.cluster.routed import Placement, PrefillLost, RequestMoving, RoutedRequest, WorkerLost
 from tandem.cluster.routing_policy import decode_order, pick_prefill
 from tandem.decode_worker.worker import TokenDelta
 from tandem.engine.errors import OutOfBlocksError
@@ -44,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class Router(TokenRelay):
+class Router(Migrator, TokenRelay):
     prefill_workers: list[Any]
     decode_workers: list[Any]  # colocated workers in colocated mode
     kv_receivers: list[tuple[ReceiverInfo, ...]]  # how to reach each decode worker
@@ -54,7 +56,11 @@ class Router(TokenRelay):
     call_timeout_s: float
     kv_index: KVIndex | None = None
     max_resumes: int = 2  # per request: re-placements after its decode worker was lost
+    handoff_timeout_s: float = 30.0  # a live migration's KV transfer
     num_resumed: int = 0
+    block_size: int = 16  # the decode workers' KV blocks, in tokens
+    migrations: Counter[str] = field(default_factory=Counter)  # transport -> requests moved
+    migration_stalls: list[float] = field(default_factory=list)
     lost_prefill: set[int] = field(default_factory=set)  # prefill workers seen dead
     draining: set[int] = field(default_factory=set)  # decode slots that take no new request
     queued_prompt_tokens: dict[int, int] = field(default_factory=dict)  # prefill index -> tokens
@@ -74,13 +80,11 @@ class Router(TokenRelay):
         if req.request_id in self.active:
             raise InvalidRequest(f"request_id: {req.request_id!r} is already running")
         placed = self.active[req.request_id] = Placement(worker_id=req.worker_id)
-        finished, generated, current = False, [], req
+        finished, generated, current, resumes = False, [], req, 0
         try:
             await self._place(req, placed)
-            if placed.aborted:  # while it waited for blocks; `finally` frees them if it has any
-                yield TokenDelta([], "abort")
-                return
-            for attempt in range(self.max_resumes + 1):
+            while not placed.aborted:  # aborted while it waited for blocks, or while it moved
+                placed.origin, placed.generated = req, generated  # what a move reads
                 try:
                     async for delta in self._relay(current, placed):
                         finished = delta.finish_reason is not None
@@ -89,19 +93,22 @@ class Router(TokenRelay):
                             delta = replace(delta, text=None)
                         yield delta
                     return
+                except RequestMoving:  # moves are not failures: they do not use up resumes
+                    current, placed = await self.migrate(req, generated, placed)
                 except WorkerLost as e:
-                    if placed.aborted or attempt == self.max_resumes:
+                    if placed.aborted or resumes == self.max_resumes:
                         raise
+                    resumes += 1
                     if isinstance(e, PrefillLost) and e.index is not None:
                         self.lost_prefill.add(e.index)
                     current, placed = await self.resume(req, generated, placed, e)
-                    if placed.aborted:
-                        yield TokenDelta([], "abort")
-                        return
+            yield TokenDelta([], "abort")  # `finally` frees its blocks if it has any
         finally:
             self.active.pop(req.request_id, None)
             if placed.decode is not None and not finished:
                 self._clean_up_later(placed)
+            if placed.move_target is not None:  # a move it did not live to make
+                self._clean_up_later(placed.move_target.placed)
             self.admission.capacity_changed()  # its blocks are (being) freed
 
     async def resume(self, req: RoutedRequest, generated: list[int], lost: Placement,
@@ -143,7 +150,7 @@ class Router(TokenRelay):
         finally:
             req.queue_s = time.perf_counter() - started
         if decode is not None:
-            placed.decode = self.decode_workers[decode]
+            placed.decode, placed.decode_slot = self.decode_workers[decode], decode
         if not self.colocated and not placed.aborted:
             index = placed.prefill_index = self._pick_prefill(req)
             try:
@@ -194,15 +201,21 @@ class Router(TokenRelay):
 
     async def evict(self, slot: int) -> int:
         """Drain decode slot `slot`: it gets no new request, and each request it runs moves
-        to another decode worker (re-prefill of its prompt and tokens so far; the client's
-        stream goes on). The number of requests moved."""
+        to another decode worker, with its KV (`migrate`; by re-prefill of its prompt and
+        tokens so far when that cannot be done). The client's stream goes on. The number of
+        requests moved."""
         self.draining.add(slot)
         actor = self.decode_workers[slot]
-        moving = [p for p in self.active.values() if p.decode is actor and not p.aborted]
+        moving = [p for p in self.active.values()
+                  if p.decode is actor and not p.aborted and p.moving is None]
         for placed in moving:
-            placed.evicted = True
-        await asyncio.gather(*(self._abort_on_workers(p) for p in moving))
+            self.start_move(placed)
+        await asyncio.gather(*(p.moving for p in moving), return_exceptions=True)
         return len(moving)
+
+    @property
+    def num_migrated(self) -> int:
+        return sum(self.migrations.values())
 
     def _pick_prefill(self, req: RoutedRequest) -> int:
         return pick_prefill(req, len(self.prefill_workers), self.queued_prompt_tokens,

@@ -90,7 +90,9 @@ class TandemServer:
                 logger.warning("%s", note)
         self.router = Router(self.prefill_workers, self.decode_workers, kv_receivers,
                              kv_transports, c.colocated,
-                             c.gateway.max_queued_requests, c.gateway.worker_call_timeout_s)
+                             c.gateway.max_queued_requests, c.gateway.worker_call_timeout_s,
+                             handoff_timeout_s=c.worker.handoff_timeout_s,
+                             block_size=infos[0].kv_spec.block_size)
         store = c.worker.kv_store
         if store.enabled and not c.colocated:
             self.router.kv_index = KVIndex(

@@ -5,6 +5,8 @@ A request's lifecycle here, as queues:
     those blocks, piece by piece, and the transport checks each piece) -> running (adopted
     into the batch with the prefill worker's first token once every piece checked out) ->
     finished (blocks freed).
+A running request can also move to another decode worker, KV and all (`migration.py`):
+    running -> suspended (out of the batch, blocks held) -> sent -> freed here.
 A reserved request that is aborted keeps its blocks until no sender can still write into them
 (`KVTransport.settled`).
 The gateway long-polls `poll` for token deltas; the first delta carries the first token, so the
@@ -19,6 +21,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 
+from tandem.decode_worker.migration import MIGRATED, MigrationSource
 from tandem.engine.errors import EngineError
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampler import TokenLogprobs
@@ -35,6 +38,8 @@ logger = logging.getLogger(__name__)
 class Reservation:
     block_ids: list[int]
     num_tokens: int  # the prompt's: the KV must cover exactly these
+    migrating: bool = False  # a request moving here from another decode worker
+    in_place: int = 0  # leading blocks whose KV a migration's pre-copy already wrote
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,7 @@ class TokenDelta:
     logprobs: list[TokenLogprobs | None] | None = None
 
 
-class DecodeWorker(EngineWorker, KVSink):
+class DecodeWorker(MigrationSource, EngineWorker, KVSink):
     role = "decode"
 
     def __init__(self, config: WorkerConfig, model_id: str, receives_kv: bool = True) -> None:
@@ -74,6 +79,7 @@ class DecodeWorker(EngineWorker, KVSink):
             receiver = await transport.start_receiver(host, identity, e.cache, self)
             # Senders introduce themselves through this handle (Ray), never over the transport.
             self.kv_receivers = (*self.kv_receivers, replace(receiver, control=own_actor()))
+        self._init_migration()  # its transports also send, to move requests to peers
         self._sweeper = asyncio.get_running_loop().create_task(self._expire_leases())
         return self.info()
 
@@ -111,15 +117,35 @@ class DecodeWorker(EngineWorker, KVSink):
                                  f"{', '.join(t.name for t in self.transports) or 'none'})")
 
     async def reserve(self, request_id: str, prompt_token_ids: list[int],
-                      params: SamplingParams) -> list[int]:
+                      params: SamplingParams, num_sent: int = 0) -> list[int]:
         """Hold blocks for a prompt and return their ids, in order; raises OutOfBlocksError
-        when too few are free."""
+        when too few are free. `num_sent`: output tokens the client has already (1 for a
+        request migrated here: the last token sampled before it moved)."""
         self.calls["reserve"] += 1
         blocks = await self._open(
             request_id, lambda e: e.reserve(request_id, prompt_token_ids, params))
         for transport in self.transports:
             transport.reserved(request_id)
-        self._reserved[request_id] = Reservation(blocks, len(prompt_token_ids))
+        self._reserved[request_id] = Reservation(blocks, len(prompt_token_ids),
+                                                 migrating=num_sent > 0)
+        self._num_sent[request_id] = num_sent
+        return blocks
+
+    async def extend(self, request_id: str, token_ids: list[int],
+                     params: SamplingParams) -> list[int]:
+        """A migrating request's second stage: its reservation grows to `token_ids` more
+        tokens (those after its pre-copied blocks), with the params it continues under; the
+        blocks, in order (raises OutOfBlocksError when too few are free)."""
+        reservation = self._reserved.get(request_id)
+        if reservation is None or not reservation.migrating:
+            raise EngineError(f"request {request_id!r} is not migrating to this worker")
+        blocks = await self._engine.call(
+            lambda e: e.extend_reserved(request_id, token_ids, params))
+        for transport in self.transports:  # the pre-copy's transfer is over; a new one comes
+            transport.reserved(request_id)
+        self._reserved[request_id] = replace(
+            reservation, block_ids=blocks, num_tokens=reservation.num_tokens + len(token_ids))
+        self._leases[request_id] = time.monotonic() + self.config.lease_s
         return blocks
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
@@ -146,6 +172,10 @@ class DecodeWorker(EngineWorker, KVSink):
     def expecting(self) -> bool:
         return bool(self._reserved)
 
+    def kv_in_place(self, request_id: str) -> int:
+        reservation = self._reserved.get(request_id)
+        return reservation.in_place if reservation else 0
+
     async def complete(self, handoff: Handoff, num_tokens: int) -> None:
         """Every piece of the KV is in the reserved blocks and checked: start decoding."""
         request_id = handoff.request_id
@@ -155,6 +185,14 @@ class DecodeWorker(EngineWorker, KVSink):
         if num_tokens != reservation.num_tokens:
             raise TransferRejected(f"request {request_id}: KV of {num_tokens} tokens for a "
                                    f"prompt of {reservation.num_tokens}")
+        if not handoff.output_token_ids:  # a migration's pre-copy: its first blocks' KV
+            block_size = self._engine.engine.kv_spec.block_size
+            if not reservation.migrating or num_tokens % block_size:
+                raise TransferRejected(f"request {request_id}: KV without tokens is only "
+                                       "taken as a migrating request's full blocks")
+            self._reserved[request_id] = replace(reservation,
+                                                 in_place=num_tokens // block_size)
+            return
         del self._reserved[request_id]
         try:
             await self._engine.call(lambda e: e.adopt(request_id, None, handoff.output_token_ids),
@@ -166,6 +204,7 @@ class DecodeWorker(EngineWorker, KVSink):
         """Stop a request and free its blocks. `transports` name those a prefill worker was
         told to send its KV with, if any: while they may still write into the blocks, those
         stay held (up to `handoff_timeout_s`)."""
+        await self._stop_sending(request_id)  # a migration reading its blocks
         if self._reserved.pop(request_id, None) is not None and any(transports):
             await asyncio.gather(*(t.settled(request_id, self.config.handoff_timeout_s)
                                    for t in self.transports if t.name in transports))
@@ -192,6 +231,9 @@ class DecodeWorker(EngineWorker, KVSink):
             if isinstance(item, BaseException):
                 self.forget(request_id)
                 raise item
+            if item is MIGRATED:  # suspended to move: no more tokens from here
+                deltas.append(TokenDelta([], MIGRATED))
+                break
             deltas.append(self._delta(item))
             if item.finished:
                 self.forget(request_id)
@@ -213,6 +255,7 @@ class DecodeWorker(EngineWorker, KVSink):
 
     def forget(self, request_id: str) -> None:
         super().forget(request_id)
+        self._precopied.pop(request_id, None)
         self._num_sent.pop(request_id, None)
         self._leases.pop(request_id, None)
 

@@ -19,6 +19,7 @@ from tandem.engine.blend import BlendResult
 from tandem.engine.block_manager import BlockManager
 from tandem.engine.config import EngineConfig
 from tandem.engine.errors import EngineError, OutOfBlocksError
+from tandem.engine.handoff import PhaseHandoff
 from tandem.engine.host_memory import keep_freed_memory
 from tandem.engine.kv_cache import DTYPES, KVBlocks, KVCache, KVSpec
 from tandem.engine.loader import LoadedModel, load_model
@@ -34,7 +35,7 @@ from tandem.engine.sizing import max_model_len, num_kv_blocks
 logger = logging.getLogger(__name__)
 
 
-class LLMEngine:
+class LLMEngine(PhaseHandoff):
     """One model with its own KV block pool; `loaded` lets engines in a process share weights."""
 
     def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
@@ -104,63 +105,6 @@ class LLMEngine:
                 seq.num_recomputed_tokens = blended.recomputed_tokens
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
-
-    def import_request(
-        self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
-        params: SamplingParams, kv: KVBlocks,
-    ) -> None:
-        """Continue decoding a request prefilled elsewhere: `kv` covers its prompt."""
-        self.reserve(request_id, prompt_token_ids, params)
-        try:
-            self.adopt(request_id, kv, output_token_ids)
-        except (ValueError, EngineError):
-            self.release(request_id)
-            raise
-
-    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) \
-            -> list[int]:
-        """Hold KV blocks for a prompt whose KV will arrive from elsewhere; returns block ids."""
-        seq = self._new_sequence(request_id, list(prompt_token_ids), params)
-        if not self.blocks.grow(seq, seq.num_tokens):
-            raise OutOfBlocksError(
-                f"request {request_id}: {self.kv_spec.num_blocks_for(seq.num_tokens)} KV blocks "
-                f"needed, {self.blocks.num_free_blocks} free")
-        seq.status = SequenceStatus.RESERVED
-        self.seqs[request_id] = seq
-        return list(seq.block_table)
-
-    def adopt(self, request_id: str, kv: KVBlocks | None, output_token_ids: list[int]) \
-            -> RequestOutput:
-        """Write a reserved request's prompt KV into its blocks (`kv=None`: a transport already
-        wrote it there) and join the running batch; returns its state (finished already if the
-        handed-over tokens end it)."""
-        seq = self._get(request_id)
-        if seq.status != SequenceStatus.RESERVED:
-            raise EngineError(f"request {request_id} is {seq.status.name}, not reserved")
-        if not output_token_ids or len(output_token_ids) > seq.params.max_tokens:
-            raise ValueError(f"output_token_ids: need 1 to {seq.params.max_tokens} tokens, "
-                             f"got {len(output_token_ids)}")
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in output_token_ids):
-            raise ValueError(f"output_token_ids: a token is outside the vocabulary [0, {vocab})")
-        if kv is not None:
-            if kv.spec != self.kv_spec:
-                raise ValueError(f"KV spec mismatch: got {kv.spec}, this engine uses "
-                                 f"{self.kv_spec}")
-            if kv.num_tokens != seq.num_tokens:
-                raise ValueError(f"kv covers {kv.num_tokens} tokens, the prompt has "
-                                 f"{seq.num_tokens}")
-            self.cache.load(seq.block_table, kv)
-        seq.num_computed_tokens = seq.num_tokens
-        self.blocks.register_full_blocks(seq)
-        seq.token_ids.extend(output_token_ids)
-        seq.status = SequenceStatus.WAITING
-        self.outputs.check_stop(seq, len(output_token_ids))
-        if seq.finish_reason is not None:
-            self._retire(seq)
-        else:
-            self.scheduler.add(seq)
-        return self.outputs.output(seq)
 
     def _new_sequence(self, request_id: str, prompt: list[int], params: SamplingParams) \
             -> Sequence:
@@ -258,25 +202,7 @@ class LLMEngine:
         self.blocks.free_blocks(seq)
         del self.seqs[seq.request_id]
 
-    # -- phase handoff and control -------------------------------------------------------------
-
-    def export_kv(self, request_id: str) -> KVBlocks:
-        """The prompt KV of a prefilled prefill-only request (a copy; blocks stay held)."""
-        seq = self._get(request_id)
-        if seq.status != SequenceStatus.PREFILLED:
-            raise EngineError(f"request {request_id} is {seq.status.name}, not prefilled")
-        return self.cache.export(seq.block_table, seq.num_computed_tokens)
-
-    def block_table(self, request_id: str) -> list[int]:
-        """The KV blocks a request holds, in order (a copy)."""
-        return list(self._get(request_id).block_table)
-
-    def release(self, request_id: str) -> None:
-        """Free a prefilled request's blocks once its KV has been handed off."""
-        seq = self._get(request_id)
-        self.scheduler.remove(seq)
-        self.blocks.free_blocks(seq)
-        del self.seqs[request_id]
+    # -- control -------------------------------------------------------------------------------
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is and free its blocks; None if it is unknown."""

@@ -38,7 +38,7 @@ from tandem.prefill_worker.streamer import LayerStreamer
 from tandem.transfer import TransportNotUsable, available_transports, make_transport
 from tandem.transfer.base import Handoff, KVTarget, KVTransport, ReceiverInfo, SendSession
 from tandem.transfer.coded_piece import AdaptiveCoding
-from tandem.transfer.errors import TransferRejected, TransferUnavailable
+from tandem.transfer.introductions import Introductions
 from tandem.worker_base import EngineWorker, WorkerConfig, WorkerInfo
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class PrefillWorker(EngineWorker):
         self._sessions: dict[str, SendSession] = {}
         self._computed_at: dict[str, float] = {}  # request -> when its first token was sampled
         self._cleanups: set[asyncio.Task] = set()
-        self._introduced: dict[tuple[str, str], asyncio.Future] = {}  # (transport, receiver)
+        self.introductions: Introductions | None = None
         self.coding: Codec | AdaptiveCoding | None = None  # how gRPC handoffs code the KV
         self.reuse: KVReuse | None = None  # the prefixes and chunks taken from the store
 
@@ -82,6 +82,7 @@ class PrefillWorker(EngineWorker):
         self.coding = wire_coding(self.config, e.fingerprint, e.kv_spec)  # ValueError: no profile
         self.transports = {name: make_transport(name, self.coding, self.config.tls,
                                                 self.config.host) for name in names}
+        self.introductions = Introductions(self.transports, self.config.handoff_timeout_s)
         self.kv_transports = names
         self.store = await asyncio.to_thread(open_store, self.config.kv_store, e.fingerprint,
                                              e.kv_spec, f"prefill-{self.index}")
@@ -127,7 +128,7 @@ class PrefillWorker(EngineWorker):
             loaded = cached.num_tokens if cached is not None else 0
             blended = await reuse.blend(request_id, segments, cached, params.cache_salt) \
                 if blending else None
-            await self._introduce(receiver)  # once per decode worker
+            await self.introductions.ensure(receiver)  # once per decode worker
             computing = time.perf_counter()
             if not engine.has_stream(request_id):
                 raise RequestAborted(f"request {request_id} was aborted during its KV lookup")
@@ -185,30 +186,6 @@ class PrefillWorker(EngineWorker):
     async def kv_index_changes(self, since: int) -> IndexDelta | None:
         """Which prefix chunks this worker's local tiers gained or lost since version `since`."""
         return None if self.store is None else self.store.index.changes_since(since)
-
-    async def _introduce(self, receiver: ReceiverInfo) -> None:
-        """Hand this worker's introduction (NIXL: its agent metadata) to the decode worker
-        through Ray, once per receiver, before the first piece: receivers take it from nowhere
-        else, and ignore senders they were not introduced to."""
-        key = (receiver.transport, receiver.address)
-        if key not in self._introduced:
-            introduction = self.transports[receiver.transport].introduction()
-            if not introduction:  # this transport needs none (gRPC)
-                return
-            if receiver.control is None:
-                raise TransferRejected(f"the decode worker at {receiver.address} offers "
-                                       f"{receiver.transport} without a Ray handle to introduce "
-                                       "this worker through")
-            self._introduced[key] = asyncio.ensure_future(asyncio.wait_for(
-                receiver.control.admit_kv_sender.remote(receiver.transport, introduction),
-                self.config.handoff_timeout_s))
-            self._introduced[key].add_done_callback(lambda f: f.cancelled() or f.exception())
-        try:
-            await asyncio.shield(self._introduced[key])
-        except Exception as e:
-            self._introduced.pop(key, None)  # the next request tries again
-            raise TransferUnavailable(f"could not introduce this worker to the decode worker "
-                                      f"at {receiver.address} through Ray: {e}") from None
 
     async def _give_up(self, request_id: str, session: SendSession) -> None:
         try:

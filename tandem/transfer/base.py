@@ -78,6 +78,11 @@ class KVSink(ABC):
         """Whether KV may arrive soon (blocks are reserved): receivers then poll eagerly."""
         return False
 
+    def kv_in_place(self, request_id: str) -> int:
+        """Leading blocks of `request_id` whose KV an earlier, checked transfer already wrote
+        (a migration's pre-copy): this transfer carries the rest. The default: none."""
+        return 0
+
     def piece_arrived(self, request_id: str, layers: range) -> None:
         """A piece landed and checked out (for timing; the default ignores it)."""
         return None

@@ -125,6 +125,11 @@ class GrpcReceiver:
         if self._blocks(request_id, reception) is None:
             raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                            f"request {request_id}: no KV blocks are reserved for it here")
+        try:
+            reception.mark_present(self.sink.kv_in_place(request_id))
+        except ValueError as e:
+            raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"request {request_id}: {e}") from None
         piece, buf, filled, codec = None, bytearray(), 0, None
         async for wire in stream:
             try:

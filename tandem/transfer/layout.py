@@ -142,6 +142,15 @@ class Reception:
         self.pieces: list[Piece] = []
         self.error: str | None = None  # set when a piece failed its check
 
+    def mark_present(self, num_blocks: int) -> None:
+        """The leading `num_blocks` blocks (every layer) are in place and checked already, by
+        an earlier transfer of the same request (a migration's pre-copy): none may arrive."""
+        if not 0 <= num_blocks <= self.num_blocks:
+            raise ValueError(f"{num_blocks} blocks in place, the KV has {self.num_blocks}")
+        for layer in range(self.spec.num_layers):
+            row = layer * self.num_blocks
+            self._seen[row:row + num_blocks] = b"\x01" * num_blocks
+
     def check(self, piece: Piece) -> None:
         """Raise ValueError unless `piece` lies inside the request and is new."""
         layers, blocks = piece.layers, piece.blocks

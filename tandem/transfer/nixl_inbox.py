@@ -120,7 +120,8 @@ class NixlInbox:
             return  # aborted here, or already refused; the sender learns at E
         try:
             if inbound.reception is None:
-                inbound.reception, inbound.error = self._open(int(fields["n"]), blocks)
+                inbound.reception, inbound.error = self._open(int(fields["n"]), blocks,
+                                                              self.sink.kv_in_place(request_id))
                 if inbound.error is not None:
                     return
             (lo, hi), (first, count) = fields["l"], fields["b"]
@@ -140,7 +141,7 @@ class NixlInbox:
         inbound.reception.add(piece)
         self.sink.piece_arrived(request_id, piece.layers)
 
-    def _open(self, num_tokens: int, blocks: list[int]) \
+    def _open(self, num_tokens: int, blocks: list[int], in_place: int) \
             -> tuple[Reception | None, tuple[str, str] | None]:
         if not 0 < num_tokens <= self.identity.max_tokens:
             return None, ("rejected", f"KV of {num_tokens} tokens does not fit the context "
@@ -149,6 +150,10 @@ class NixlInbox:
         if len(blocks) < reception.num_blocks:
             return None, ("rejected", f"{len(blocks)} blocks reserved, the KV needs "
                           f"{reception.num_blocks}")
+        try:
+            reception.mark_present(in_place)
+        except ValueError as e:
+            return None, ("rejected", str(e))
         return reception, None
 
     async def _complete(self, peer: str, request_id: str, fields: dict,
