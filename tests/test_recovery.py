@@ -30,7 +30,8 @@ def cluster(ray_cluster):
     from .serving import ServerThread
 
     config = serve_config(prefill_workers=2, decode_workers=2,
-                          gateway={"max_queued_requests": MAX_QUEUED},
+                          gateway={"max_queued_requests": MAX_QUEUED,
+                                   "rebalance": {"interval_s": 0.5}},
                           worker={"lease_s": LEASE_S, "handoff_timeout_s": 5.0,
                                   "kv_store": {"enabled": False}})
     running = ServerThread(config)
@@ -42,25 +43,34 @@ def decode_workers(cluster) -> list:
     return cluster.server.decode_workers
 
 
+def wait_serving_idle(pools, timeout: float = 60) -> None:
+    """Every ready decode worker holds no block (removed ones are not asked)."""
+    deadline = time.monotonic() + timeout
+    while any(s.engine.num_free_blocks < s.engine.num_blocks for s in ray.get(
+            [w.actor.stats.remote() for w in pools.of("decode") if w.state == "ready"])):
+        assert time.monotonic() < deadline, "decode workers still hold blocks"
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def llm(loaded_fp32) -> LLM:
     return LLM.from_engine(LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=0.1),
                                      loaded=loaded_fp32))
 
 
-def fill(worker, prefix: str) -> list[str]:
-    """Reserve every free block of a decode worker directly, as a gateway would before a
-    prefill; the ids of the reservations."""
+def fill(worker, prefix: str, leave: int = 0) -> list[str]:
+    """Reserve every free block of a decode worker but `leave`, directly, as a gateway would
+    before a prefill; the ids of the reservations."""
     stats = ray.get(worker.stats.remote())
     ids, n = [], 0
-    tokens = stats.engine.num_free_blocks * 16
+    tokens = (stats.engine.num_free_blocks - leave) * 16
     while tokens >= 16:
         rid = f"{prefix}-{n}"
         ray.get(worker.reserve.remote(rid, list(range(1000, 999 + tokens)),
                                       SamplingParams(max_tokens=1)))
         ids.append(rid)
         n += 1
-        tokens = ray.get(worker.stats.remote()).engine.num_free_blocks * 16
+        tokens = (ray.get(worker.stats.remote()).engine.num_free_blocks - leave) * 16
     return ids
 
 
@@ -205,6 +215,34 @@ def test_an_added_decode_worker_serves_and_a_removed_one_is_skipped(cluster, llm
         cluster.run(pools.remove(added.id))  # then the others, once their leases free them
         assert client.generate(PROMPT, max_tokens=4, temperature=0).token_ids == want
     assert pools.get(added.id).state == "removed"
+    wait_serving_idle(pools)  # the leases free the others' blocks
+
+
+def test_a_decode_worker_past_its_kv_high_water_mark_sheds_a_stream(cluster, llm):
+    n = 100
+    want = llm.generate([PROMPT], SamplingParams(max_tokens=n, temperature=0,
+                                                 ignore_eos=True))[0].token_ids
+    router, pools = cluster.server.router, cluster.server.pools
+    migrated_before, resumed_before = router.num_migrated, router.num_resumed
+    got: list[int] = []
+    filled: dict = {}
+    with Client(cluster.address, timeout=300) as client:
+        for chunk in client.stream(PROMPT, max_tokens=n, temperature=0, ignore_eos=True):
+            got.extend(chunk.token_ids)
+            if len(got) >= 8 and not filled:
+                holder = next(w for w in pools.of("decode") if w.state == "ready" and
+                              ray.get(w.actor.stats.remote()).engine.num_running > 0)
+                # Past the 0.9 high-water mark, with room left for the stream to grow.
+                filled[holder.actor] = fill(holder.actor, "highwater", leave=6)
+            if chunk.finish_reason:
+                break
+    for actor, ids in filled.items():
+        for rid in ids:
+            ray.get(actor.abort.remote(rid))
+    assert got == want
+    assert router.num_migrated == migrated_before + 1  # moved with its KV, by the rebalancer
+    assert router.num_resumed == resumed_before
+    wait_serving_idle(pools)
 
 
 def test_draining_a_decode_worker_moves_its_stream_and_kv_without_a_gap(cluster, llm):

@@ -16,6 +16,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class RebalanceConfig(_Strict):
+    enabled: bool = Field(True, description="Move requests between decode workers to even "
+                          "out their KV use (disaggregated mode).")
+    high_water: float = Field(0.9, gt=0, le=1, description="KV use (share of blocks held) "
+                              "past which a decode worker sheds a request.")
+    low_water: float = Field(0.5, ge=0, lt=1, description="KV use under which a decode "
+                             "worker takes one.")
+    interval_s: float = Field(2.0, gt=0, description="How often the decode workers' KV use "
+                              "is checked, seconds.")
+
+    @model_validator(mode="after")
+    def _marks_apart(self) -> RebalanceConfig:
+        if self.low_water >= self.high_water:
+            raise ValueError(f"rebalance.low_water ({self.low_water}) must be below "
+                             f"high_water ({self.high_water})")
+        return self
+
+
 class GatewayConfig(_Strict):
     host: str = Field("127.0.0.1", description="Address the public gRPC server binds.")
     port: int = Field(50051, ge=0, le=65535, description="Its port; 0 picks a free one.")
@@ -46,6 +64,7 @@ class GatewayConfig(_Strict):
         "to one prefill worker (tests and debugging only).")
     max_message_bytes: int = Field(
         4 << 20, gt=0, description="Largest gRPC message the gateway accepts or sends, bytes.")
+    rebalance: RebalanceConfig = Field(default_factory=RebalanceConfig)
 
 
 class RayConfig(_Strict):

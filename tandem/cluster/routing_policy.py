@@ -38,3 +38,19 @@ def pick_prefill(req: RoutedRequest, count: int, queued_prompt_tokens: dict[int,
         return n - cached + queued, queued
 
     return min(live, key=cost)
+
+
+def rebalance_pair(stats: list[WorkerStats | BaseException], high_water: float,
+                   low_water: float, draining: set[int]) -> tuple[int, int] | None:
+    """(from, to): the decode worker using the most of its KV blocks, when that is past
+    `high_water`, and the one using the least, when that is under `low_water`; None when no
+    pair is that far apart. Draining and silent workers take no part."""
+    use = {i: 1 - s.engine.num_free_blocks / s.engine.num_blocks
+           for i, s in enumerate(stats)
+           if not isinstance(s, BaseException) and i not in draining and s.engine.num_blocks}
+    if len(use) < 2:
+        return None
+    fullest, emptiest = max(use, key=use.__getitem__), min(use, key=use.__getitem__)
+    if use[fullest] >= high_water and use[emptiest] <= low_water:
+        return fullest, emptiest
+    return None

@@ -23,6 +23,7 @@ from tandem.cluster.openai.app import build_app
 from tandem.cluster.openai.server import HttpServer
 from tandem.cluster.placement import connect_ray
 from tandem.cluster.pools import PoolManager, PoolWorker
+from tandem.cluster.rebalancer import Rebalancer
 from tandem.cluster.redis_server import RedisServer, find_redis_server
 from tandem.cluster.router import Router
 from tandem.cluster.wire import add_admin_service, add_tandem_service
@@ -57,6 +58,7 @@ class TandemServer:
         self.frontend: Frontend | None = None
         self.pools: PoolManager | None = None
         self.monitor: WorkerMonitor | None = None
+        self.rebalancer: Rebalancer | None = None
         self.draining = False
         # Start-up steps, for a progress display: (step, parts done, parts in all).
         self.progress: Callable[..., None] = lambda step, done=None, total=None: None
@@ -112,6 +114,9 @@ class TandemServer:
         self.monitor.start()
         self.pools.on_change = self._pool_changed
         self.pools.evict = lambda worker: self.router.evict(worker.slot)
+        if not c.colocated and c.gateway.rebalance.enabled:
+            self.rebalancer = Rebalancer(self.router, c.gateway.rebalance)
+            self.rebalancer.start()
         self.pools.start_health_checks()
         pools = [w.stats.engine.num_blocks for w in self.monitor.workers
                  if w.role != "prefill" and w.stats is not None]
@@ -201,6 +206,9 @@ class TandemServer:
         if self.monitor is not None:
             await self.monitor.stop()
             self.monitor = None
+        if self.rebalancer is not None:
+            await self.rebalancer.stop()
+            self.rebalancer = None
         if self.router is not None:
             await self.router.drain()
         if self.pools is not None:
