@@ -41,9 +41,11 @@ def _lines(stream, sink: queue.Queue) -> None:
         sink.put(line)
 
 
-def test_serve_colocated_prints_ready_serves_and_stops_on_ctrl_c(ray_cluster, expected, tmp_path):
+def test_serve_colocated_prints_ready_serves_and_drains_on_sigterm(ray_cluster, expected,
+                                                                     tmp_path):
     config = tmp_path / "serve.yaml"
     config.write_text("prefill_workers: 1\ndecode_workers: 1\n"
+                      "gateway:\n  shutdown_grace_s: 120\n"
                       "worker:\n  engine:\n    dtype: float32\n    kv_cache_gb: 0.05\n")
     address = ray_cluster.get_runtime_context().gcs_address
     proc = subprocess.Popen(
@@ -70,7 +72,24 @@ def test_serve_colocated_prints_ready_serves_and_stops_on_ctrl_c(ray_cluster, ex
         # start-up progress on stderr (plain lines when it is not a terminal)
         assert any("loading the model in each worker (2/2)" in s for s in seen), "".join(seen)
         assert not any("Token authentication" in s for s in seen)
-        proc.send_signal(signal.SIGINT)
+        # SIGTERM mid-stream: /health says 503 and new requests are refused while the running
+        # stream finishes; then the server exits.
+        health, refused, got = [], [], []
+        with Client(fields["grpc"], timeout=120) as client:
+            for chunk in client.stream(PROMPT, max_tokens=60, temperature=0, ignore_eos=True):
+                got.extend(chunk.token_ids)
+                if len(got) >= 4 and not health:
+                    proc.send_signal(signal.SIGTERM)
+                    while not health or health[-1] != 503:
+                        health.append(httpx.get(f"http://{fields['http']}/health",
+                                                timeout=30).status_code)
+                    refused.append(httpx.post(
+                        f"http://{fields['http']}/v1/completions", timeout=30,
+                        json={"model": "smollm2-135m-instruct", "prompt": PROMPT}).status_code)
+                if chunk.finish_reason:
+                    assert chunk.finish_reason == "length"
+        assert len(got) == 60 and got[:8] == expected  # the stream was not cut
+        assert health[-1] == 503 and refused == [503]
         assert proc.wait(timeout=120) == 0
     finally:
         if proc.poll() is None:

@@ -20,7 +20,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
 from tandem.cluster.config import GatewayConfig
-from tandem.cluster.errors import ClusterError, InvalidRequest, PermissionDenied, UnknownModel
+from tandem.cluster.errors import (
+    ClusterError,
+    InvalidRequest,
+    PermissionDenied,
+    UnknownModel,
+    WorkerUnavailable,
+)
 from tandem.cluster.metrics import ClusterMetrics
 from tandem.cluster.prompts import build_prompt
 from tandem.cluster.router import RoutedRequest, Router
@@ -59,6 +65,7 @@ class Frontend:
     def __init__(self, router: Router, tokenizer: Tokenizer, model: pb.ModelInfo,
                  vocab_size: int, config: GatewayConfig, metrics: ClusterMetrics) -> None:
         self.router, self.tokenizer, self.model = router, tokenizer, model
+        self.draining = False  # shutting down: new requests are refused (UNAVAILABLE, 503)
         self.vocab_size, self.config, self.metrics = vocab_size, config, metrics
         self._owners: dict[str, str | None] = {}  # running request -> its caller's key digest
         self._choice_ids: dict[str, list[str]] = {}  # running request -> its choices' ids
@@ -149,6 +156,9 @@ class Frontend:
         """Run every choice; their messages interleave (each names its choice in `index`).
         Raises ClusterError, or TimeoutError at the deadline."""
         rid = prepared.request_id
+        if self.draining:
+            raise WorkerUnavailable("the gateway is shutting down: it takes no new request "
+                                    "while its running ones finish")
         if rid in self._owners:
             raise InvalidRequest(f"request_id: {rid!r} is already running")
         self._owners[rid] = prepared.caller

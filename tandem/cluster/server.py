@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -194,14 +195,25 @@ class TandemServer:
             await self._server.wait_for_termination()
 
     async def stop(self) -> None:
-        """Stop taking requests, let running ones finish (grace period), then stop workers."""
-        self.draining = True  # /health answers 503 from now on
+        """Stop taking requests, let running ones finish (grace period), then stop workers.
+        Meanwhile /health answers 503 and gRPC health NOT_SERVING, so load balancers send
+        new requests elsewhere, and those that still come are refused with UNAVAILABLE."""
+        self.draining = True
+        if self.frontend is not None:
+            self.frontend.draining = True
+        if self._server is not None:
+            await self._health.enter_graceful_shutdown()
+        if self.router is not None and self.router.active:
+            deadline = time.monotonic() + self.config.gateway.shutdown_grace_s
+            logger.info("shutting down: waiting up to %.0f s for %d running requests",
+                        self.config.gateway.shutdown_grace_s, len(self.router.active))
+            while self.router.active and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
         if self._http is not None:
             await self._http.stop()
             self._http = None
         if self._server is not None:
-            await self._health.enter_graceful_shutdown()
-            await self._server.stop(grace=self.config.gateway.shutdown_grace_s)
+            await self._server.stop(grace=1.0)  # what is left gets cancelled
             self._server = None
         if self.monitor is not None:
             await self.monitor.stop()
