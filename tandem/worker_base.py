@@ -148,6 +148,8 @@ def own_actor() -> Any:
     try:
         import ray
 
+        if not ray.is_initialized():  # asking would start a local Ray instance
+            return None
         return ray.get_runtime_context().current_actor
     except Exception:  # outside Ray, or Ray without an actor here (unit tests, benchmarks)
         return None

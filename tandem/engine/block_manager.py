@@ -115,6 +115,18 @@ class BlockManager:
         seq.block_hashes.clear()
         seq.block_table_epoch += 1
 
+    def pin(self, blocks: list[int]) -> None:
+        """One more reference to blocks in use: they stay allocated until `unpin`ned."""
+        for block in blocks:
+            assert self.ref_counts[block] > 0, f"block {block} is not in use"
+            self.ref_counts[block] += 1
+
+    def unpin(self, blocks: list[int]) -> None:
+        for block in reversed(blocks):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free[block] = None
+
     def _pop_free(self) -> int:
         block, _ = self.free.popitem(last=False)
         h = self.block_hash[block]

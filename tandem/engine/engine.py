@@ -11,6 +11,7 @@ A request can also start from KV loaded for a prefix (`prefix_kv`), e.g. from th
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -84,13 +85,15 @@ class LLMEngine(PhaseHandoff):
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
         prefill_only: bool = False, on_layer_kv: LayerKVCallback | None = None,
         prefix_kv: KVBlocks | None = None, blended: BlendResult | None = None,
+        on_preempt: Callable[[list[int]], None] | None = None,
     ) -> None:
         """Queue a request. `prefix_kv` holds KV already computed for its first tokens;
-        `blended`, KV blended for them (only its exact part may enter the prefix cache)."""
+        `blended`, KV blended for them (only its exact part may enter the prefix cache).
+        `on_preempt` gets its blocks, pinned, when a preemption would free them."""
         if prefix_kv is not None and blended is not None:
             raise ValueError("give prefix_kv or blended, not both")
         seq = self._new_sequence(request_id, list(prompt_token_ids), params)
-        seq.prefill_only, seq.on_layer_kv = prefill_only, on_layer_kv
+        seq.prefill_only, seq.on_layer_kv, seq.on_preempt = prefill_only, on_layer_kv, on_preempt
         kv = blended.kv if blended is not None else prefix_kv
         if kv is not None:
             if kv.num_tokens >= seq.num_tokens:

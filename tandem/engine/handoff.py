@@ -111,6 +111,10 @@ class PhaseHandoff:
         self.blocks.free_blocks(seq)
         del self.seqs[request_id]
 
+    def unpin_blocks(self, blocks: list[int]) -> None:
+        """Give back blocks a preemption pinned for a transfer that read them (`on_preempt`)."""
+        self.blocks.unpin(blocks)
+
     def extend_reserved(self, request_id: str, token_ids: list[int],
                         params: SamplingParams) -> list[int]:
         """Grow a reserved request's prompt by `token_ids` (a migrating request: its KV

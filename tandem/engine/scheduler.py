@@ -88,6 +88,9 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> Sequence:
         self.running.remove(seq)
+        if seq.on_preempt is not None and seq.block_table:
+            self.blocks.pin(seq.block_table)
+            seq.on_preempt(list(seq.block_table))
         self.blocks.free_blocks(seq)
         seq.num_computed_tokens = seq.num_cached_tokens = 0  # loaded KV is recomputed too
         seq.num_recomputed_tokens, seq.cacheable_tokens = 0, None  # ... exactly, blended or not

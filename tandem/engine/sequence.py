@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import TYPE_CHECKING
@@ -31,6 +32,9 @@ class Sequence:
     params: SamplingParams
     prefill_only: bool = False
     on_layer_kv: LayerKVCallback | None = None
+    # Called with its blocks, pinned, when a preemption is about to free them (a transport may
+    # still read them): the callee gives them back with `LLMEngine.unpin_blocks`.
+    on_preempt: Callable[[list[int]], None] | None = None
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # of the leading full blocks

@@ -4,6 +4,10 @@ Layer-wise, each layer's blocks are posted as soon as the engine has written the
 next layers compute. A block is posted once, when it is full (or the prompt ends in it), so no
 two WRITEs ever touch the same destination bytes. One piece, everything goes after the prefill
 as a single transfer: cheaper per byte, but none of it hidden behind compute.
+
+If the engine preempts the prefill midway, the blocks the WRITEs read are pinned (`preempted`)
+instead of freed, streaming stops, and the prompt is recomputed into new blocks; the worker
+then ends that transfer, unpins them, and sends the whole KV again in a new one (`restarted`).
 """
 
 from __future__ import annotations
@@ -12,10 +16,6 @@ import torch
 
 from tandem.engine.engine import LLMEngine
 from tandem.transfer.base import SendSession
-
-
-class StreamRestarted(RuntimeError):
-    """The prefill was preempted and recomputed after some of its KV had been sent."""
 
 
 class LayerStreamer:
@@ -28,7 +28,14 @@ class LayerStreamer:
         self.num_layers = spec.num_layers
         self.sent = [0] * spec.num_layers  # blocks posted, per layer
         self.computed = [0] * spec.num_layers  # tokens computed, per layer
-        self.restarted = False
+        self.restarted = False  # preempted: the KV must go again, in a new transfer
+        self.pinned: list[list[int]] = []  # blocks a preemption left for in-flight WRITEs
+
+    def preempted(self, blocks: list[int]) -> None:
+        """The engine's `on_preempt`: these blocks stay allocated (pinned) until the transfer
+        that may read them is over."""
+        self.restarted = True
+        self.pinned.append(blocks)
 
     def __call__(self, layer: int, first_position: int, keys: torch.Tensor,
                  values: torch.Tensor) -> None:
@@ -48,10 +55,9 @@ class LayerStreamer:
 
     def post_rest(self) -> None:
         """After the prefill: post whatever is still unsent (everything, as one piece, when
-        streaming was off)."""
+        streaming was off). After a preemption the worker sends it all again instead."""
         if self.restarted:
-            raise StreamRestarted(f"request {self.request_id} was preempted while its KV "
-                                  "streamed; it must be retried")
+            return
         table = self.engine.block_table(self.request_id)
         if not any(self.sent):
             self.session.post(range(self.num_layers), 0, table[:self.num_blocks])

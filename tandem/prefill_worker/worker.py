@@ -118,6 +118,7 @@ class PrefillWorker(EngineWorker):
         stream = engine.open_stream(request_id)  # before the lookup: an abort closes it
         session: SendSession | None = None
         layerwise, handed_off, publish = self.streams_layerwise(n), False, False
+        streamer: LayerStreamer | None = None
         reuse = self.reuse
         assert reuse is not None, "start() first"
         try:
@@ -150,6 +151,9 @@ class PrefillWorker(EngineWorker):
             if item.finish_reason == "abort":
                 raise RequestAborted(f"request {request_id} was aborted during prefill")
             prefilled = self._computed_at.pop(request_id, time.perf_counter())
+            if streamer.restarted:  # preempted midway: the KV goes again, in one piece
+                session = await self._restream(request_id, session, streamer, receiver,
+                                               block_ids, n)
             await session.finish(Handoff(request_id, item.token_ids),
                                  timeout=self.config.handoff_timeout_s)
             handed_off = True
@@ -170,7 +174,7 @@ class PrefillWorker(EngineWorker):
             engine.close_stream(request_id)
             if session is not None and not handed_off:  # the error goes out now; the blocks
                 task = asyncio.get_running_loop().create_task(  # once no WRITE reads them
-                    self._give_up(request_id, session))
+                    self._give_up(request_id, session, streamer))
                 self._cleanups.add(task)
                 task.add_done_callback(self._cleanups.discard)
             elif publish:  # the result goes out now; the blocks once the new chunks are copied
@@ -187,11 +191,36 @@ class PrefillWorker(EngineWorker):
         """Which prefix chunks this worker's local tiers gained or lost since version `since`."""
         return None if self.store is None else self.store.index.changes_since(since)
 
-    async def _give_up(self, request_id: str, session: SendSession) -> None:
+    async def _restream(self, request_id: str, session: SendSession, streamer: LayerStreamer,
+                        receiver: ReceiverInfo, block_ids: list[int], n: int) -> SendSession:
+        """End the transfer a preemption cut short (its WRITEs read the pinned blocks; the
+        receiver drops what it got), free those blocks, and send the recomputed KV anew."""
+        logger.info("request %s was preempted while its KV streamed: sending it again",
+                    request_id)
+        await session.abort()  # waits (bounded) for WRITEs in flight
+        await self._unpin(streamer)
+        engine = self._engine.engine
+        session = self._sessions[request_id] = self.transports[receiver.transport] \
+            .open_session(engine.cache, engine.fingerprint,
+                          KVTarget(receiver, tuple(block_ids), n), request_id)
+        spec = engine.kv_spec
+        await self._engine.call(lambda e: session.post(
+            range(spec.num_layers), 0, e.block_table(request_id)[:spec.num_blocks_for(n)]))
+        self.handoffs[f"{receiver.transport}/restreamed"] += 1
+        return session
+
+    async def _unpin(self, streamer: LayerStreamer | None) -> None:
+        while streamer is not None and streamer.pinned:
+            blocks = streamer.pinned.pop()
+            await self._engine.call(lambda e, blocks=blocks: e.unpin_blocks(blocks))
+
+    async def _give_up(self, request_id: str, session: SendSession,
+                       streamer: LayerStreamer | None = None) -> None:
         try:
             await session.abort()  # waits (bounded) for WRITEs in flight
         finally:
             self._sessions.pop(request_id, None)
+            await self._unpin(streamer)
             await self._engine.call(lambda e: e.abort(request_id))
 
     def on_output(self, engine: LLMEngine, output: RequestOutput) -> RequestOutput:
@@ -230,14 +259,16 @@ def _add(engine: LLMEngine, request_id: str, prompt: list[int], params: Sampling
     blocks to load it."""
     try:
         engine.add_request(request_id, prompt, params, prefill_only=True,
-                           on_layer_kv=on_layer_kv, prefix_kv=cached, blended=blended)
+                           on_layer_kv=on_layer_kv, prefix_kv=cached, blended=blended,
+                           on_preempt=on_layer_kv.preempted if on_layer_kv else None)
     except OutOfBlocksError:  # the queue will free blocks: compute it all instead
         if cached is None and blended is None:
             raise
         logger.info("request %s: no free blocks to load its cached prefix now; computing it",
                     request_id)
         engine.add_request(request_id, prompt, params, prefill_only=True,
-                           on_layer_kv=on_layer_kv)
+                           on_layer_kv=on_layer_kv,
+                           on_preempt=on_layer_kv.preempted if on_layer_kv else None)
 
 
 def wire_coding(config: WorkerConfig, fingerprint: str, spec: KVSpec) \
