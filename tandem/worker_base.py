@@ -31,7 +31,8 @@ from tandem.kv_store.store import TieredStore
 from tandem.log import setup_logging
 from tandem.tls import ClusterTLS
 from tandem.transfer import TransportMode
-from tandem.transfer.base import ReceiverInfo
+from tandem.transfer.base import KVTransport, ReceiverInfo
+from tandem.transfer.introductions import Introductions
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class WorkerInfo:
     node: str = ""  # the node's IP address
     pod: str = ""  # the Kubernetes pod (POD_NAME, from the downward API); "" elsewhere
     pid: int = 0  # the worker's process id on its node
+    kv_peer_ids: tuple[str, ...] = ()  # how KV peers know it (NIXL agent names)
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,7 @@ class EngineWorker:
         self.handoff_bytes, self.handoff_s = 0, 0.0
         self.calls: Counter[str] = Counter()  # control calls received, by name
         self.store: TieredStore | None = None
+        self.introductions: Introductions | None = None  # workers that send KV
 
     def engine_config(self) -> EngineConfig:
         return self.config.engine
@@ -187,7 +190,23 @@ class EngineWorker:
         e = self._engine.engine
         return WorkerInfo(self.role, self.model_id, e.fingerprint, e.max_model_len, e.kv_spec,
                           self.kv_receivers, self.kv_transports, node_ip(),
-                          os.environ.get("POD_NAME", ""), os.getpid())
+                          os.environ.get("POD_NAME", ""), os.getpid(),
+                          tuple(t.peer_id for t in self.kv_transport_objects() if t.peer_id))
+
+    def kv_transport_objects(self) -> list[KVTransport]:
+        return []
+
+    async def forget_kv_peers(self, peer_ids: list[str]) -> None:
+        """Workers that are gone (replaced, removed, dead): drop what the transports keep
+        about them (NIXL: their agents), so a restarted peer starts afresh."""
+        gone = set(peer_ids)
+        for transport in self.kv_transport_objects():
+            transport.forget_peers(gone)
+        if self.introductions is not None:
+            self.introductions.forget(gone)
+
+    async def known_kv_peers(self) -> list[str]:
+        return sorted({p for t in self.kv_transport_objects() for p in t.known_peers()})
 
     @property
     def _engine(self) -> AsyncEngine:

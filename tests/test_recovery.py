@@ -176,6 +176,7 @@ def test_a_lost_decode_worker_resumes_the_stream_identically(cluster, llm):
 
 def test_a_dead_worker_is_restarted_in_its_slot_and_takes_handoffs_again(cluster, llm):
     pools = cluster.server.pools
+    agents_before = {w.slot: w.info.kv_peer_ids for w in pools.of("decode")}
     cluster.run(pools.check_health(), timeout=300)  # notices the previous test's kill
     if all(w.restarts == 0 for w in pools.of("decode")):  # nothing was dead: kill one now
         ray.kill(pools.of("decode")[0].actor, no_restart=True)
@@ -200,6 +201,10 @@ def test_a_dead_worker_is_restarted_in_its_slot_and_takes_handoffs_again(cluster
         assert client.generate(PROMPT, max_tokens=4, temperature=0).token_ids == want
     calls = ray.get(restarted.actor.stats.remote()).control_calls
     assert calls.get("reserve", 0) >= 1, calls  # a new KV receiver, introduced afresh
+    stale = set(agents_before[restarted.slot])
+    if stale:  # NIXL: every prefill worker dropped the dead worker's agent
+        for w in pools.of("prefill"):
+            assert not stale & set(ray.get(w.actor.known_kv_peers.remote()))
 
 
 def test_an_added_decode_worker_serves_and_a_removed_one_is_skipped(cluster, llm):

@@ -161,6 +161,7 @@ class PoolManager:
             new.state = "dead"
             raise
         logger.info("worker %s replaced", new.id)
+        await self._forget(old)
         self.on_change(new)
         return new
 
@@ -172,6 +173,7 @@ class PoolManager:
             await self._stop(worker.actor)
             worker.state = "removed"
             logger.info("worker %s removed", worker.id)
+            await self._forget(worker)
             self.on_change(worker)
 
     async def drain(self, worker_id: str, timeout_s: float = DRAIN_TIMEOUT_S) -> int:
@@ -206,6 +208,7 @@ class PoolManager:
             await self._stop(worker.actor)
             worker.state = "removed"
         logger.info("worker %s drained (%d requests moved) and removed", worker.id, moved)
+        await self._forget(worker)
         self.on_change(worker)
         return moved
 
@@ -214,6 +217,21 @@ class PoolManager:
         if role not in allowed:
             raise ValueError(f"role: {role!r} is not a pool of this cluster "
                              f"({', '.join(allowed)})")
+
+    async def _forget(self, gone: PoolWorker) -> None:
+        """Have the serving workers drop what their KV transports keep about a worker that is
+        gone (NIXL: its agent), so stale peers do not pile up across restarts."""
+        ids = list(gone.info.kv_peer_ids) if gone.info is not None else []
+        serving = [w for w in self.members if w.state == "ready" and w is not gone]
+        if not ids or not serving:
+            return
+        results = await asyncio.gather(
+            *(asyncio.wait_for(w.actor.forget_kv_peers.remote(ids), self.call_timeout_s)
+              for w in serving), return_exceptions=True)
+        for worker, result in zip(serving, results, strict=True):
+            if isinstance(result, BaseException):
+                logger.warning("worker %s could not drop the KV peers of %s: %r", worker.id,
+                               gone.id, result)
 
     async def _stop(self, actor: Any) -> None:
         with contextlib.suppress(Exception):  # it may be dead already

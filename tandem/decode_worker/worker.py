@@ -262,6 +262,9 @@ class DecodeWorker(MigrationSource, EngineWorker, KVSink):
     def num_open_requests(self) -> int:
         return len(self._num_sent)
 
+    def kv_transport_objects(self) -> list[KVTransport]:
+        return self.transports
+
     async def shutdown(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()

@@ -241,6 +241,9 @@ class PrefillWorker(EngineWorker):
     def num_open_requests(self) -> int:
         return len(self._sessions)
 
+    def kv_transport_objects(self) -> list[KVTransport]:
+        return list(self.transports.values())
+
     def codec_choices(self) -> dict[str, int]:
         if isinstance(self.coding, AdaptiveCoding):
             return {f"cachegen:{k}": n for k, n in self.coding.controller.choices.items()}

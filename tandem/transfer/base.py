@@ -131,6 +131,21 @@ class KVTransport(ABC):
         when nothing is needed."""
         return b""
 
+    @property
+    def peer_id(self) -> str:
+        """How peers know this end (NIXL: its agent name); "" when the transport has no such
+        state (gRPC)."""
+        return ""
+
+    def forget_peers(self, peer_ids: set[str]) -> None:
+        """Drop what is kept about peers that are gone (a worker that restarted comes back
+        under a new id): NIXL unloads their agents. The default keeps nothing."""
+        return None
+
+    def known_peers(self) -> list[str]:
+        """The peers whose state this transport keeps (NIXL: remote agents loaded)."""
+        return []
+
     def admit(self, introduction: bytes) -> None:
         """Accept KV from the sender whose `introduction()` this is. Only for what came through
         the control path: a sender never gets admitted by what it says over the transport."""

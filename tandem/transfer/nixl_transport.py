@@ -30,6 +30,7 @@ engine thread that computes the next layer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -117,6 +118,28 @@ class NixlTransport(KVTransport):
             prepped = self.agent.prep_xfer_dlist(name, pool.regions(), pool.mem_type)
             self._peers[name] = (pool, prepped)
         return self._peers[name]
+
+    @property
+    def peer_id(self) -> str:
+        return self.agent_name
+
+    def forget_peers(self, peer_ids: set[str]) -> None:
+        """Unload the agents of workers that are gone, so a restarted worker's new agent is
+        the only one this worker talks to, and the old one's prepared regions are freed."""
+        for name in peer_ids & (self._known | set(self._peers)):
+            peer = self._peers.pop(name, None)
+            if peer is not None:
+                with contextlib.suppress(Exception):
+                    self.agent.release_dlist_handle(peer[1])
+            self._known.discard(name)
+            try:
+                self.agent.remove_remote_agent(name)
+            except Exception as e:  # an agent NIXL never connected to
+                logger.debug("NIXL: removing agent %s: %s", name, e)
+            logger.info("NIXL: dropped the agent of a worker that is gone (%s)", name)
+
+    def known_peers(self) -> list[str]:
+        return sorted(self._known)
 
     def introduction(self) -> bytes:
         name = self.agent_name.encode()
