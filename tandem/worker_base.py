@@ -33,6 +33,7 @@ from tandem.tls import ClusterTLS
 from tandem.transfer import TransportMode
 from tandem.transfer.base import KVTransport, ReceiverInfo
 from tandem.transfer.introductions import Introductions
+from tandem.worker_signals import drain_on_sigterm
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class WorkerStats:
     handoff_s: float = 0.0  # their exposed handoff time
     control_calls: dict[str, int] = field(default_factory=dict)  # "stats"/"reserve" -> calls
     rss_bytes: int = 0  # this process's resident memory (0 where /proc is missing)
+    drain_requested: bool = False  # it got a SIGTERM: the pool manager drains it
 
 
 class WorkerStepError(RuntimeError):
@@ -170,6 +172,7 @@ class EngineWorker:
         self.calls: Counter[str] = Counter()  # control calls received, by name
         self.store: TieredStore | None = None
         self.introductions: Introductions | None = None  # workers that send KV
+        self.drain_requested = False  # set by SIGTERM (`worker_signals`)
 
     def engine_config(self) -> EngineConfig:
         return self.config.engine
@@ -177,10 +180,14 @@ class EngineWorker:
     async def start(self) -> WorkerInfo:
         """Load the model (seconds) and start the engine thread; returns what routers need."""
         setup_logging()
+        drain_on_sigterm(self._request_drain)
         engine = await asyncio.to_thread(LLMEngine, self.engine_config())
         self.engine = AsyncEngine(engine, before_step=inject_step_faults,
                                   on_output=self.on_output)
         return self.info()
+
+    def _request_drain(self) -> None:
+        self.drain_requested = True  # runs in a signal handler: state only
 
     def on_output(self, engine: LLMEngine, output: RequestOutput) -> Any:
         """Runs on the engine thread after each step; the result goes on the request's stream."""
@@ -219,7 +226,7 @@ class EngineWorker:
         return WorkerStats(await self._engine.call(LLMEngine.stats), self.num_open_requests(),
                            dict(self.handoffs), self.store.stats() if self.store else None,
                            self.codec_choices(), self.handoff_bytes, self.handoff_s,
-                           dict(self.calls), resident_bytes())
+                           dict(self.calls), resident_bytes(), self.drain_requested)
 
     async def prompt_logprobs(self, token_ids: list[int], top_n: int) -> list[TokenLogprobs]:
         """The raw logprobs of a prompt's tokens (from its second), each with its top_n."""

@@ -3,6 +3,8 @@ cluster (fp32, NIXL handoffs where available, small KV pools so they fill up).""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -276,6 +278,38 @@ def test_draining_a_decode_worker_moves_its_stream_and_kv_without_a_gap(cluster,
     assert router.num_migrated == migrated_before + 1  # its KV moved: no re-prefill
     assert router.num_resumed == resumed_before
     assert drained["worker"].state == "removed" and drained["worker"].emptied
+
+
+def test_sigterm_on_a_decode_worker_drains_it_and_moves_its_stream(cluster, llm):
+    n = 100
+    want = llm.generate([PROMPT], SamplingParams(max_tokens=n, temperature=0,
+                                                 ignore_eos=True))[0].token_ids
+    router, pools = cluster.server.router, cluster.server.pools
+    cluster.run(pools.add("decode"), timeout=300)  # somewhere to move to
+    migrated_before = router.num_migrated
+    got: list[int] = []
+    holder = None
+    with Client(cluster.address, timeout=300) as client:
+        for chunk in client.stream(PROMPT, max_tokens=n, temperature=0, ignore_eos=True):
+            got.extend(chunk.token_ids)
+            if len(got) >= 8 and holder is None:
+                holder = next(w for w in pools.of("decode") if w.state == "ready" and
+                              ray.get(w.actor.stats.remote()).engine.num_running > 0)
+                os.kill(holder.info.pid, signal.SIGTERM)
+                deadline = time.monotonic() + 30
+                while not ray.get(holder.actor.stats.remote()).drain_requested:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+                cluster.run(pools.check_health())  # as the background checks do
+            if chunk.finish_reason:
+                break
+    assert got == want
+    assert router.num_migrated == migrated_before + 1
+    deadline = time.monotonic() + 60
+    while holder.state != "removed":
+        assert time.monotonic() < deadline, holder.state
+        time.sleep(0.2)
+    assert holder.emptied
 
 
 def test_with_no_decode_worker_left_the_answer_is_unavailable(cluster):

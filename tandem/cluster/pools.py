@@ -70,6 +70,7 @@ class PoolManager:
         self.evict: Callable[[PoolWorker], Awaitable[int]] = _nothing_to_move
         self.progress: Callable[..., None] = lambda step, done=None, total=None: None
         self._health: asyncio.Task | None = None
+        self._drains: set[asyncio.Task] = set()  # drains asked for by SIGTERM
         self._lock = asyncio.Lock()  # one change at a time
 
     @property
@@ -243,12 +244,18 @@ class PoolManager:
 
     async def check_health(self) -> list[str]:
         """Ask every serving worker for its stats; restart those that are gone (within the
-        budget). The ids restarted."""
+        budget), and start draining those that got a SIGTERM. The ids restarted."""
         serving = [w for w in self.members if w.state == "ready"]
         answers = await asyncio.gather(
             *(asyncio.wait_for(w.actor.stats.remote(), self.call_timeout_s) for w in serving),
             return_exceptions=True)
         for worker, answer in zip(serving, answers, strict=True):
+            if getattr(answer, "drain_requested", False):  # SIGTERM: take it out gently
+                logger.info("worker %s got SIGTERM: draining it", worker.id)
+                task = asyncio.get_running_loop().create_task(self.drain(worker.id))
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+                self._drains.add(task)
+                task.add_done_callback(self._drains.discard)
             if isinstance(answer, RayActorError):  # gone (a slow answer is not a death)
                 worker.state = "dead"
                 logger.warning("worker %s died (restarts so far: %d of %d)", worker.id,
