@@ -21,6 +21,7 @@ from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.config import EngineConfig
 from tandem.engine.engine import LLMEngine
 from tandem.engine.kv_cache import KVSpec
+from tandem.engine.loader import LoadedModel
 from tandem.engine.outputs import EngineStats, RequestOutput
 from tandem.engine.prompt_logprobs import prompt_logprobs
 from tandem.engine.sampler import TokenLogprobs
@@ -162,8 +163,10 @@ def own_actor() -> Any:
 class EngineWorker:
     role = "worker"
 
-    def __init__(self, config: WorkerConfig, model_id: str) -> None:
+    def __init__(self, config: WorkerConfig, model_id: str,
+                 loaded: LoadedModel | None = None) -> None:
         self.config, self.model_id = config, model_id
+        self.loaded = loaded  # weights shared with other engines in this process (tests)
         self.engine: AsyncEngine | None = None
         self.kv_receivers: tuple[ReceiverInfo, ...] = ()
         self.kv_transports: tuple[str, ...] = ()
@@ -181,7 +184,7 @@ class EngineWorker:
         """Load the model (seconds) and start the engine thread; returns what routers need."""
         setup_logging()
         drain_on_sigterm(self._request_drain)
-        engine = await asyncio.to_thread(LLMEngine, self.engine_config())
+        engine = await asyncio.to_thread(LLMEngine, self.engine_config(), self.loaded)
         self.engine = AsyncEngine(engine, before_step=inject_step_faults,
                                   on_output=self.on_output)
         return self.info()

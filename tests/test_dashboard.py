@@ -31,7 +31,7 @@ CATEGORIES: dict[str, set[str]] = {
                         "request_prefill_time_seconds"},
     "Tokens": {"request_prompt_tokens", "request_generation_tokens", "prompt_tokens",
                "generation_tokens"},
-    "Requests": {"request_success", "request_failure", "request_resumed"},
+    "Requests": {"request_success", "request_failure", "request_resumed", "request_migrated"},
     "Scheduler": {"num_requests_running", "num_requests_waiting"},
     "KV cache": {"kv_cache_usage_perc"},
     "Prefix cache": {"prefix_cache_hits", "prefix_cache_queries"},

@@ -50,10 +50,10 @@ def test_suspend_keeps_a_decoding_requests_kv_and_refuses_one_still_prefilling(m
     engine.release("r")
 
 
-async def _workers(transport: str) -> tuple[DecodeWorker, DecodeWorker]:
+async def _workers(transport: str, loaded) -> tuple[DecodeWorker, DecodeWorker]:
     config = WorkerConfig(engine=EngineConfig(dtype="float32", kv_cache_gb=0.05),
                           kv_transport=transport, host="127.0.0.1", handoff_timeout_s=10)
-    a, b = DecodeWorker(config, "m"), DecodeWorker(config, "m")
+    a, b = (DecodeWorker(config, "m", loaded=loaded), DecodeWorker(config, "m", loaded=loaded))
     await asyncio.gather(a.start(), b.start())
     return a, b
 
@@ -67,8 +67,8 @@ async def _tokens(worker: DecodeWorker, request_id: str, until) -> tuple[list[in
                 return got, delta.finish_reason
 
 
-async def _move(transport: str, n: int, precopy: bool) -> tuple[list[int], dict]:
-    a, b = await _workers(transport)
+async def _move(transport: str, n: int, precopy: bool, loaded) -> tuple[list[int], dict]:
+    a, b = await _workers(transport, loaded)
     try:
         params = greedy(n)
         await a.generate("r", PROMPT, params)
@@ -109,12 +109,12 @@ async def _move(transport: str, n: int, precopy: bool) -> tuple[list[int], dict]
 @pytest.mark.parametrize("precopy", [False, True], ids=["one-piece", "pre-copied"])
 @pytest.mark.parametrize("transport", ["grpc", "nixl"])
 def test_a_request_moves_with_its_kv_and_its_stream_continues_identically(
-        transport, precopy, make_engine):
+        transport, precopy, make_engine, loaded_fp32):
     if transport == "nixl":
         require_nixl()
     n = 40
     want = run_to_completion(make_engine(), [PROMPT], greedy(n))[0]
-    got, stats = asyncio.run(_move(transport, n, precopy))
+    got, stats = asyncio.run(_move(transport, n, precopy, loaded_fp32))
     assert got == want  # no token lost, repeated or changed
     for engine in (stats["a"], stats["b"]):  # both hold nothing at the end
         assert engine.num_free_blocks == engine.num_blocks
@@ -124,8 +124,8 @@ def test_a_request_moves_with_its_kv_and_its_stream_continues_identically(
     assert stats["handoffs"] == want_handoffs
 
 
-async def _refused() -> tuple[type, int, int]:
-    a, b = await _workers("grpc")
+async def _refused(loaded) -> tuple[type, int, int]:
+    a, b = await _workers("grpc", loaded)
     try:
         await a.generate("r", PROMPT, greedy(30))
         await _tokens(a, "r", lambda got: len(got) >= 4)
@@ -144,7 +144,7 @@ async def _refused() -> tuple[type, int, int]:
         await asyncio.gather(a.shutdown(), b.shutdown())
 
 
-def test_a_refused_migration_raises_and_frees_the_source_blocks():
-    error, free, total = asyncio.run(_refused())
+def test_a_refused_migration_raises_and_frees_the_source_blocks(loaded_fp32):
+    error, free, total = asyncio.run(_refused(loaded_fp32))
     assert issubclass(error, TransferRejected)
     assert free == total

@@ -35,13 +35,14 @@ def test_a_preemption_pins_the_blocks_until_the_owner_unpins_them(make_engine):
     assert engine.blocks.num_free_blocks == free + 4
 
 
-async def _preempted_handoff(transport: str) -> tuple[list[int], dict, int, int]:
+async def _preempted_handoff(transport: str, loaded) -> tuple[list[int], dict, int, int]:
     config = WorkerConfig(
         engine=EngineConfig(dtype="float32", kv_cache_gb=0.05, max_num_batched_tokens=64,
                             max_num_seqs=4),
         kv_transport=transport, kv_streaming="layerwise", host="127.0.0.1",
         handoff_timeout_s=10, kv_store={"enabled": False})
-    prefill, decode = PrefillWorker(config, "m"), DecodeWorker(config, "m")
+    prefill = PrefillWorker(config, "m", loaded=loaded)
+    decode = DecodeWorker(config, "m", loaded=loaded)
     await asyncio.gather(prefill.start(), decode.start())
     try:
         params = greedy(8)
@@ -78,11 +79,12 @@ async def _preempted_handoff(transport: str) -> tuple[list[int], dict, int, int]
 
 @pytest.mark.parametrize("transport", ["grpc", "nixl"])
 def test_a_preempted_layerwise_prefill_streams_its_kv_again_and_succeeds(transport,
-                                                                          make_engine):
+                                                                          make_engine,
+                                                                          loaded_fp32):
     if transport == "nixl":
         require_nixl()
     want = run_to_completion(make_engine(), [PROMPT], greedy(8))[0]
-    tokens, handoffs, free, total = asyncio.run(_preempted_handoff(transport))
+    tokens, handoffs, free, total = asyncio.run(_preempted_handoff(transport, loaded_fp32))
     assert tokens == want
     assert handoffs == {f"{transport}/restreamed": 1, f"{transport}/layerwise": 1}
     assert free == total  # the pinned blocks were given back

@@ -59,7 +59,6 @@ class Migrator:
     handoff_timeout_s: float
     block_size: int
     migrations: Counter[str]  # transport -> requests moved with it
-    migration_stalls: list[float]  # the last moves' suspend-to-adopted times, seconds
 
     def start_move(self, placed: Placement) -> None:
         """Pre-copy a running request's KV to another decode worker and suspend it there;
@@ -99,7 +98,7 @@ class Migrator:
         known = [*req.prompt_token_ids, *generated]
         # Strictly fewer tokens than A's KV will cover at the suspend: stage 2 sends >= 1 block.
         num_blocks = (len(known) - 2) // self.block_size
-        if num_blocks < 1:
+        if num_blocks < 1 or not generated:  # nothing to copy, or not decoding yet
             return None
         moved = replace(req, prompt_token_ids=known[:num_blocks * self.block_size],
                         params=req.params.after(len(generated) - 1), segments=None,
@@ -144,11 +143,10 @@ class Migrator:
                 target.placed.worker_id, target.num_blocks),
                 self.handoff_timeout_s + self.call_timeout_s)
             self.migrations[target.receiver.transport] += 1
-            self.migration_stalls.append(time.perf_counter() - placed.moving_since)
-            del self.migration_stalls[:-100]
             logger.info("request %s moved to decode slot %d with its KV (%d tokens over %s, "
-                        "%d blocks pre-copied)", req.request_id, target.slot, len(tokens) - 1,
-                        target.receiver.transport, target.num_blocks)
+                        "%d blocks pre-copied) %.0f ms after its suspend", req.request_id,
+                        target.slot, len(tokens) - 1, target.receiver.transport,
+                        target.num_blocks, (time.perf_counter() - placed.moving_since) * 1e3)
             moved = replace(req, prompt_token_ids=tokens[:-1], params=params, segments=None,
                             worker_id=target.placed.worker_id, prefill=None,
                             prefill_worker=None)

@@ -60,7 +60,6 @@ class Router(Migrator, TokenRelay):
     num_resumed: int = 0
     block_size: int = 16  # the decode workers' KV blocks, in tokens
     migrations: Counter[str] = field(default_factory=Counter)  # transport -> requests moved
-    migration_stalls: list[float] = field(default_factory=list)
     lost_prefill: set[int] = field(default_factory=set)  # prefill workers seen dead
     draining: set[int] = field(default_factory=set)  # decode slots that take no new request
     queued_prompt_tokens: dict[int, int] = field(default_factory=dict)  # prefill index -> tokens

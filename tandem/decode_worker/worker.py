@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 from tandem.decode_worker.migration import MIGRATED, MigrationSource
 from tandem.engine.errors import EngineError
+from tandem.engine.loader import LoadedModel
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampler import TokenLogprobs
 from tandem.engine.sampling_params import SamplingParams
@@ -56,8 +57,9 @@ class TokenDelta:
 class DecodeWorker(MigrationSource, EngineWorker, KVSink):
     role = "decode"
 
-    def __init__(self, config: WorkerConfig, model_id: str, receives_kv: bool = True) -> None:
-        super().__init__(config, model_id)
+    def __init__(self, config: WorkerConfig, model_id: str, receives_kv: bool = True,
+                 loaded: LoadedModel | None = None) -> None:
+        super().__init__(config, model_id, loaded)
         self.receives_kv = receives_kv  # False for colocated workers: no KV receivers
         self.transports: list[KVTransport] = []
         self._num_sent: dict[str, int] = {}  # request -> output tokens already polled

@@ -25,6 +25,7 @@ from tandem.engine.config import EngineConfig
 from tandem.engine.engine import LLMEngine
 from tandem.engine.errors import OutOfBlocksError
 from tandem.engine.kv_cache import KVBlocks, KVSpec
+from tandem.engine.loader import LoadedModel
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampler import TokenLogprobs
 from tandem.engine.sampling_params import SamplingParams
@@ -63,8 +64,9 @@ class PrefillResult:
 class PrefillWorker(EngineWorker):
     role = "prefill"
 
-    def __init__(self, config: WorkerConfig, model_id: str, index: int = 0) -> None:
-        super().__init__(config, model_id)
+    def __init__(self, config: WorkerConfig, model_id: str, index: int = 0,
+                 loaded: LoadedModel | None = None) -> None:
+        super().__init__(config, model_id, loaded)
         self.index = index
         self.transports: dict[str, KVTransport] = {}
         self._streamers: dict[str, LayerStreamer] = {}  # read on the engine thread
