@@ -23,20 +23,22 @@ from .conftest import serve_config
 pytestmark = pytest.mark.slow
 
 LEASE_S = 5.0
+STEP_DELAY = "step.delay=0.01"
 MAX_QUEUED = 3
 PROMPT = "Once upon a time, in a small village at the edge of a great forest,"
 
 
 @pytest.fixture(scope="module")
 def cluster(ray_cluster):
-    from .serving import ServerThread
+    from .serving import ServerThread, tandem_faults
 
     config = serve_config(prefill_workers=2, decode_workers=2,
                           gateway={"max_queued_requests": MAX_QUEUED,
                                    "rebalance": {"interval_s": 0.5}},
                           worker={"lease_s": LEASE_S, "handoff_timeout_s": 5.0,
                                   "kv_store": {"enabled": False}})
-    running = ServerThread(config)
+    with tandem_faults(STEP_DELAY):  # slower steps: each fault lands mid-stream
+        running = ServerThread(config)
     yield running
     running.close()
 
