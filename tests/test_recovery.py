@@ -56,6 +56,26 @@ def wait_serving_idle(pools, timeout: float = 60) -> None:
         time.sleep(0.5)
 
 
+def stream_with_event(cluster, llm, event, n: int = 100) -> tuple[list[int], list[int]]:
+    """Stream a greedy request; after 8 tokens, call `event(worker)` with the decode worker
+    (a PoolWorker) that holds the sequence at that moment. The tokens streamed, and what an
+    undisturbed run gives."""
+    want = llm.generate([PROMPT], SamplingParams(max_tokens=n, temperature=0,
+                                                 ignore_eos=True))[0].token_ids
+    got: list[int] = []
+    fired = False
+    with Client(cluster.address, timeout=300) as client:
+        for chunk in client.stream(PROMPT, max_tokens=n, temperature=0, ignore_eos=True):
+            got.extend(chunk.token_ids)
+            if len(got) >= 8 and not fired:
+                fired = True
+                event(next(w for w in cluster.server.pools.of("decode") if w.state == "ready"
+                           and ray.get(w.actor.stats.remote()).engine.num_running > 0))
+            if chunk.finish_reason:
+                break
+    return got, want
+
+
 @pytest.fixture(scope="module")
 def llm(loaded_fp32) -> LLM:
     return LLM.from_engine(LLMEngine(EngineConfig(dtype="float32", kv_cache_gb=0.1),
@@ -158,22 +178,10 @@ def test_a_prefill_worker_lost_mid_prefill_is_retried_on_the_other(cluster, llm)
 
 
 def test_a_lost_decode_worker_resumes_the_stream_identically(cluster, llm):
-    n = 120
-    want = llm.generate([PROMPT], SamplingParams(max_tokens=n, temperature=0,
-                                                 ignore_eos=True))[0].token_ids
     router = cluster.server.router
     resumed_before = router.num_resumed
-    got: list[int] = []
-    killed = None
-    with Client(cluster.address, timeout=300) as client:
-        for chunk in client.stream(PROMPT, max_tokens=n, temperature=0, ignore_eos=True):
-            got.extend(chunk.token_ids)
-            if len(got) >= 8 and killed is None:
-                killed = next(w for w in decode_workers(cluster)
-                              if ray.get(w.stats.remote()).engine.num_running > 0)
-                ray.kill(killed, no_restart=True)  # mid-stream: it holds the sequence now
-            if chunk.finish_reason:
-                break
+    got, want = stream_with_event(  # mid-stream: the worker holds the sequence now
+        cluster, llm, lambda holder: ray.kill(holder.actor, no_restart=True), n=120)
     assert got == want
     assert router.num_resumed == resumed_before + 1
 
@@ -228,23 +236,14 @@ def test_an_added_decode_worker_serves_and_a_removed_one_is_skipped(cluster, llm
 
 
 def test_a_decode_worker_past_its_kv_high_water_mark_sheds_a_stream(cluster, llm):
-    n = 100
-    want = llm.generate([PROMPT], SamplingParams(max_tokens=n, temperature=0,
-                                                 ignore_eos=True))[0].token_ids
     router, pools = cluster.server.router, cluster.server.pools
     migrated_before, resumed_before = router.num_migrated, router.num_resumed
-    got: list[int] = []
     filled: dict = {}
-    with Client(cluster.address, timeout=300) as client:
-        for chunk in client.stream(PROMPT, max_tokens=n, temperature=0, ignore_eos=True):
-            got.extend(chunk.token_ids)
-            if len(got) >= 8 and not filled:
-                holder = next(w for w in pools.of("decode") if w.state == "ready" and
-                              ray.get(w.actor.stats.remote()).engine.num_running > 0)
-                # Past the 0.9 high-water mark, with room left for the stream to grow.
-                filled[holder.actor] = fill(holder.actor, "highwater", leave=6)
-            if chunk.finish_reason:
-                break
+
+    def fill_holder(holder) -> None:  # past the 0.9 mark, with room for the stream to grow
+        filled[holder.actor] = fill(holder.actor, "highwater", leave=6)
+
+    got, want = stream_with_event(cluster, llm, fill_holder)
     for actor, ids in filled.items():
         for rid in ids:
             ray.get(actor.abort.remote(rid))
@@ -255,26 +254,18 @@ def test_a_decode_worker_past_its_kv_high_water_mark_sheds_a_stream(cluster, llm
 
 
 def test_draining_a_decode_worker_moves_its_stream_and_kv_without_a_gap(cluster, llm):
-    n = 100
-    want = llm.generate([PROMPT], SamplingParams(max_tokens=n, temperature=0,
-                                                 ignore_eos=True))[0].token_ids
-    router, pools = cluster.server.router, cluster.server.pools
+    router = cluster.server.router
     resumed_before, migrated_before = router.num_resumed, router.num_migrated
-    got: list[int] = []
     drained: dict = {}
-    with Client(cluster.address, timeout=300) as client:
-        for chunk in client.stream(PROMPT, max_tokens=n, temperature=0, ignore_eos=True):
-            got.extend(chunk.token_ids)
-            if len(got) >= 8 and not drained:
-                holder = next(w for w in pools.of("decode") if w.state == "ready" and
-                              ray.get(w.actor.stats.remote()).engine.num_running > 0)
-                drained["worker"] = holder
-                thread = threading.Thread(target=lambda h=holder: drained.update(
-                    reply=Client(cluster.address, timeout=300).drain(h.id)))
-                thread.start()
-            if chunk.finish_reason:
-                break
-    thread.join(120)
+
+    def drain(holder) -> None:
+        drained["worker"] = holder
+        drained["thread"] = threading.Thread(target=lambda: drained.update(
+            reply=Client(cluster.address, timeout=300).drain(holder.id)))
+        drained["thread"].start()
+
+    got, want = stream_with_event(cluster, llm, drain)
+    drained["thread"].join(120)
     assert got == want  # no token lost or repeated
     assert drained["reply"].moved_requests == 1
     assert router.num_migrated == migrated_before + 1  # its KV moved: no re-prefill
@@ -283,31 +274,24 @@ def test_draining_a_decode_worker_moves_its_stream_and_kv_without_a_gap(cluster,
 
 
 def test_sigterm_on_a_decode_worker_drains_it_and_moves_its_stream(cluster, llm):
-    n = 100
-    want = llm.generate([PROMPT], SamplingParams(max_tokens=n, temperature=0,
-                                                 ignore_eos=True))[0].token_ids
     router, pools = cluster.server.router, cluster.server.pools
     cluster.run(pools.add("decode"), timeout=300)  # somewhere to move to
     migrated_before = router.num_migrated
-    got: list[int] = []
-    holder = None
-    with Client(cluster.address, timeout=300) as client:
-        for chunk in client.stream(PROMPT, max_tokens=n, temperature=0, ignore_eos=True):
-            got.extend(chunk.token_ids)
-            if len(got) >= 8 and holder is None:
-                holder = next(w for w in pools.of("decode") if w.state == "ready" and
-                              ray.get(w.actor.stats.remote()).engine.num_running > 0)
-                os.kill(holder.info.pid, signal.SIGTERM)
-                deadline = time.monotonic() + 30
-                while not ray.get(holder.actor.stats.remote()).drain_requested:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.05)
-                cluster.run(pools.check_health())  # as the background checks do
-            if chunk.finish_reason:
-                break
+    signalled = []
+
+    def terminate(holder) -> None:
+        signalled.append(holder)
+        os.kill(holder.info.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while not ray.get(holder.actor.stats.remote()).drain_requested:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        cluster.run(pools.check_health())  # as the background checks do
+
+    got, want = stream_with_event(cluster, llm, terminate)
     assert got == want
     assert router.num_migrated == migrated_before + 1
-    deadline = time.monotonic() + 60
+    holder, deadline = signalled[0], time.monotonic() + 60
     while holder.state != "removed":
         assert time.monotonic() < deadline, holder.state
         time.sleep(0.2)
