@@ -1,0 +1,128 @@
+"""`RangeKV`: the KV one attention worker holds, in paged blocks of its own pool.
+
+For each sequence it holds one contiguous token range, [first_token, first_token + n): the
+whole sequence, or the part of it placed here (the rest is on other holders). The range grows
+at its end as tokens are appended, and `attend` returns, per query head, the attention output
+and its log-sum-exp over exactly the keys held here, so the partial results of every holder
+merge exactly (`engine.partial_attention.merge_partials`). A sequence held nowhere here gets
+out 0 and lse -inf: a holder may be asked about a whole batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from tandem.engine.errors import OutOfBlocksError
+from tandem.engine.kv_cache import KVCache, KVSpec
+from tandem.engine.partial_attention import attend_with_lse
+
+
+@dataclass
+class HeldRange:
+    first_token: int  # the position, in its sequence, of the first token held here
+    num_tokens: int = 0
+    blocks: list[int] = field(default_factory=list)
+
+
+class RangeKV:
+    def __init__(self, spec: KVSpec, num_blocks: int, device: torch.device | str = "cpu") \
+            -> None:
+        self.spec = spec
+        self.cache = KVCache(spec, num_blocks, torch.device(device))
+        self._free = list(range(num_blocks - 1, -1, -1))  # popped from the end: ascending ids
+        self.ranges: dict[str, HeldRange] = {}
+        self._step_slots: dict[str, torch.Tensor] = {}  # this decode step's slot per sequence
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def held_bytes(self) -> int:
+        """KV bytes of the tokens held (not counting the unused tail of each last block)."""
+        return sum(r.num_tokens for r in self.ranges.values()) * self.spec.bytes_per_token
+
+    def open(self, seq_id: str, first_token: int) -> None:
+        """Start holding `seq_id`'s tokens from position `first_token` on."""
+        if seq_id in self.ranges:
+            raise ValueError(f"sequence {seq_id!r} is already held here")
+        if first_token < 0:
+            raise ValueError(f"first_token: {first_token} is negative")
+        self.ranges[seq_id] = HeldRange(first_token)
+
+    def grow(self, seq_id: str, num_tokens: int) -> torch.Tensor:
+        """Room for `num_tokens` more tokens at the end of the range; their flat slots (block *
+        block_size + offset), in order. Raises OutOfBlocksError (taking nothing) when the pool
+        is short."""
+        slots = self._room(seq_id, num_tokens)
+        self.ranges[seq_id].num_tokens += num_tokens
+        return slots
+
+    def _room(self, seq_id: str, num_tokens: int) -> torch.Tensor:
+        """Blocks for `num_tokens` more tokens (not counted as held yet); their slots."""
+        held = self._held(seq_id)
+        bs = self.spec.block_size
+        needed = self.spec.num_blocks_for(held.num_tokens + num_tokens) - len(held.blocks)
+        if needed > len(self._free):
+            raise OutOfBlocksError(f"sequence {seq_id}: {needed} more KV blocks needed, "
+                                   f"{len(self._free)} free on this attention worker")
+        held.blocks.extend(self._free.pop() for _ in range(needed))
+        offsets = torch.arange(held.num_tokens, held.num_tokens + num_tokens)
+        table = torch.tensor(held.blocks, dtype=torch.long)
+        return table[offsets // bs] * bs + offsets % bs
+
+    def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor,
+              values: torch.Tensor) -> None:
+        """Store one layer's keys and values [n, kv_heads, head_dim] at `slots` (from `grow`)."""
+        self.cache.write(layer, slots.to(self.cache.data.device), keys, values)
+
+    def extend(self, seq_ids: list[str]) -> None:
+        """Room for one more token at the end of each sequence (a decode step); its k/v come
+        layer by layer through `append`, and it counts as held (`attend` reads it) once the
+        last layer's came. OutOfBlocksError takes nothing."""
+        needed = sum(1 for s in seq_ids
+                     if self._held(s).num_tokens % self.spec.block_size == 0)
+        if needed > len(self._free):
+            raise OutOfBlocksError(f"{needed} more KV blocks needed for a step, "
+                                   f"{len(self._free)} free on this attention worker")
+        self._step_slots.update({s: self._room(s, 1) for s in seq_ids})
+
+    def append(self, layer: int, seq_ids: list[str], keys: torch.Tensor,
+               values: torch.Tensor) -> None:
+        """The k/v [B, Hkv, D] of the token `extend` made room for, for one layer."""
+        slots = torch.cat([self._step_slots[s] for s in seq_ids])
+        self.write(layer, slots, keys, values)
+        if layer == self.spec.num_layers - 1:  # every layer has it now
+            for seq_id in seq_ids:
+                self.ranges[seq_id].num_tokens += 1
+                del self._step_slots[seq_id]
+
+    def attend(self, layer: int, seq_ids: list[str], q: torch.Tensor, scale: float) \
+            -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode attention of q [B, Hq, D] (one query per sequence) over the keys held here;
+        out [B, Hq, D] and lse [B, Hq], fp32."""
+        lengths = [self.ranges[s].num_tokens if s in self.ranges else 0 for s in seq_ids]
+        width = max([len(self.ranges[s].blocks) for s in seq_ids if s in self.ranges] or [1])
+        # Sequences with fewer blocks read block 0 as padding; `lengths` masks it out.
+        tables = torch.zeros(len(seq_ids), width, dtype=torch.long)
+        for row, seq_id in enumerate(seq_ids):
+            blocks = self.ranges[seq_id].blocks if seq_id in self.ranges else []
+            tables[row, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
+        tables = tables.to(self.cache.data.device)
+        k_pool, v_pool = self.cache.layer(layer)  # [blocks, block_size, Hkv, D]
+        keys = k_pool[tables].flatten(1, 2).transpose(1, 2)  # [B, Hkv, width * bs, D]
+        values = v_pool[tables].flatten(1, 2).transpose(1, 2)
+        return attend_with_lse(q, keys, values, torch.tensor(lengths, device=q.device), scale)
+
+    def free(self, seq_id: str) -> None:
+        held = self.ranges.pop(seq_id, None)
+        if held is not None:
+            self._free.extend(reversed(held.blocks))
+
+    def _held(self, seq_id: str) -> HeldRange:
+        held = self.ranges.get(seq_id)
+        if held is None:
+            raise KeyError(f"sequence {seq_id!r} is not held here")
+        return held

@@ -1,0 +1,70 @@
+"""An attention worker's KV by token range: a real prefill's KV split over several holders
+(one of them holding a single token, one holding nothing) attends, after the exact merge, as
+the whole KV does (fp32, every layer); blocks are taken and given back exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tandem.attention_worker.range_kv import RangeKV
+from tandem.engine.errors import OutOfBlocksError
+from tandem.engine.partial_attention import attend_with_lse, merge_partials
+
+from .conftest import greedy
+
+PROMPT = list(range(500, 550))  # 50 tokens
+
+
+def prefill_kv(engine) -> torch.Tensor:
+    """[layers, 2, tokens, kv_heads, head_dim] of PROMPT, from a real prefill."""
+    engine.add_request("p", PROMPT, greedy(1), prefill_only=True)
+    while not engine.step():
+        pass
+    kv = engine.export_kv("p")
+    engine.release("p")
+    return kv.data.flatten(2, 3)[:, :, :kv.num_tokens]
+
+
+def test_a_sequence_split_over_holders_attends_as_its_whole_kv(make_engine):
+    engine = make_engine()
+    spec, cfg = engine.kv_spec, engine.model_config
+    kv = prefill_kv(engine)
+    ranges = [(0, 20), (20, 21), (21, 50)]
+    holders = [RangeKV(spec, 4) for _ in ranges]
+    for holder, (lo, hi) in zip(holders, ranges, strict=True):
+        holder.open("s", lo)
+        slots = holder.grow("s", hi - lo)
+        for layer in range(spec.num_layers):
+            holder.write(layer, slots, kv[layer, 0, lo:hi], kv[layer, 1, lo:hi])
+    nobody = RangeKV(spec, 1)  # asked too, holds nothing of it
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, cfg.num_heads, spec.head_dim, generator=gen)  # "s" and one held nowhere
+    scale = spec.head_dim ** -0.5
+    for layer in range(spec.num_layers):
+        parts = [h.attend(layer, ["s", "absent"], q, scale) for h in (*holders, nobody)]
+        out, lse = merge_partials(torch.stack([p[0] for p in parts]),
+                                  torch.stack([p[1] for p in parts]))
+        keys = kv[layer, 0].transpose(0, 1).unsqueeze(0)  # [1, Hkv, 50, D]
+        values = kv[layer, 1].transpose(0, 1).unsqueeze(0)
+        want, want_lse = attend_with_lse(q[:1], keys, values, torch.tensor([50]), scale)
+        torch.testing.assert_close(out[:1], want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(lse[:1], want_lse, atol=1e-5, rtol=1e-5)
+        assert torch.all(out[1] == 0) and torch.all(lse[1] == float("-inf"))
+    assert holders[2].held_bytes == 29 * spec.bytes_per_token
+
+
+def test_growing_past_the_pool_takes_nothing_and_freeing_gives_every_block_back(make_engine):
+    spec = make_engine().kv_spec
+    holder = RangeKV(spec, 3)
+    holder.open("a", 0)
+    holder.grow("a", spec.block_size + 1)  # two blocks
+    with pytest.raises(OutOfBlocksError):
+        holder.grow("a", 2 * spec.block_size)  # would need two more
+    assert holder.num_free_blocks == 1 and holder.ranges["a"].num_tokens == spec.block_size + 1
+    holder.grow("a", spec.block_size - 1)  # fills the second block exactly: no new one
+    assert holder.num_free_blocks == 1
+    with pytest.raises(ValueError, match="already held"):
+        holder.open("a", 5)
+    holder.free("a")
+    assert holder.num_free_blocks == 3 and holder.held_bytes == 0
