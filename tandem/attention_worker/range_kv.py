@@ -34,6 +34,9 @@ class RangeKV:
         self._free = list(range(num_blocks - 1, -1, -1))  # popped from the end: ascending ids
         self.ranges: dict[str, HeldRange] = {}
         self._step_slots: dict[str, torch.Tensor] = {}  # this decode step's slot per sequence
+        # Block tables and lengths of the last batch attended: every layer of a step asks for
+        # the same, so they are built once; any change to what is held clears them.
+        self._tables: tuple[tuple[str, ...], torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -51,6 +54,7 @@ class RangeKV:
         if first_token < 0:
             raise ValueError(f"first_token: {first_token} is negative")
         self.ranges[seq_id] = HeldRange(first_token)
+        self._tables = None
 
     def grow(self, seq_id: str, num_tokens: int) -> torch.Tensor:
         """Room for `num_tokens` more tokens at the end of the range; their flat slots (block *
@@ -58,6 +62,7 @@ class RangeKV:
         is short."""
         slots = self._room(seq_id, num_tokens)
         self.ranges[seq_id].num_tokens += num_tokens
+        self._tables = None
         return slots
 
     def _room(self, seq_id: str, num_tokens: int) -> torch.Tensor:
@@ -69,6 +74,7 @@ class RangeKV:
             raise OutOfBlocksError(f"sequence {seq_id}: {needed} more KV blocks needed, "
                                    f"{len(self._free)} free on this attention worker")
         held.blocks.extend(self._free.pop() for _ in range(needed))
+        self._tables = None
         offsets = torch.arange(held.num_tokens, held.num_tokens + num_tokens)
         table = torch.tensor(held.blocks, dtype=torch.long)
         return table[offsets // bs] * bs + offsets % bs
@@ -98,11 +104,22 @@ class RangeKV:
             for seq_id in seq_ids:
                 self.ranges[seq_id].num_tokens += 1
                 del self._step_slots[seq_id]
+            self._tables = None
 
     def attend(self, layer: int, seq_ids: list[str], q: torch.Tensor, scale: float) \
             -> tuple[torch.Tensor, torch.Tensor]:
         """Decode attention of q [B, Hq, D] (one query per sequence) over the keys held here;
         out [B, Hq, D] and lse [B, Hq], fp32."""
+        tables, lengths = self._batch_tables(seq_ids, q.device)
+        k_pool, v_pool = self.cache.layer(layer)  # [blocks, block_size, Hkv, D]
+        keys = k_pool[tables].flatten(1, 2).transpose(1, 2)  # [B, Hkv, width * bs, D]
+        values = v_pool[tables].flatten(1, 2).transpose(1, 2)
+        return attend_with_lse(q, keys, values, lengths, scale)
+
+    def _batch_tables(self, seq_ids: list[str], device: torch.device) \
+            -> tuple[torch.Tensor, torch.Tensor]:
+        if self._tables is not None and self._tables[0] == tuple(seq_ids):
+            return self._tables[1], self._tables[2]
         lengths = [self.ranges[s].num_tokens if s in self.ranges else 0 for s in seq_ids]
         width = max([len(self.ranges[s].blocks) for s in seq_ids if s in self.ranges] or [1])
         # Sequences with fewer blocks read block 0 as padding; `lengths` masks it out.
@@ -110,14 +127,13 @@ class RangeKV:
         for row, seq_id in enumerate(seq_ids):
             blocks = self.ranges[seq_id].blocks if seq_id in self.ranges else []
             tables[row, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
-        tables = tables.to(self.cache.data.device)
-        k_pool, v_pool = self.cache.layer(layer)  # [blocks, block_size, Hkv, D]
-        keys = k_pool[tables].flatten(1, 2).transpose(1, 2)  # [B, Hkv, width * bs, D]
-        values = v_pool[tables].flatten(1, 2).transpose(1, 2)
-        return attend_with_lse(q, keys, values, torch.tensor(lengths, device=q.device), scale)
+        self._tables = (tuple(seq_ids), tables.to(self.cache.data.device),
+                        torch.tensor(lengths, device=device))
+        return self._tables[1], self._tables[2]
 
     def free(self, seq_id: str) -> None:
         held = self.ranges.pop(seq_id, None)
+        self._tables = None
         if held is not None:
             self._free.extend(reversed(held.blocks))
 

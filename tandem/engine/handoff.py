@@ -29,7 +29,6 @@ class RequestKV:
     the blocks."""
 
     token_ids: list[int]
-    num_prompt_tokens: int
     num_kv_tokens: int
     block_ids: list[int]
     block_table_epoch: int  # changes when the blocks were freed meanwhile (a preemption)
@@ -139,8 +138,8 @@ class PhaseHandoff:
         """A snapshot of where a request's KV is (it may change at the next step; full blocks
         keep their KV until `block_table_epoch` changes)."""
         seq = self._get(request_id)
-        return RequestKV(list(seq.token_ids), seq.num_prompt_tokens, seq.num_computed_tokens,
-                         list(seq.block_table), seq.block_table_epoch)
+        return RequestKV(list(seq.token_ids), seq.num_computed_tokens, list(seq.block_table),
+                         seq.block_table_epoch)
 
     def suspend(self, request_id: str) -> RequestKV:
         """Take a decoding request out of the batch, keeping its blocks (as if prefilled)

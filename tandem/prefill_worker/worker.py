@@ -73,7 +73,6 @@ class PrefillWorker(EngineWorker):
         self._sessions: dict[str, SendSession] = {}
         self._computed_at: dict[str, float] = {}  # request -> when its first token was sampled
         self._cleanups: set[asyncio.Task] = set()
-        self.introductions: Introductions | None = None
         self.coding: Codec | AdaptiveCoding | None = None  # how gRPC handoffs code the KV
         self.reuse: KVReuse | None = None  # the prefixes and chunks taken from the store
 
