@@ -39,6 +39,30 @@ from tandem.worker_signals import drain_on_sigterm
 logger = logging.getLogger(__name__)
 
 
+class OffloadConfig(BaseModel):
+    """Attention offload: which decoding requests keep their KV on attention workers."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: Literal["auto", "always", "never"] = Field(
+        "auto", description="always: every request decodes with its KV on attention workers; "
+        "never: none does; auto: a request does when its prompt + max_tokens reaches "
+        "min_tokens, or when no decode worker has blocks for it (only with attention "
+        "workers).")
+    min_tokens: int = Field(
+        4096, gt=0, description="Under auto: the prompt + max_tokens from which a request is "
+        "offloaded even when a decode worker has room.")
+    attention_kv_blocks: int | None = Field(
+        None, gt=0, description="KV blocks each attention worker holds; None = sized like a "
+        "decode worker's pool (engine.num_kv_blocks, kv_cache_gb, or the default).")
+    decode_kv_blocks: int | None = Field(
+        None, gt=0, description="KV blocks of each decode worker's own pool, when it should "
+        "differ from the prefill workers' (engine.num_kv_blocks); None = the same.")
+    channel_timeout_s: float = Field(
+        10.0, gt=0, description="Deadline of one reply on the attention channel, seconds: "
+        "past it the attention worker counts as lost and its sequences resume elsewhere.")
+
+
 class WorkerConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -78,6 +102,9 @@ class WorkerConfig(BaseModel):
     kv_store: StoreConfig = Field(
         default_factory=StoreConfig, description="Prefill workers' tiered KV store (prefix "
         "reuse across requests and workers).")
+    offload: OffloadConfig = Field(
+        default_factory=OffloadConfig, description="Attention offload to attention workers "
+        "(serve --attention-workers N).")
 
     @model_validator(mode="after")
     def _chunks_are_whole_blocks(self) -> WorkerConfig:
@@ -101,6 +128,7 @@ class WorkerInfo:
     pod: str = ""  # the Kubernetes pod (POD_NAME, from the downward API); "" elsewhere
     pid: int = 0  # the worker's process id on its node
     kv_peer_ids: tuple[str, ...] = ()  # how KV peers know it (NIXL agent names)
+    channel: str = ""  # an attention worker's attention channel, "host:port"
 
 
 @dataclass(frozen=True)
@@ -115,6 +143,8 @@ class WorkerStats:
     control_calls: dict[str, int] = field(default_factory=dict)  # "stats"/"reserve" -> calls
     rss_bytes: int = 0  # this process's resident memory (0 where /proc is missing)
     drain_requested: bool = False  # it got a SIGTERM: the pool manager drains it
+    attention: Any = None  # an attention worker's `AttentionStats`
+    offload: Any = None  # a decode worker's `OffloadStats` (attention offload)
 
 
 class WorkerStepError(RuntimeError):
@@ -229,7 +259,12 @@ class EngineWorker:
         return WorkerStats(await self._engine.call(LLMEngine.stats), self.num_open_requests(),
                            dict(self.handoffs), self.store.stats() if self.store else None,
                            self.codec_choices(), self.handoff_bytes, self.handoff_s,
-                           dict(self.calls), resident_bytes(), self.drain_requested)
+                           dict(self.calls), resident_bytes(), self.drain_requested,
+                           offload=await self.offload_stats())
+
+    async def offload_stats(self) -> Any:
+        """A decode worker's attention-offload figures (`OffloadStats`); None elsewhere."""
+        return None
 
     async def prompt_logprobs(self, token_ids: list[int], top_n: int) -> list[TokenLogprobs]:
         """The raw logprobs of a prompt's tokens (from its second), each with its top_n."""

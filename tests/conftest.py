@@ -103,7 +103,8 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             resources={"tandem_prefill": 8, "tandem_decode": 8, "tandem_colocated": 8})
+             resources={"tandem_prefill": 8, "tandem_decode": 8, "tandem_colocated": 8,
+                        "tandem_memory": 8})
     yield ray
     ray.shutdown()
 

@@ -26,6 +26,14 @@ class HeldRange:
     blocks: list[int] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Answered:
+    out_lse: tuple[torch.Tensor, torch.Tensor]
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.out_lse
+
+
 class RangeKV:
     def __init__(self, spec: KVSpec, num_blocks: int, device: torch.device | str = "cpu") \
             -> None:
@@ -34,9 +42,9 @@ class RangeKV:
         self._free = list(range(num_blocks - 1, -1, -1))  # popped from the end: ascending ids
         self.ranges: dict[str, HeldRange] = {}
         self._step_slots: dict[str, torch.Tensor] = {}  # this decode step's slot per sequence
-        # Block tables and lengths of the last batch attended: every layer of a step asks for
-        # the same, so they are built once; any change to what is held clears them.
-        self._tables: tuple[tuple[str, ...], torch.Tensor, torch.Tensor] | None = None
+        # Block tables and lengths per batch attended: every layer of a step asks for the same
+        # (one per micro-batch), so they are built once; any change to what is held clears them.
+        self._tables: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def num_free_blocks(self) -> int:
@@ -54,7 +62,7 @@ class RangeKV:
         if first_token < 0:
             raise ValueError(f"first_token: {first_token} is negative")
         self.ranges[seq_id] = HeldRange(first_token)
-        self._tables = None
+        self._tables.clear()
 
     def grow(self, seq_id: str, num_tokens: int) -> torch.Tensor:
         """Room for `num_tokens` more tokens at the end of the range; their flat slots (block *
@@ -62,7 +70,7 @@ class RangeKV:
         is short."""
         slots = self._room(seq_id, num_tokens)
         self.ranges[seq_id].num_tokens += num_tokens
-        self._tables = None
+        self._tables.clear()
         return slots
 
     def _room(self, seq_id: str, num_tokens: int) -> torch.Tensor:
@@ -74,7 +82,7 @@ class RangeKV:
             raise OutOfBlocksError(f"sequence {seq_id}: {needed} more KV blocks needed, "
                                    f"{len(self._free)} free on this attention worker")
         held.blocks.extend(self._free.pop() for _ in range(needed))
-        self._tables = None
+        self._tables.clear()
         offsets = torch.arange(held.num_tokens, held.num_tokens + num_tokens)
         table = torch.tensor(held.blocks, dtype=torch.long)
         return table[offsets // bs] * bs + offsets % bs
@@ -104,7 +112,7 @@ class RangeKV:
             for seq_id in seq_ids:
                 self.ranges[seq_id].num_tokens += 1
                 del self._step_slots[seq_id]
-            self._tables = None
+            self._tables.clear()
 
     def attend(self, layer: int, seq_ids: list[str], q: torch.Tensor, scale: float) \
             -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,8 +126,9 @@ class RangeKV:
 
     def _batch_tables(self, seq_ids: list[str], device: torch.device) \
             -> tuple[torch.Tensor, torch.Tensor]:
-        if self._tables is not None and self._tables[0] == tuple(seq_ids):
-            return self._tables[1], self._tables[2]
+        key = tuple(seq_ids)
+        if key in self._tables:
+            return self._tables[key]
         lengths = [self.ranges[s].num_tokens if s in self.ranges else 0 for s in seq_ids]
         width = max([len(self.ranges[s].blocks) for s in seq_ids if s in self.ranges] or [1])
         # Sequences with fewer blocks read block 0 as padding; `lengths` masks it out.
@@ -127,13 +136,19 @@ class RangeKV:
         for row, seq_id in enumerate(seq_ids):
             blocks = self.ranges[seq_id].blocks if seq_id in self.ranges else []
             tables[row, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
-        self._tables = (tuple(seq_ids), tables.to(self.cache.data.device),
-                        torch.tensor(lengths, device=device))
-        return self._tables[1], self._tables[2]
+        built = self._tables[key] = (tables.to(self.cache.data.device),
+                                     torch.tensor(lengths, device=device))
+        return built
+
+    def request_attend(self, layer: int, seq_ids: list[str], q: torch.Tensor,
+                       scale: float) -> Answered:
+        """`attend`, as a `KVHolder` answers: here at once."""
+        return Answered(self.attend(layer, seq_ids, q, scale))
 
     def free(self, seq_id: str) -> None:
+        self._step_slots.pop(seq_id, None)  # a step cut short (another holder failed)
         held = self.ranges.pop(seq_id, None)
-        self._tables = None
+        self._tables.clear()
         if held is not None:
             self._free.extend(reversed(held.blocks))
 

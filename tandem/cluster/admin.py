@@ -57,7 +57,8 @@ def status_of(model: str, monitor: WorkerMonitor, router: Router) -> apb.StatusR
                for role, n in total.items()],
         workers=[_worker(w, now) for w in workers],
         num_requests_running=sum(w.stats.engine.num_running for w in workers
-                                 if w.stats is not None and w.role != "prefill"),
+                                 if w.stats is not None
+                                 and w.role in ("decode", "colocated")),
         num_requests_waiting=router.num_queued,
         uptime_s=now - monitor.started)
 

@@ -81,6 +81,10 @@ class ServeConfig(_Strict):
     decode_workers: int = Field(1, ge=1, description="Decode pool size.")
     colocated: bool = Field(
         False, description="Workers run both phases (prefill_workers + decode_workers of them).")
+    attention_workers: int = Field(
+        0, ge=0, description="Attention pool size (memory-heavy nodes, Ray resource "
+        "tandem_memory): they hold offloaded requests' KV by token range and run their "
+        "attention, while decode workers run the dense layers (worker.offload). 0 = no offload.")
     worker: WorkerConfig = Field(default_factory=WorkerConfig, description="Every worker.")
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -89,6 +93,8 @@ class ServeConfig(_Strict):
     def _name(self) -> ServeConfig:
         if self.served_model_name == "":
             raise ValueError("served_model_name must not be empty")
+        if self.colocated and self.attention_workers:
+            raise ValueError("attention_workers needs disaggregated serving (colocated is set)")
         return self
 
     @property

@@ -13,6 +13,7 @@ from typing import Any
 
 import ray
 
+from tandem.attention_worker.worker import AttentionWorker
 from tandem.cluster.config import ServeConfig
 from tandem.decode_worker.worker import DecodeWorker
 from tandem.faults import ENV_VAR as FAULTS_ENV
@@ -21,7 +22,7 @@ from tandem.prefill_worker.worker import PrefillWorker
 logger = logging.getLogger(__name__)
 
 POOL_RESOURCES = {"prefill": "tandem_prefill", "decode": "tandem_decode",
-                  "colocated": "tandem_colocated"}
+                  "colocated": "tandem_colocated", "attention": "tandem_memory"}
 # Passed on to worker processes: fault injection, logging, tokenizer threads, UCX (NIXL).
 POOL_CAPACITY = 16  # workers a local cluster can hold per pool
 FORWARDED_ENV = (FAULTS_ENV, "TANDEM_LOG_LEVEL", "TOKENIZERS_PARALLELISM")
@@ -35,7 +36,8 @@ def connect_ray(config: ServeConfig) -> bool:
         ray.init(address=config.ray.address, logging_level=logging.WARNING)
         return False
     # Each pool resource, as much as a pool may grow to, so added workers can be placed.
-    workers = max(config.prefill_workers + config.decode_workers, POOL_CAPACITY)
+    workers = max(config.prefill_workers + config.decode_workers + config.attention_workers,
+                  POOL_CAPACITY)
     # Token authentication, asked for explicitly: Ray then makes a token (~/.ray/auth_token)
     # when there is none, instead of warning that it turned authentication on by itself.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
@@ -46,9 +48,9 @@ def connect_ray(config: ServeConfig) -> bool:
 
 
 def start_pool(pool: str, count: int, config: ServeConfig, first_slot: int = 0) -> list[Any]:
-    """Create `count` worker actors of `pool` (prefill, decode or colocated), for the slots
-    from `first_slot` on."""
-    cls = PrefillWorker if pool == "prefill" else DecodeWorker
+    """Create `count` worker actors of `pool` (prefill, decode, colocated or attention), for
+    the slots from `first_slot` on."""
+    cls = {"prefill": PrefillWorker, "attention": AttentionWorker}.get(pool, DecodeWorker)
     env = {k: v for k, v in os.environ.items() if k in FORWARDED_ENV or k.startswith("UCX_")}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env.setdefault("OMP_NUM_THREADS", str(config.worker.engine.num_threads or 1))

@@ -39,7 +39,7 @@ async def _nothing_to_move(worker: PoolWorker) -> int:
 
 @dataclass
 class PoolWorker:
-    role: str  # "prefill", "decode" or "colocated"
+    role: str  # "prefill", "decode", "colocated" or "attention"
     slot: int  # its index in its pool's lists: stable for the life of the cluster
     actor: Any
     info: WorkerInfo | None = None
@@ -65,6 +65,8 @@ class PoolManager:
         self.decode_actors: list[Any] = []  # colocated workers in colocated mode
         self.kv_transports: list[tuple[str, ...]] = []  # per prefill slot
         self.kv_receivers: list[tuple[ReceiverInfo, ...]] = []  # per decode slot
+        self.attention_actors: list[Any] = []
+        self.attention_infos: list[WorkerInfo | None] = []  # per attention slot; None: starting
         self.on_change: Callable[[PoolWorker], None] = lambda worker: None
         # Moves a draining decode worker's requests elsewhere (the router); how many moved.
         self.evict: Callable[[PoolWorker], Awaitable[int]] = _nothing_to_move
@@ -93,7 +95,8 @@ class PoolManager:
         """Start the configured pools; every worker's info, prefill pool first."""
         c = self.config
         counts = {"colocated": c.prefill_workers + c.decode_workers} if c.colocated else \
-            {"prefill": c.prefill_workers, "decode": c.decode_workers}
+            {"prefill": c.prefill_workers, "decode": c.decode_workers,
+             "attention": c.attention_workers}
         for role, count in counts.items():
             for actor in start_pool(role, count, c, first_slot=0):
                 self._append(PoolWorker(role, len(self.of(role)), actor))
@@ -119,6 +122,8 @@ class PoolManager:
         worker.info = await worker.actor.start.remote()
         if worker.role == "prefill":
             self.kv_transports[worker.slot] = worker.info.kv_transports
+        elif worker.role == "attention":
+            self.attention_infos[worker.slot] = worker.info
         else:
             self.kv_receivers[worker.slot] = worker.info.kv_receivers
         worker.state = "ready"
@@ -128,6 +133,9 @@ class PoolManager:
         if worker.role == "prefill":
             self.prefill_actors.append(worker.actor)
             self.kv_transports.append(())
+        elif worker.role == "attention":
+            self.attention_actors.append(worker.actor)
+            self.attention_infos.append(None)
         else:
             self.decode_actors.append(worker.actor)
             self.kv_receivers.append(())
@@ -155,7 +163,7 @@ class PoolManager:
         actor = start_pool(old.role, 1, self.config, first_slot=old.slot)[0]
         new = PoolWorker(old.role, old.slot, actor, restarts=old.restarts)
         self.members[self.members.index(old)] = new
-        (self.prefill_actors if old.role == "prefill" else self.decode_actors)[old.slot] = actor
+        self._actors(old.role)[old.slot] = actor
         try:
             await asyncio.wait_for(self._start(new), START_TIMEOUT_S)
         except Exception:
@@ -187,7 +195,7 @@ class PoolManager:
             raise ValueError(f"worker {worker.id} is {worker.state}, not ready")
         worker.state = "draining"
         self.on_change(worker)
-        moved = await self.evict(worker) if worker.role != "prefill" else 0
+        moved = await self.evict(worker) if worker.role in ("decode", "colocated") else 0
         deadline = asyncio.get_running_loop().time() + timeout_s
         while True:  # until it holds nothing (bounded: what is left is freed by remove)
             try:
@@ -213,8 +221,12 @@ class PoolManager:
         self.on_change(worker)
         return moved
 
+    def _actors(self, role: str) -> list[Any]:
+        return {"prefill": self.prefill_actors, "attention": self.attention_actors}.get(
+            role, self.decode_actors)
+
     def _check_role(self, role: str) -> None:
-        allowed = ("colocated",) if self.config.colocated else ("prefill", "decode")
+        allowed = ("colocated",) if self.config.colocated else ("prefill", "decode", "attention")
         if role not in allowed:
             raise ValueError(f"role: {role!r} is not a pool of this cluster "
                              f"({', '.join(allowed)})")

@@ -17,9 +17,17 @@ from typing import Any
 from ray.exceptions import RayActorError
 
 from tandem.cluster.errors import ClusterError, WorkerUnavailable, message_of, translate
-from tandem.cluster.routed import DecodeLost, Placement, PrefillLost, RequestMoving, RoutedRequest
+from tandem.cluster.routed import (
+    AttentionLost,
+    DecodeLost,
+    Placement,
+    PrefillLost,
+    RequestMoving,
+    RoutedRequest,
+)
 from tandem.decode_worker.migration import MIGRATED
 from tandem.decode_worker.worker import TokenDelta
+from tandem.engine.offload import KV_LOST
 from tandem.prefill_worker.worker import PrefillResult
 from tandem.transfer.errors import TransferUnavailable
 
@@ -55,6 +63,10 @@ class TokenRelay:
                     raise DecodeLost(str(e)) from None
                 raise
             for delta in deltas:
+                if delta.finish_reason == KV_LOST:  # an attention worker holding it is gone
+                    if delta.token_ids:
+                        yield replace(delta, finish_reason=None)
+                    raise AttentionLost("an attention worker holding its KV was lost")
                 if delta.finish_reason == MIGRATED:  # every token it made here came before
                     raise RequestMoving("its decode worker suspended it to move it")
                 if placed.evicted and delta.finish_reason == "abort":  # moved, not ended

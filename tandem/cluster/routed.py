@@ -49,6 +49,11 @@ class Placement:
     moving: asyncio.Future | None = None  # its move to another decode worker (a `Move`)
     move_target: Any = None  # where it moves, once the pre-copy reserved blocks there
     moving_since: float = 0.0  # when it was suspended
+    # Attention offload: (attention slot, first token, tokens, blocks) per KV range, the
+    # attention workers holding them, and where the sequence goes when its tail is full.
+    ranges: list[tuple[int, int, int, list[int]]] = field(default_factory=list)
+    attention: list[Any] = field(default_factory=list)
+    spill_to: list[int] = field(default_factory=list)
 
 
 class WorkerLost(WorkerUnavailable):
@@ -61,6 +66,10 @@ class DecodeLost(WorkerLost):
 
 class RequestMoving(WorkerLost):
     """Its decode worker suspended it so that it moves, KV and all, to another one."""
+
+
+class AttentionLost(WorkerLost):
+    """An attention worker holding part of its KV is gone: it resumes by recomputation."""
 
 
 class PrefillLost(WorkerLost):

@@ -31,6 +31,7 @@ from tandem.cluster.errors import (
 )
 from tandem.cluster.kv_index import KVIndex
 from tandem.cluster.migration import Migrator
+from tandem.cluster.offload_placement import OffloadPlacer
 from tandem.cluster.relay import TokenRelay
 from tandem.cluster.routed import Placement, PrefillLost, RequestMoving, RoutedRequest, WorkerLost
 from tandem.cluster.routing_policy import decode_order, pick_prefill
@@ -40,13 +41,14 @@ from tandem.engine.sampler import TokenLogprobs
 from tandem.prefill_worker.worker import PrefillResult
 from tandem.transfer import TransportNotUsable, choose_receiver, log_fallback
 from tandem.transfer.base import ReceiverInfo
+from tandem.worker_base import OffloadConfig, WorkerInfo
 
 logger = logging.getLogger(__name__)
 
 
 
 @dataclass
-class Router(Migrator, TokenRelay):
+class Router(Migrator, OffloadPlacer, TokenRelay):
     prefill_workers: list[Any]
     decode_workers: list[Any]  # colocated workers in colocated mode
     kv_receivers: list[tuple[ReceiverInfo, ...]]  # how to reach each decode worker
@@ -63,6 +65,11 @@ class Router(Migrator, TokenRelay):
     lost_prefill: set[int] = field(default_factory=set)  # prefill workers seen dead
     draining: set[int] = field(default_factory=set)  # decode slots that take no new request
     queued_prompt_tokens: dict[int, int] = field(default_factory=dict)  # prefill index -> tokens
+    attention_workers: list[Any] = field(default_factory=list)  # attention offload's holders
+    attention_infos: list[WorkerInfo | None] = field(default_factory=list)  # None: not serving
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    num_offloaded: int = 0
+    num_capacity_waits: int = 0  # times a request found no worker with room and waited
     active: dict[str, Placement] = field(default_factory=dict)
     _cleanups: set[asyncio.Task] = field(default_factory=set)
 
@@ -150,7 +157,13 @@ class Router(Migrator, TokenRelay):
             req.queue_s = time.perf_counter() - started
         if decode is not None:
             placed.decode, placed.decode_slot = self.decode_workers[decode], decode
-        if not self.colocated and not placed.aborted:
+        if not self.colocated and not placed.aborted and placed.ranges:
+            index = placed.prefill_index = self._pick_prefill(req)
+            placed.prefill = self.prefill_workers[index]
+            placed.prefill_task = asyncio.ensure_future(
+                self._prefill_offloaded(index, req, placed))
+            placed.prefill_task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        elif not self.colocated and not placed.aborted:
             index = placed.prefill_index = self._pick_prefill(req)
             try:
                 receiver, reason = choose_receiver(self.kv_transports[index],
@@ -171,18 +184,28 @@ class Router(Migrator, TokenRelay):
         and the blocks; (None, []) if the request was aborted while it waited."""
         while not placed.aborted:
             seen = self.admission.generation
-            for i in await self._decode_order():
+            wanted = False if self.colocated else self.offload_wanted(req)
+            order = await self._decode_order()
+            for i in order if wanted is not True else ():
                 worker = self.decode_workers[i]
                 method = worker.generate if self.colocated else worker.reserve
                 # Set before the call: if we stop waiting (deadline, disconnect), the call may
                 # still succeed remotely, and the clean-up must know where to abort.
                 placed.decode = worker
                 try:
+                    # Under offload auto, a decode worker takes it only if it can finish there.
+                    more = {"whole": True} if wanted is None else {}
                     blocks = await self._call(method.remote(
-                        req.worker_id, req.prompt_token_ids, req.params), keep=OutOfBlocksError)
+                        req.worker_id, req.prompt_token_ids, req.params, **more),
+                        keep=OutOfBlocksError)
                     return i, blocks or []
                 except OutOfBlocksError:
                     placed.decode = None
+            if wanted is not False and await self.reserve_ranges(req, placed):
+                placed.decode = self.decode_workers[order[0]]  # it holds no block for it
+                await self._call(placed.decode.expect_offloaded.remote(req.worker_id))
+                return order[0], []
+            self.num_capacity_waits += 1
             await self.admission.wait_for_capacity(seen)  # a request ends, or a re-check
         return None, []
 
@@ -265,6 +288,8 @@ class Router(Migrator, TokenRelay):
             calls.append(placed.decode.abort.remote(placed.worker_id, placed.transport))
         if placed.prefill is not None:
             calls.append(placed.prefill.abort.remote(placed.worker_id))
+        for holder in placed.attention:  # its KV ranges, reserved or held
+            calls.append(holder.abort.remote(placed.worker_id, placed.transport))
         results = await asyncio.gather(
             *(asyncio.wait_for(call, self.call_timeout_s) for call in calls),
             return_exceptions=True)

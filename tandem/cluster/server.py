@@ -75,7 +75,9 @@ class TandemServer:
         # The pools' lists, changed in place as workers come and go: the router shares them.
         self.prefill_workers, self.decode_workers = \
             self.pools.prefill_actors, self.pools.decode_actors
-        logger.info("loading the model on %d workers", c.prefill_workers + c.decode_workers)
+        logger.info("loading the model on %d workers%s", c.prefill_workers + c.decode_workers,
+                    f" (and {c.attention_workers} attention workers, which load no weights)"
+                    if c.attention_workers else "")
         tokenizer_task = asyncio.create_task(
             asyncio.to_thread(load_tokenizer, c.worker.engine.model))
         infos = await self.pools.start()
@@ -95,7 +97,9 @@ class TandemServer:
                              kv_transports, c.colocated,
                              c.gateway.max_queued_requests, c.gateway.worker_call_timeout_s,
                              handoff_timeout_s=c.worker.handoff_timeout_s,
-                             block_size=infos[0].kv_spec.block_size)
+                             block_size=infos[0].kv_spec.block_size,
+                             attention_workers=self.pools.attention_actors,
+                             attention_infos=self.pools.attention_infos, offload=c.worker.offload)
         store = c.worker.kv_store
         if store.enabled and not c.colocated:
             self.router.kv_index = KVIndex(
@@ -120,7 +124,7 @@ class TandemServer:
             self.rebalancer.start()
         self.pools.start_health_checks()
         pools = [w.stats.engine.num_blocks for w in self.monitor.workers
-                 if w.role != "prefill" and w.stats is not None]
+                 if w.role in ("decode", "colocated") and w.stats is not None]
         if pools:
             frontend.kv_capacity_tokens = min(pools) * infos[0].kv_spec.block_size
         limit = c.gateway.max_message_bytes

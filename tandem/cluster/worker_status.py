@@ -135,4 +135,4 @@ class WorkerMonitor:
             tiers=tiers, cachegen_levels=dict(levels),
             pool_workers=dict(Counter(w.role for w in live)),
             num_running=sum(w.stats.engine.num_running for w in live
-                            if w.stats is not None and w.role != "prefill"))
+                            if w.stats is not None and w.role in ("decode", "colocated")))

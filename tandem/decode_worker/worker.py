@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, replace
 
 from tandem.decode_worker.migration import MIGRATED, MigrationSource
+from tandem.decode_worker.offload import OffloadedDecoding
+from tandem.engine.config import EngineConfig
 from tandem.engine.errors import EngineError
 from tandem.engine.loader import LoadedModel
 from tandem.engine.outputs import RequestOutput
@@ -54,7 +56,7 @@ class TokenDelta:
     logprobs: list[TokenLogprobs | None] | None = None
 
 
-class DecodeWorker(MigrationSource, EngineWorker, KVSink):
+class DecodeWorker(MigrationSource, OffloadedDecoding, EngineWorker, KVSink):
     role = "decode"
 
     def __init__(self, config: WorkerConfig, model_id: str, receives_kv: bool = True,
@@ -67,6 +69,11 @@ class DecodeWorker(MigrationSource, EngineWorker, KVSink):
         self._leases: dict[str, float] = {}  # request -> monotonic time its lease ends
         self._sweeper: asyncio.Task | None = None
         self.num_expired = 0  # requests freed because their lease ran out
+
+    def engine_config(self) -> EngineConfig:
+        blocks = self.config.offload.decode_kv_blocks
+        engine = self.config.engine
+        return engine.model_copy(update={"num_kv_blocks": blocks}) if blocks else engine
 
     async def start(self) -> WorkerInfo:
         names = available_transports(self.config.kv_transport, self.config.tls is not None) \
@@ -82,6 +89,7 @@ class DecodeWorker(MigrationSource, EngineWorker, KVSink):
             # Senders introduce themselves through this handle (Ray), never over the transport.
             self.kv_receivers = (*self.kv_receivers, replace(receiver, control=own_actor()))
         self._init_migration()  # its transports also send, to move requests to peers
+        self._init_offload()
         self._sweeper = asyncio.get_running_loop().create_task(self._expire_leases())
         return self.info()
 
@@ -119,13 +127,14 @@ class DecodeWorker(MigrationSource, EngineWorker, KVSink):
                                  f"{', '.join(t.name for t in self.transports) or 'none'})")
 
     async def reserve(self, request_id: str, prompt_token_ids: list[int],
-                      params: SamplingParams, num_sent: int = 0) -> list[int]:
+                      params: SamplingParams, num_sent: int = 0, whole: bool = False) \
+            -> list[int]:
         """Hold blocks for a prompt and return their ids, in order; raises OutOfBlocksError
         when too few are free. `num_sent`: output tokens the client has already (1 for a
         request migrated here: the last token sampled before it moved)."""
         self.calls["reserve"] += 1
         blocks = await self._open(
-            request_id, lambda e: e.reserve(request_id, prompt_token_ids, params))
+            request_id, lambda e: e.reserve(request_id, prompt_token_ids, params, whole))
         for transport in self.transports:
             transport.reserved(request_id)
         self._reserved[request_id] = Reservation(blocks, len(prompt_token_ids),
@@ -272,4 +281,5 @@ class DecodeWorker(MigrationSource, EngineWorker, KVSink):
             self._sweeper.cancel()
         for transport in self.transports:
             await transport.close()
+        self._close_channels()
         await super().shutdown()

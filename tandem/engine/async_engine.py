@@ -148,7 +148,7 @@ class AsyncEngine:
             return True
         for output in outputs:
             item: StreamItem = output
-            if output.error is not None:  # this request alone failed
+            if output.error is not None and output.finish_reason == "error":  # it alone failed
                 item = RequestFailedError(f"request {output.request_id}: {output.error}")
             elif self.on_output is not None:
                 try:

@@ -123,6 +123,10 @@ class EngineConfig(BaseModel):
         True, description="On CUDA, replay captured graphs for decode-only steps (one per batch "
         "size bucket); prefill and mixed steps run eagerly. Ignored on CPU.")
     max_num_seqs: int = Field(64, gt=0, description="Most sequences in one running batch.")
+    offload_micro_batches: int = Field(
+        2, ge=1, le=2, description="Sequences decoding with offloaded attention run as this "
+        "many micro-batches: 2 is the ping-pong pipeline (one's dense layers run here while "
+        "the other's attention runs on the attention workers), 1 runs them as one.")
     max_num_batched_tokens: int = Field(
         2048, gt=0, description="Token budget of one step (prefill chunks + decodes).")
     max_model_len: int | None = Field(

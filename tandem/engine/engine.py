@@ -25,6 +25,7 @@ from tandem.engine.host_memory import keep_freed_memory
 from tandem.engine.kv_cache import DTYPES, KVBlocks, KVCache, KVSpec
 from tandem.engine.loader import LoadedModel, load_model
 from tandem.engine.model_runner import ModelRunner
+from tandem.engine.offload import KV_LOST
 from tandem.engine.output_processor import OutputProcessor
 from tandem.engine.outputs import EngineStats, RequestOutput
 from tandem.engine.sampler import Sampler
@@ -109,8 +110,8 @@ class LLMEngine(PhaseHandoff):
         self.seqs[request_id] = seq
         self.scheduler.add(seq)
 
-    def _new_sequence(self, request_id: str, prompt: list[int], params: SamplingParams) \
-            -> Sequence:
+    def _new_sequence(self, request_id: str, prompt: list[int], params: SamplingParams,
+                      offloaded: bool = False) -> Sequence:
         if request_id in self.seqs:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if not prompt:
@@ -123,7 +124,7 @@ class LLMEngine(PhaseHandoff):
             raise ValueError(f"prompt: {len(prompt)} tokens leave no room to generate within "
                              f"max_model_len={self.max_model_len}")
         longest = min(len(prompt) + params.max_tokens, self.max_model_len)
-        if self.kv_spec.num_blocks_for(longest) > self.blocks.num_blocks:
+        if not offloaded and self.kv_spec.num_blocks_for(longest) > self.blocks.num_blocks:
             raise ValueError(
                 f"max_tokens: prompt ({len(prompt)}) + max_tokens ({params.max_tokens}) needs "
                 f"more KV blocks than the engine has ({self.blocks.num_blocks}); "
@@ -160,13 +161,16 @@ class LLMEngine(PhaseHandoff):
         result = self.runner.execute(batch)
         for chunk in batch:
             chunk.seq.num_computed_tokens += chunk.num_tokens
-            self.blocks.register_full_blocks(chunk.seq)
+            if chunk.seq.offload is None:
+                self.blocks.register_full_blocks(chunk.seq)
         if result is None:
             return []
         outputs = []
         for seq, token, logprobs, error in zip(sampled, result.token_ids, result.logprobs,
                                                result.errors, strict=True):
             self.outputs.append(seq, token, logprobs, error)
+            if seq.offload is not None and seq.offload.lost is not None:
+                seq.finish_reason = KV_LOST  # it resumes elsewhere, not a failure
             if seq.finish_reason is not None or seq.prefill_only:
                 self._retire(seq)
             outputs.append(self.outputs.output(seq))
@@ -203,6 +207,8 @@ class LLMEngine(PhaseHandoff):
             return
         seq.status = SequenceStatus.FINISHED
         self.blocks.free_blocks(seq)
+        if seq.offload is not None:
+            seq.offload.release()
         del self.seqs[seq.request_id]
 
     # -- control -------------------------------------------------------------------------------

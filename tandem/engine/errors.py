@@ -20,3 +20,12 @@ class OutOfBlocksError(EngineError):
 class RequestFailedError(EngineError):
     """One request failed while it was computed (e.g. its logits were not finite); the other
     requests of the batch go on."""
+
+
+class KVHolderLost(EngineError):
+    """A holder of offloaded KV (an attention worker) stopped answering or failed: the
+    sequences whose KV it holds cannot go on here (they resume elsewhere)."""
+
+    def __init__(self, holder: str, message: str) -> None:
+        super().__init__(f"attention worker {holder}: {message}")
+        self.holder = holder

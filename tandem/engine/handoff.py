@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 from tandem.engine.errors import EngineError, OutOfBlocksError
 from tandem.engine.kv_cache import KVBlocks
+from tandem.engine.offload import OffloadedSequence
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import SamplingParams
-from tandem.engine.sequence import SequenceStatus
+from tandem.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,13 @@ class PhaseHandoff:
             raise
 
     def reserve(self, request_id: str, prompt_token_ids: list[int],
-                params: SamplingParams) -> list[int]:
-        """Hold KV blocks for a prompt whose KV will arrive from elsewhere; returns block ids."""
+                params: SamplingParams, whole: bool = False) -> list[int]:
+        """Hold KV blocks for a prompt whose KV will arrive from elsewhere; returns block ids.
+        `whole`: only if the free blocks also cover its growth to max_tokens, after what the
+        requests here may still grow to (else OutOfBlocksError: it goes elsewhere)."""
         seq = self._new_sequence(request_id, list(prompt_token_ids), params)
+        if whole:
+            self._check_room_to_finish(seq)
         if not self.blocks.grow(seq, seq.num_tokens):
             raise OutOfBlocksError(
                 f"request {request_id}: {self.kv_spec.num_blocks_for(seq.num_tokens)} KV blocks "
@@ -58,6 +63,19 @@ class PhaseHandoff:
         seq.status = SequenceStatus.RESERVED
         self.seqs[request_id] = seq
         return list(seq.block_table)
+
+    def _check_room_to_finish(self, seq: Sequence) -> None:
+        def growth(s: Sequence) -> int:
+            longest = min(s.num_prompt_tokens + s.params.max_tokens, self.max_model_len)
+            return self.kv_spec.num_blocks_for(longest) - len(s.block_table)
+
+        promised = sum(growth(s) for s in self.seqs.values()
+                       if s.offload is None and s.status != SequenceStatus.FINISHED)
+        if growth(seq) + promised > self.blocks.num_free_blocks:
+            raise OutOfBlocksError(
+                f"request {seq.request_id}: {growth(seq)} KV blocks needed to finish, "
+                f"{self.blocks.num_free_blocks - promised} free after what running requests "
+                "may still take")
 
     def adopt(self, request_id: str, kv: KVBlocks | None,
               output_token_ids: list[int]) -> RequestOutput:
@@ -104,11 +122,34 @@ class PhaseHandoff:
         return list(self._get(request_id).block_table)
 
     def release(self, request_id: str) -> None:
-        """Free a prefilled request's blocks once its KV has been handed off."""
+        """Free a prefilled request's blocks once its KV has been handed off (an offloaded
+        one's KV on its attention workers)."""
         seq = self._get(request_id)
         self.scheduler.remove(seq)
         self.blocks.free_blocks(seq)
+        if seq.offload is not None:
+            seq.offload.release()
         del self.seqs[request_id]
+
+    def adopt_offloaded(self, request_id: str, prompt_token_ids: list[int],
+                        output_token_ids: list[int], params: SamplingParams,
+                        offload: OffloadedSequence) -> RequestOutput:
+        """Decode a request whose prompt KV sits on attention workers (`offload.holders`),
+        holding no block here; it joins the batch like an adopted one."""
+        seq = self._new_sequence(request_id, list(prompt_token_ids), params, offloaded=True)
+        if not output_token_ids or len(output_token_ids) > params.max_tokens:
+            raise ValueError(f"output_token_ids: need 1 to {params.max_tokens} tokens, "
+                             f"got {len(output_token_ids)}")
+        seq.offload = offload
+        seq.num_computed_tokens = seq.num_tokens
+        seq.token_ids.extend(output_token_ids)
+        self.seqs[request_id] = seq
+        self.outputs.check_stop(seq, len(output_token_ids))
+        if seq.finish_reason is not None:
+            self._retire(seq)
+        else:
+            self.scheduler.add(seq)
+        return self.outputs.output(seq)
 
     def unpin_blocks(self, blocks: list[int]) -> None:
         """Give back blocks a preemption pinned for a transfer that read them (`on_preempt`)."""
@@ -146,6 +187,9 @@ class PhaseHandoff:
         until `release`. Only a request whose KV covers all but its last token can move so:
         one still prefilling, or preempted and waiting to recompute, raises EngineError."""
         seq = self._get(request_id)
+        if seq.offload is not None:
+            raise EngineError(f"request {request_id} decodes with offloaded attention: its KV "
+                              "is on attention workers, not here to move")
         if seq.status not in (SequenceStatus.RUNNING, SequenceStatus.WAITING) \
                 or seq.num_output_tokens == 0 or seq.num_uncomputed_tokens != 1:
             raise EngineError(f"request {request_id} is {seq.status.name} with "

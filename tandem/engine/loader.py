@@ -70,6 +70,11 @@ def load_tokenizer(model: str | None) -> tuple[Tokenizer, ModelConfig]:
         "with config.json")
 
 
+def model_fingerprint(path: Path, config: ModelConfig) -> str:
+    """What KV computed by this checkpoint is known by (`fingerprint.py`)."""
+    return content_fingerprint(path, f"{path.name}:{config.num_layers}x{config.hidden_size}")
+
+
 def load_model(
     model: str | None, dtype: torch.dtype, device: torch.device, max_positions: int | None = None
 ) -> LoadedModel:
@@ -93,8 +98,7 @@ def load_model(
     net.eval()
     if device.type == "cpu" and dtype == torch.bfloat16 and _has_onednn_linear():
         net.pack_for_cpu()
-    fingerprint = content_fingerprint(
-        path, f"{path.name}:{config.num_layers}x{config.hidden_size}")
+    fingerprint = model_fingerprint(path, config)
     logger.info("loaded %s (%s, %d layers) as %s on %s", path, config.architecture,
                 config.num_layers, dtype, device)
     return LoadedModel(config, net, tokenizer, fingerprint)

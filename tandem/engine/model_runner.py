@@ -24,6 +24,7 @@ from tandem.engine.cuda_graphs import (
 from tandem.engine.decode_inputs import DecodeInputs
 from tandem.engine.kv_cache import KVCache
 from tandem.engine.model import LlamaModel
+from tandem.engine.offload import OffloadTotals, offloaded_decode_step
 from tandem.engine.sampler import Sampler, SampleResult
 from tandem.engine.scheduler import ScheduledChunk
 from tandem.engine.triton_ops import runs_on
@@ -45,6 +46,8 @@ class ModelRunner:
         if self.use_triton and self.device.type == "cuda" and config.cuda_graphs:
             self.graphs = DecodeGraphs(model, cache, self.decode_inputs, self.bucket_sizes)
         self.pad_to_buckets = self.graphs is not None  # tests set it on CPU to pad as graphs do
+        self.offload_micro_batches = config.offload_micro_batches
+        self.offload_totals = OffloadTotals()
 
     @property
     def num_graph_replays(self) -> int:
@@ -56,6 +59,14 @@ class ModelRunner:
         in batch order; None when none completes."""
         sampled = [c.seq for c in batch if c.completes]
         inputs = self.sampler.prepare(sampled) if sampled else None  # uploads overlap the forward
+        if any(c.seq.offload is not None for c in batch):
+            assert inputs is not None  # offloaded chunks are decodes: they all sample
+            logits, lost = self._mixed(batch)
+            result = self.sampler.collect(self._to_host(self.sampler.sample(logits, inputs)),
+                                          inputs)
+            for row, why in lost.items():
+                result.errors[row] = why
+            return result
         if self._is_fast_decode(batch):
             logits = self._decode(batch)
         else:
@@ -74,6 +85,36 @@ class ModelRunner:
         """Float32 logits of every token of `batch` (teacher forcing), on the host."""
         step = build_eager_step(batch, self.cache, self.use_triton, all_logits=True)
         return self.model.logits(self.model(step.input_ids, step.positions, step.ctx)).cpu()
+
+    def _mixed(self, batch: list[ScheduledChunk]) -> tuple[torch.Tensor, dict[int, str]]:
+        """A batch with offloaded sequences: the local ones as usual, the offloaded ones with
+        their attention on the attention workers; logits of the sampled rows, in batch order,
+        and the rows whose offloaded KV was lost (by their index among the sampled)."""
+        rows = {id(c): i for i, c in enumerate(c for c in batch if c.completes)}
+        local = [c for c in batch if c.seq.offload is None]
+        away = [c for c in batch if c.seq.offload is not None]
+        step = offloaded_decode_step(
+            self.model, [c.seq.offload for c in away], [c.seq.token_ids[-1] for c in away],
+            [c.seq.num_computed_tokens for c in away], self.offload_micro_batches)
+        self.offload_totals.add(step, len(away))
+        logits = torch.empty(len(rows), step.logits.shape[-1], dtype=step.logits.dtype,
+                             device=self.device)
+        logits[[rows[id(c)] for c in away]] = step.logits
+        lost = {}
+        for i, why in step.lost.items():
+            away[i].seq.offload.lost = why
+            lost[rows[id(away[i])]] = why
+        if local:
+            if self._is_fast_decode(local):
+                part = self._decode(local)
+            else:
+                eager = build_eager_step(local, self.cache, self.use_triton)
+                hidden = self.model(eager.input_ids, eager.positions, eager.ctx)
+                part = self.model.logits(hidden.index_select(0, eager.sample_rows))
+            done = [rows[id(c)] for c in local if c.completes]
+            if done:
+                logits[done] = part.to(logits.dtype)
+        return logits, lost
 
     def _is_fast_decode(self, batch: list[ScheduledChunk]) -> bool:
         return all(c.num_tokens == 1 and c.completes and c.seq.on_layer_kv is None

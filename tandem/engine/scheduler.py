@@ -51,9 +51,11 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
-            while not self.blocks.grow(seq, seq.num_computed_tokens + n):
+            # Offloaded sequences hold no blocks here (their KV is on attention workers).
+            while seq.offload is None and not self.blocks.grow(seq, seq.num_computed_tokens + n):
                 preempted = True
-                if self._preempt(self.running[-1]) is seq:
+                victim = next(s for s in reversed(self.running) if s.offload is None)
+                if self._preempt(victim) is seq:
                     break
             if seq.status == SequenceStatus.RUNNING:
                 batch.append(ScheduledChunk(seq, n))
@@ -63,6 +65,13 @@ class Scheduler:
         while not preempted and self.waiting and budget > 0 \
                 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.offload is not None:  # decoding already, with no blocks to find here
+                self.waiting.popleft()
+                seq.status = SequenceStatus.RUNNING
+                self.running.append(seq)
+                batch.append(ScheduledChunk(seq, 1))
+                budget -= 1
+                continue
             hits = [] if seq.block_table else self.blocks.match_prefix(seq)
             start = seq.num_computed_tokens + len(hits) * self.blocks.block_size
             n = min(seq.num_tokens - start, budget)

@@ -12,6 +12,7 @@ from tandem.engine.attention import LayerKVCallback
 from tandem.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from tandem.engine.offload import OffloadedSequence
     from tandem.engine.sampler import TokenLogprobs
     from tandem.engine.stop_strings import StopStringMatcher
 
@@ -49,6 +50,8 @@ class Sequence:
     seed: int = 0  # the draws' seed: the request's, else a random one
     output_logprobs: list[TokenLogprobs] | None = None  # per output token, when asked
     stop_matcher: StopStringMatcher | None = None  # incremental stop-string search
+    # Where its KV is when attention is offloaded (attention workers); it holds no blocks then.
+    offload: OffloadedSequence | None = None
 
     def __post_init__(self) -> None:
         self.seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)

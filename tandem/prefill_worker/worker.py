@@ -40,6 +40,7 @@ from tandem.transfer import TransportNotUsable, available_transports, make_trans
 from tandem.transfer.base import Handoff, KVTarget, KVTransport, ReceiverInfo, SendSession
 from tandem.transfer.coded_piece import AdaptiveCoding
 from tandem.transfer.introductions import Introductions
+from tandem.transfer.ranges import RangedSession, RangeTarget, check_ranges
 from tandem.worker_base import EngineWorker, WorkerConfig, WorkerInfo
 
 logger = logging.getLogger(__name__)
@@ -110,12 +111,39 @@ class PrefillWorker(EngineWorker):
             -> PrefillResult:
         """Prefill and move the KV into `block_ids` of the decode worker at `receiver`;
         a segmented prompt's chunks are blended from their cached KV when it asks for it."""
+        target = KVTarget(receiver, tuple(block_ids), len(prompt_token_ids))
+        return await self._prefill(request_id, prompt_token_ids, params,
+                                   [RangeTarget(target, 0)], segments)
+
+    async def prefill_to_ranges(self, request_id: str, prompt_token_ids: list[int],
+                                params: SamplingParams, ranges: list[RangeTarget]) \
+            -> PrefillResult:
+        """Prefill and stream each token range's KV to its own receiver (attention workers
+        holding an offloaded sequence by range)."""
+        check_ranges(ranges, len(prompt_token_ids), self._engine.engine.kv_spec.block_size)
+        return await self._prefill(request_id, prompt_token_ids, params, ranges, None)
+
+    def _open_session(self, request_id: str, ranges: list[RangeTarget]) -> SendSession:
+        e = self._engine.engine
+        sessions = [self.transports[r.target.receiver.transport].open_session(
+            e.cache, e.fingerprint, r.target, request_id) for r in ranges]
+        if len(sessions) == 1:
+            return sessions[0]
+        bs = e.kv_spec.block_size
+        return RangedSession([(r.first_token // bs, len(r.target.block_ids), s)
+                              for r, s in zip(ranges, sessions, strict=True)])
+
+    async def _prefill(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams, ranges: list[RangeTarget],
+                       segments: SegmentedPrompt | None) -> PrefillResult:
         started = time.perf_counter()
         engine, n = self._engine, len(prompt_token_ids)
-        if receiver.transport not in self.transports:
-            have = ", ".join(self.transports)
-            raise TransportNotUsable(f"this prefill worker cannot send KV over "
-                                       f"{receiver.transport} (it has {have})")
+        for r in ranges:
+            if r.target.receiver.transport not in self.transports:
+                have = ", ".join(self.transports)
+                raise TransportNotUsable(f"this prefill worker cannot send KV over "
+                                         f"{r.target.receiver.transport} (it has {have})")
+        transport = ranges[0].target.receiver.transport
         stream = engine.open_stream(request_id)  # before the lookup: an abort closes it
         session: SendSession | None = None
         layerwise, handed_off, publish = self.streams_layerwise(n), False, False
@@ -130,13 +158,12 @@ class PrefillWorker(EngineWorker):
             loaded = cached.num_tokens if cached is not None else 0
             blended = await reuse.blend(request_id, segments, cached, params.cache_salt) \
                 if blending else None
-            await self.introductions.ensure(receiver)  # once per decode worker
+            for r in ranges:  # once per receiving worker
+                await self.introductions.ensure(r.target.receiver)
             computing = time.perf_counter()
             if not engine.has_stream(request_id):
                 raise RequestAborted(f"request {request_id} was aborted during its KV lookup")
-            session = self._sessions[request_id] = self.transports[receiver.transport] \
-                .open_session(engine.engine.cache, engine.engine.fingerprint,
-                              KVTarget(receiver, tuple(block_ids), n), request_id)
+            session = self._sessions[request_id] = self._open_session(request_id, ranges)
             streamer = self._streamers[request_id] = LayerStreamer(engine.engine, request_id, n,
                                                                    session)
             await engine.call(lambda e: _add(e, request_id, prompt_token_ids, params,
@@ -153,21 +180,21 @@ class PrefillWorker(EngineWorker):
                 raise RequestAborted(f"request {request_id} was aborted during prefill")
             prefilled = self._computed_at.pop(request_id, time.perf_counter())
             if streamer.restarted:  # preempted midway: the KV goes again, in one piece
-                session = await self._restream(request_id, session, streamer, receiver,
-                                               block_ids, n)
+                session = await self._restream(request_id, session, streamer, ranges, n)
             await session.finish(Handoff(request_id, item.token_ids),
                                  timeout=self.config.handoff_timeout_s)
             handed_off = True
             publish = self.store is not None
             if blended is None:
                 reuse.measure_prefill(n - item.num_cached_tokens, prefilled - computing)
-            self.handoffs[f"{receiver.transport}/{'layerwise' if layerwise else 'onepiece'}"] += 1
+            self.handoffs[f"{transport}/{'layerwise' if layerwise else 'onepiece'}"] += 1
             handoff_s = time.perf_counter() - prefilled
-            handoff_bytes = len(block_ids) * engine.engine.kv_spec.bytes_per_block
+            handoff_bytes = sum(len(r.target.block_ids) for r in ranges) \
+                * engine.engine.kv_spec.bytes_per_block
             self.handoff_bytes += handoff_bytes
             self.handoff_s += handoff_s
             return PrefillResult(item.token_ids, item.num_cached_tokens, prefilled - started,
-                                 handoff_s, receiver.transport, layerwise,
+                                 handoff_s, transport, layerwise,
                                  item.num_recomputed_tokens, item.logprobs, handoff_bytes)
         finally:
             self._streamers.pop(request_id, None)
@@ -193,21 +220,18 @@ class PrefillWorker(EngineWorker):
         return None if self.store is None else self.store.index.changes_since(since)
 
     async def _restream(self, request_id: str, session: SendSession, streamer: LayerStreamer,
-                        receiver: ReceiverInfo, block_ids: list[int], n: int) -> SendSession:
+                        ranges: list[RangeTarget], n: int) -> SendSession:
         """End the transfer a preemption cut short (its WRITEs read the pinned blocks; the
         receiver drops what it got), free those blocks, and send the recomputed KV anew."""
         logger.info("request %s was preempted while its KV streamed: sending it again",
                     request_id)
         await session.abort()  # waits (bounded) for WRITEs in flight
         await self._unpin(streamer)
-        engine = self._engine.engine
-        session = self._sessions[request_id] = self.transports[receiver.transport] \
-            .open_session(engine.cache, engine.fingerprint,
-                          KVTarget(receiver, tuple(block_ids), n), request_id)
-        spec = engine.kv_spec
+        session = self._sessions[request_id] = self._open_session(request_id, ranges)
+        spec = self._engine.engine.kv_spec
         await self._engine.call(lambda e: session.post(
             range(spec.num_layers), 0, e.block_table(request_id)[:spec.num_blocks_for(n)]))
-        self.handoffs[f"{receiver.transport}/restreamed"] += 1
+        self.handoffs[f"{ranges[0].target.receiver.transport}/restreamed"] += 1
         return session
 
     async def _unpin(self, streamer: LayerStreamer | None) -> None:
