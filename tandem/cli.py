@@ -114,6 +114,12 @@ def serve(
         "--config", help="YAML file with any ServeConfig fields; flags override it.")] = None,
     prefill_workers: Annotated[int | None, typer.Option(help="Prefill pool size.")] = None,
     decode_workers: Annotated[int | None, typer.Option(help="Decode pool size.")] = None,
+    attention_workers: Annotated[int | None, typer.Option(
+        help="Attention pool size (Ray resource tandem_memory): they hold offloaded requests' "
+        "KV and run their attention; 0 = no offload.")] = None,
+    offload: Annotated[str | None, typer.Option(
+        help="Which requests decode with offloaded attention: auto (long ones, or when the "
+        "decode workers are full) | always | never.")] = None,
     colocated: Annotated[bool | None, typer.Option(
         "--colocated/--disaggregated",
         help="Workers that run both phases (the baseline), or separate pools.")] = None,
@@ -179,6 +185,7 @@ def serve(
 
     flags = {
         "prefill_workers": prefill_workers, "decode_workers": decode_workers,
+        "attention_workers": attention_workers, "worker.offload.mode": offload,
         "colocated": colocated, "gateway.host": grpc_host, "gateway.port": grpc_port,
         "worker.kv_transport": kv_transport, "worker.kv_streaming": kv_streaming,
         "worker.kv_codec": kv_codec, "worker.kv_store.enabled": kv_store,

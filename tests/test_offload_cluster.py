@@ -141,6 +141,36 @@ def test_the_attention_pool_multiplies_the_requests_served_at_once(cluster, make
     assert router.num_capacity_waits == waits  # none waited for room
 
 
+def test_offload_shows_in_the_admin_status_and_metrics(cluster):
+    import urllib.request
+
+    from tandem.cluster.admin import status_of
+
+    wait_attention_idle(cluster)
+    seen = {}
+
+    def look(n: int) -> None:
+        if n == 6 and not seen:
+            cluster.run(cluster.server.monitor.refresh())
+            seen["status"] = status_of("m", cluster.server.monitor, cluster.server.router)
+
+    stream(cluster, prompt(40, 77), look)
+    workers = {w.id.split("@")[0]: w for w in seen["status"].workers}
+    decode = workers["decode-0"].offload
+    assert decode.offloaded_sequences == 1 and decode.steps > 0
+    assert decode.bytes_sent_per_step > 0 and decode.bytes_received_per_step > 0
+    assert decode.layer_round_trip_s > 0 and 0 <= decode.pipeline_overlap <= 1
+    holding = [w for w in seen["status"].workers if w.role == "attention"
+               and w.offload.kv_held_bytes > 0]
+    assert len(holding) == 1 and holding[0].offload.bytes_in > 0
+    text = urllib.request.urlopen(f"{cluster.http_url}/metrics", timeout=10).read().decode()
+    sent = [line for line in text.splitlines()
+            if line.startswith("tandem:attention_channel_bytes_total")
+            and 'direction="to_attention"' in line]
+    assert sent and float(sent[0].split()[-1]) > 0
+    assert "tandem:attention_offloaded_requests_total" in text
+
+
 def test_an_attention_worker_lost_mid_decode_resumes_its_sequence(cluster, make_engine):
     wait_attention_idle(cluster)
     tokens = prompt(40, 9)

@@ -68,3 +68,36 @@ def test_growing_past_the_pool_takes_nothing_and_freeing_gives_every_block_back(
         holder.open("a", 5)
     holder.free("a")
     assert holder.num_free_blocks == 3 and holder.held_bytes == 0
+
+
+def test_room_reserved_ahead_is_what_decode_steps_grow_into(make_engine):
+    spec = make_engine().kv_spec
+    kv = RangeKV(spec, 3)  # 48 tokens
+    kv.open("s", 0)
+    kv.grow("s", 32)
+    kv.reserve_room("s", 16)  # the last block, taken now
+    assert kv.num_free_blocks == 0
+    for _ in range(16):  # every step fits in the room: no free block is needed
+        kv.extend(["s"])
+        for layer in range(spec.num_layers):
+            zeros = torch.zeros(1, spec.num_kv_heads, spec.head_dim)
+            kv.append(layer, ["s"], zeros, zeros)
+    assert kv.ranges["s"].num_tokens == 48
+    with pytest.raises(OutOfBlocksError):
+        kv.extend(["s"])
+
+
+def test_kv_ranges_must_tile_the_prompt_on_block_boundaries():
+    from tandem.transfer.base import KVTarget, ReceiverInfo
+    from tandem.transfer.ranges import RangeTarget, check_ranges
+
+    def r(first: int, n: int) -> RangeTarget:
+        return RangeTarget(KVTarget(ReceiverInfo("grpc", "x"), (), n), first)
+
+    check_ranges([r(0, 32), r(32, 5)], 37, 16)
+    with pytest.raises(ValueError, match="starts at token 30, expected 32"):
+        check_ranges([r(0, 32), r(30, 7)], 37, 16)
+    with pytest.raises(ValueError, match=r"block boundaries \(16 tokens\); one starts at token 8"):
+        check_ranges([r(0, 8), r(8, 29)], 37, 16)
+    with pytest.raises(ValueError, match="cover 32 tokens; the prompt has 37"):
+        check_ranges([r(0, 32)], 37, 16)

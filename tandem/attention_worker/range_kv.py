@@ -87,6 +87,12 @@ class RangeKV:
         table = torch.tensor(held.blocks, dtype=torch.long)
         return table[offsets // bs] * bs + offsets % bs
 
+    def reserve_room(self, seq_id: str, num_tokens: int) -> None:
+        """Blocks for `num_tokens` more tokens past the range's end, taken now (so they count
+        as used) but filled only as the sequence grows: room promised to a request's decode.
+        OutOfBlocksError takes nothing."""
+        self._room(seq_id, num_tokens)
+
     def write(self, layer: int, slots: torch.Tensor, keys: torch.Tensor,
               values: torch.Tensor) -> None:
         """Store one layer's keys and values [n, kv_heads, head_dim] at `slots` (from `grow`)."""
@@ -96,8 +102,8 @@ class RangeKV:
         """Room for one more token at the end of each sequence (a decode step); its k/v come
         layer by layer through `append`, and it counts as held (`attend` reads it) once the
         last layer's came. OutOfBlocksError takes nothing."""
-        needed = sum(1 for s in seq_ids
-                     if self._held(s).num_tokens % self.spec.block_size == 0)
+        needed = sum(max(0, self.spec.num_blocks_for(self._held(s).num_tokens + 1)
+                         - len(self._held(s).blocks)) for s in seq_ids)
         if needed > len(self._free):
             raise OutOfBlocksError(f"{needed} more KV blocks needed for a step, "
                                    f"{len(self._free)} free on this attention worker")

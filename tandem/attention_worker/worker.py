@@ -110,9 +110,11 @@ class AttentionWorker(KVSink):
 
     # -- control (Ray) -------------------------------------------------------------------------
 
-    async def reserve(self, request_id: str, first_token: int, num_tokens: int) -> list[int]:
+    async def reserve(self, request_id: str, first_token: int, num_tokens: int,
+                      room: int = 0) -> list[int]:
         """Hold blocks for tokens [first_token, first_token + num_tokens) of a sequence, whose
-        KV a prefill worker sends next; the block ids, in order (OutOfBlocksError when short)."""
+        KV a prefill worker sends next, and for `room` more tokens it may grow by here (the
+        tail); the blocks of the range, in order (OutOfBlocksError when short)."""
         if num_tokens <= 0:
             raise ValueError(f"num_tokens: {num_tokens}; a range holds at least one token")
         with self.lock:
@@ -120,10 +122,12 @@ class AttentionWorker(KVSink):
             kv.open(request_id, first_token)
             try:
                 kv.grow(request_id, num_tokens)
+                if room:
+                    kv.reserve_room(request_id, room)
             except BaseException:
                 kv.free(request_id)
                 raise
-            blocks = list(kv.ranges[request_id].blocks)
+            blocks = kv.ranges[request_id].blocks[:kv.spec.num_blocks_for(num_tokens)]
         for transport in self.transports:
             transport.reserved(request_id)
         self._reserved[request_id] = num_tokens
@@ -180,7 +184,9 @@ class AttentionWorker(KVSink):
         if request_id not in self._reserved:
             return None
         held = self._kv.ranges.get(request_id)
-        return list(held.blocks) if held is not None else None
+        if held is None:
+            return None
+        return held.blocks[:self._kv.spec.num_blocks_for(self._reserved[request_id])]
 
     def expecting(self) -> bool:
         return bool(self._reserved)

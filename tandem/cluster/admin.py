@@ -14,6 +14,7 @@ from collections import Counter
 import grpc
 
 from tandem.cluster.auth import ApiKeys
+from tandem.cluster.offload_metrics import offload_status
 from tandem.cluster.router import Router
 from tandem.cluster.wire import reject_unparsable
 from tandem.cluster.worker_status import WorkerMonitor, WorkerState
@@ -78,6 +79,9 @@ def _worker(w: WorkerState, now: float) -> apb.WorkerStatus:
     status.num_waiting = s.engine.num_waiting + s.engine.num_reserved
     status.handoffs = sum(s.handoffs.values())
     status.handoff_gbps = s.handoff_bytes / s.handoff_s / 1e9 if s.handoff_s > 0 else 0.0
+    offload = offload_status(s)
+    if offload is not None:
+        status.offload.CopyFrom(offload)
     if s.kv_store is not None:
         for t in s.kv_store.tiers:
             lookups = t.hits + t.misses

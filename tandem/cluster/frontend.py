@@ -75,6 +75,7 @@ class Frontend:
         metrics.num_waiting = lambda: router.num_queued
         metrics.num_resumed = lambda: router.num_resumed
         metrics.num_migrated = lambda: router.num_migrated
+        metrics.num_offloaded = lambda: router.num_offloaded
 
     # -- admission -----------------------------------------------------------------------------
 

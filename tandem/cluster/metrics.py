@@ -22,6 +22,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tandem.cluster.offload_metrics import OffloadCollector, OffloadFigures
+
 PREFIX = "tandem:"
 disable_created_metrics()  # no `_created` series: they double the scrape and nothing reads them
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
@@ -54,6 +56,7 @@ class WorkerFigures:
     cachegen_levels: dict[str, int] = field(default_factory=dict)  # level -> pieces coded
     pool_workers: dict[str, int] = field(default_factory=dict)  # role -> workers
     num_running: int = 0  # sequences in the decode workers' batches
+    offload: OffloadFigures = field(default_factory=OffloadFigures)
 
 
 class _WorkerCollector(Collector):
@@ -139,6 +142,7 @@ class ClusterMetrics:
         self.num_waiting = lambda: 0  # the router's queue, set by the gateway
         self.num_resumed = lambda: 0  # the router's resumes, set by the gateway
         self.num_migrated = lambda: 0  # the router's live migrations, set by the gateway
+        self.num_offloaded = lambda: 0  # requests placed with offloaded attention
         r, labels = self.registry, ["model_name"]
 
         def histogram(name: str, text: str, buckets: tuple[float, ...],
@@ -192,6 +196,8 @@ class ClusterMetrics:
                                            "Prompt tokens of segmented prompts whose KV was "
                                            "reused from a cache.")
         self.registry.register(_WorkerCollector(self))
+        self.registry.register(OffloadCollector(model_name, lambda: self.workers.offload,
+                                                lambda: self.num_offloaded()))
 
     def labels(self, metric: Counter | Histogram, *values: str):
         return metric.labels(self.model_name, *values)

@@ -57,27 +57,31 @@ class OffloadPlacer:
         return sorted(free, key=lambda p: -p[1])
 
     async def reserve_ranges(self, req: RoutedRequest, placed: Placement) -> bool:
-        """Reserve the prompt's token ranges on attention workers; False when they have too
-        little room together now (nothing is kept then)."""
+        """Reserve the prompt's token ranges on attention workers, with room for max_tokens
+        more on the tail; False when they have too little room together now (nothing is kept
+        then). What does not fit on the tail is left to spilling."""
         n, bs = len(req.prompt_token_ids), self.block_size
+        need = n + req.params.max_tokens
         order = await self._attention_order()
-        if sum(free for _, free in order) * bs < n:
+        if sum(free for _, free in order) * bs < need:
             return False
-        plan, at = [], 0
+        plan, at = [], 0  # (slot, first token, prompt tokens, room) for the shares of `need`
         for slot, free in order:
-            if at == n:
+            if at >= n:
                 break
-            take = min(n - at, free * bs)
-            if take > 0:
-                plan.append((slot, at, take))
-                at += take
+            share = min(need - at, free * bs)
+            if share > 0:
+                count = min(share, n - at)
+                plan.append((slot, at, count, share - count))
+                at += share
         placed.ranges, placed.attention = [], []
-        for slot, first, count in plan:
+        for slot, first, count, room in plan:
             worker = self.attention_workers[slot]
             placed.attention.append(worker)  # before the call: a clean-up must reach it
             try:
-                blocks = await self._call(worker.reserve.remote(req.worker_id, first, count),
-                                          keep=OutOfBlocksError)
+                blocks = await self._call(
+                    worker.reserve.remote(req.worker_id, first, count, room),
+                    keep=OutOfBlocksError)
             except OutOfBlocksError:  # taken meanwhile: give back what was reserved
                 await self._abort_on_workers(placed)
                 placed.attention, placed.ranges = [], []

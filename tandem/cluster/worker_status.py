@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from tandem.cluster.metrics import ClusterMetrics, TierFigures, WorkerFigures
+from tandem.cluster.offload_metrics import offload_figures
 from tandem.cluster.pools import PoolManager, PoolWorker
 from tandem.worker_base import WorkerInfo, WorkerStats
 
@@ -135,4 +136,5 @@ class WorkerMonitor:
             tiers=tiers, cachegen_levels=dict(levels),
             pool_workers=dict(Counter(w.role for w in live)),
             num_running=sum(w.stats.engine.num_running for w in live
-                            if w.stats is not None and w.role in ("decode", "colocated")))
+                            if w.stats is not None and w.role in ("decode", "colocated")),
+            offload=offload_figures([(w.id, w.stats) for w in live if w.stats is not None]))

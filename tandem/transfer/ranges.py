@@ -50,9 +50,12 @@ def check_ranges(ranges: list[RangeTarget], num_tokens: int, block_size: int) ->
     """The ranges must tile [0, num_tokens) in order, each starting on a block boundary."""
     at = 0
     for r in ranges:
-        if r.first_token != at or at % block_size:
-            raise ValueError(f"KV ranges must tile the prompt in order on block boundaries; "
-                             f"a range starts at token {r.first_token}, expected {at}")
+        if r.first_token != at:
+            raise ValueError(f"KV ranges must tile the prompt in order; a range starts at "
+                             f"token {r.first_token}, expected {at}")
+        if at % block_size:
+            raise ValueError(f"KV ranges must start on block boundaries ({block_size} "
+                             f"tokens); one starts at token {at}")
         at += r.target.num_tokens
     if at != num_tokens:
         raise ValueError(f"KV ranges cover {at} tokens; the prompt has {num_tokens}")

@@ -39,7 +39,7 @@ class TierStatus(_message.Message):
     def __init__(self, tier: _Optional[str] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., hit_rate: _Optional[float] = ..., bytes_used: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("id", "role", "state", "node", "pod", "kv_cache_usage", "num_running", "num_waiting", "tiers", "handoff_gbps", "handoffs", "age_s", "rss_bytes", "open_requests", "pid")
+    __slots__ = ("id", "role", "state", "node", "pod", "kv_cache_usage", "num_running", "num_waiting", "tiers", "handoff_gbps", "handoffs", "age_s", "rss_bytes", "open_requests", "pid", "offload")
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class WorkerStatus(_message.Message):
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     OPEN_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    OFFLOAD_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: str
     state: str
@@ -70,7 +71,30 @@ class WorkerStatus(_message.Message):
     rss_bytes: int
     open_requests: int
     pid: int
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., node: _Optional[str] = ..., pod: _Optional[str] = ..., kv_cache_usage: _Optional[float] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStatus, _Mapping]]] = ..., handoff_gbps: _Optional[float] = ..., handoffs: _Optional[int] = ..., age_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., open_requests: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+    offload: OffloadStatus
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., node: _Optional[str] = ..., pod: _Optional[str] = ..., kv_cache_usage: _Optional[float] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., tiers: _Optional[_Iterable[_Union[TierStatus, _Mapping]]] = ..., handoff_gbps: _Optional[float] = ..., handoffs: _Optional[int] = ..., age_s: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., open_requests: _Optional[int] = ..., pid: _Optional[int] = ..., offload: _Optional[_Union[OffloadStatus, _Mapping]] = ...) -> None: ...
+
+class OffloadStatus(_message.Message):
+    __slots__ = ("offloaded_sequences", "steps", "bytes_sent_per_step", "bytes_received_per_step", "layer_round_trip_s", "pipeline_overlap", "kv_held_bytes", "bytes_in", "bytes_out")
+    OFFLOADED_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    LAYER_ROUND_TRIP_S_FIELD_NUMBER: _ClassVar[int]
+    PIPELINE_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    KV_HELD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_IN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_OUT_FIELD_NUMBER: _ClassVar[int]
+    offloaded_sequences: int
+    steps: int
+    bytes_sent_per_step: float
+    bytes_received_per_step: float
+    layer_round_trip_s: float
+    pipeline_overlap: float
+    kv_held_bytes: int
+    bytes_in: int
+    bytes_out: int
+    def __init__(self, offloaded_sequences: _Optional[int] = ..., steps: _Optional[int] = ..., bytes_sent_per_step: _Optional[float] = ..., bytes_received_per_step: _Optional[float] = ..., layer_round_trip_s: _Optional[float] = ..., pipeline_overlap: _Optional[float] = ..., kv_held_bytes: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
     __slots__ = ("role", "workers", "ready")
