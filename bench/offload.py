@@ -150,8 +150,9 @@ def check_identical(loaded_fp32) -> bool:
     clients = [ChannelClient(s.address, f"h{i}", 30.0) for i, s in enumerate(servers)]
     for i, p in enumerate(prompts):
         e.add_request("p", p, SamplingParams(max_tokens=1, temperature=0), prefill_only=True)
-        while not (out := e.step()):
-            pass
+        first = []
+        while not first:
+            first = [o.token_ids for o in e.step() if o.request_id == "p"]
         kv = e.export_kv("p")
         e.release("p")
         data = kv.data.flatten(2, 3)[:, :, :kv.num_tokens]
@@ -164,7 +165,7 @@ def check_identical(loaded_fp32) -> bool:
             for layer in range(data.shape[0]):
                 holder.write(layer, slots, data[layer, 0, lo:hi], data[layer, 1, lo:hi])
         used = clients if i == 0 else clients[1:]
-        e.adopt_offloaded(f"r{i}", p, out[0].token_ids, SamplingParams(
+        e.adopt_offloaded(f"r{i}", p, first[0], SamplingParams(
             max_tokens=16, temperature=0, ignore_eos=True), OffloadedSequence(f"r{i}", used))
     got = {}
     while e.has_unfinished_requests():

@@ -137,9 +137,9 @@ class PhaseHandoff:
         """Decode a request whose prompt KV sits on attention workers (`offload.holders`),
         holding no block here; it joins the batch like an adopted one."""
         seq = self._new_sequence(request_id, list(prompt_token_ids), params, offloaded=True)
-        if not output_token_ids or len(output_token_ids) > params.max_tokens:
-            raise ValueError(f"output_token_ids: need 1 to {params.max_tokens} tokens, "
-                             f"got {len(output_token_ids)}")
+        if len(output_token_ids) != 1:  # the KV held covers the prompt: one token to compute
+            raise ValueError(f"output_token_ids: an offloaded request starts from its first "
+                             f"token alone, got {len(output_token_ids)}")
         seq.offload = offload
         seq.num_computed_tokens = seq.num_tokens
         seq.token_ids.extend(output_token_ids)
