@@ -93,3 +93,33 @@ def test_bf16_kv_is_scored_in_fp32():
     assert out.dtype == lse.dtype == torch.float32
     torch.testing.assert_close(out, full_attention(q.float(), keys.float(), values.float(),
                                                    0.125), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 4), st.sampled_from([(3, 1), (6, 3), (9, 3)]), st.integers(1, 4),
+       st.data())
+def test_paged_attention_with_lse_matches_the_reference_including_empty_rows(
+        batch, heads, width, data):
+    """The kernel an attention worker runs (CPU: torch's flash kernel with its LSE) gives the
+    same out and lse as the plain fp32 reference over the gathered KV, padding and empty rows
+    included."""
+    from tandem.engine.partial_attention import paged_attend_with_lse
+
+    num_heads, num_kv_heads = heads
+    block_size, head_dim, num_blocks = 4, 16, 12
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    k_pool = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
+    v_pool = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
+    tables = torch.randint(0, num_blocks, (batch, width), generator=gen)
+    lengths = torch.tensor(data.draw(st.lists(st.integers(0, width * block_size),
+                                              min_size=batch, max_size=batch)))
+    q = torch.randn(batch, num_heads, head_dim, generator=gen)
+    out, lse = paged_attend_with_lse(q, k_pool, v_pool, tables, lengths, 0.25)
+    keys = k_pool[tables].flatten(1, 2).transpose(1, 2)
+    values = v_pool[tables].flatten(1, 2).transpose(1, 2)
+    want_out, want_lse = attend_with_lse(q, keys, values, lengths, 0.25)
+    assert not out.isnan().any()
+    assert torch.allclose(out, want_out, atol=1e-5)
+    assert torch.equal(lse.isinf(), want_lse.isinf())
+    finite = want_lse.isfinite()
+    assert torch.allclose(lse[finite], want_lse[finite], atol=1e-5)

@@ -16,7 +16,7 @@ import torch
 
 from tandem.engine.errors import OutOfBlocksError
 from tandem.engine.kv_cache import KVCache, KVSpec
-from tandem.engine.partial_attention import attend_with_lse
+from tandem.engine.partial_attention import additive_mask, paged_attend_with_lse
 
 
 @dataclass
@@ -44,7 +44,8 @@ class RangeKV:
         self._step_slots: dict[str, torch.Tensor] = {}  # this decode step's slot per sequence
         # Block tables and lengths per batch attended: every layer of a step asks for the same
         # (one per micro-batch), so they are built once; any change to what is held clears them.
-        self._tables: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[tuple[str, ...],
+                           tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
 
     @property
     def num_free_blocks(self) -> int:
@@ -124,14 +125,13 @@ class RangeKV:
             -> tuple[torch.Tensor, torch.Tensor]:
         """Decode attention of q [B, Hq, D] (one query per sequence) over the keys held here;
         out [B, Hq, D] and lse [B, Hq], fp32."""
-        tables, lengths = self._batch_tables(seq_ids, q.device)
+        q = q.to(self.cache.data.device)
+        tables, lengths, mask = self._batch_tables(seq_ids, q.device)
         k_pool, v_pool = self.cache.layer(layer)  # [blocks, block_size, Hkv, D]
-        keys = k_pool[tables].flatten(1, 2).transpose(1, 2)  # [B, Hkv, width * bs, D]
-        values = v_pool[tables].flatten(1, 2).transpose(1, 2)
-        return attend_with_lse(q, keys, values, lengths, scale)
+        return paged_attend_with_lse(q, k_pool, v_pool, tables, lengths, scale, mask)
 
     def _batch_tables(self, seq_ids: list[str], device: torch.device) \
-            -> tuple[torch.Tensor, torch.Tensor]:
+            -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         key = tuple(seq_ids)
         if key in self._tables:
             return self._tables[key]
@@ -142,8 +142,10 @@ class RangeKV:
         for row, seq_id in enumerate(seq_ids):
             blocks = self.ranges[seq_id].blocks if seq_id in self.ranges else []
             tables[row, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
-        built = self._tables[key] = (tables.to(self.cache.data.device),
-                                     torch.tensor(lengths, device=device))
+        held = torch.tensor(lengths, device=self.cache.data.device)
+        mask = None if held.device.type == "cuda" else \
+            additive_mask(held, width * self.spec.block_size, self.spec.torch_dtype)
+        built = self._tables[key] = (tables.to(self.cache.data.device), held, mask)
         return built
 
     def request_attend(self, layer: int, seq_ids: list[str], q: torch.Tensor,

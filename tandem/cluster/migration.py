@@ -59,6 +59,25 @@ class Migrator:
     handoff_timeout_s: float
     block_size: int
     migrations: Counter[str]  # transport -> requests moved with it
+    draining: set[int]  # decode slots that take no new request
+
+    async def evict(self, slot: int) -> int:
+        """Drain decode slot `slot`: it gets no new request, and each request it runs moves
+        to another decode worker, with its KV (`migrate`; by re-prefill of its prompt and
+        tokens so far when that cannot be done). The client's stream goes on. The number of
+        requests moved."""
+        self.draining.add(slot)
+        actor = self.decode_workers[slot]
+        moving = [p for p in self.active.values()
+                  if p.decode is actor and not p.aborted and p.moving is None]
+        for placed in moving:
+            self.start_move(placed)
+        await asyncio.gather(*(p.moving for p in moving), return_exceptions=True)
+        return len(moving)
+
+    @property
+    def num_migrated(self) -> int:
+        return sum(self.migrations.values())
 
     def start_move(self, placed: Placement) -> None:
         """Pre-copy a running request's KV to another decode worker and suspend it there;

@@ -221,24 +221,6 @@ class Router(Migrator, OffloadPlacer, TokenRelay):
                                      return_exceptions=True)
         return decode_order(stats)
 
-    async def evict(self, slot: int) -> int:
-        """Drain decode slot `slot`: it gets no new request, and each request it runs moves
-        to another decode worker, with its KV (`migrate`; by re-prefill of its prompt and
-        tokens so far when that cannot be done). The client's stream goes on. The number of
-        requests moved."""
-        self.draining.add(slot)
-        actor = self.decode_workers[slot]
-        moving = [p for p in self.active.values()
-                  if p.decode is actor and not p.aborted and p.moving is None]
-        for placed in moving:
-            self.start_move(placed)
-        await asyncio.gather(*(p.moving for p in moving), return_exceptions=True)
-        return len(moving)
-
-    @property
-    def num_migrated(self) -> int:
-        return sum(self.migrations.values())
-
     def _pick_prefill(self, req: RoutedRequest) -> int:
         return pick_prefill(req, len(self.prefill_workers), self.queued_prompt_tokens,
                             self.kv_index, self.lost_prefill)

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from tandem.engine.triton_attention import paged_decode_attention
+from tandem.engine.triton_ops import runs_on
+
 
 def attend_with_lse(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                     lengths: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,3 +54,41 @@ def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor
     out = (weights.unsqueeze(-1) * outs).sum(dim=0) / total.clamp_min(1e-30).unsqueeze(-1)
     lse = torch.where(empty, m, m + torch.log(total.clamp_min(1e-30)))
     return out.masked_fill(empty.unsqueeze(-1), 0.0), lse
+
+
+def paged_attend_with_lse(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                          tables: torch.Tensor, lengths: torch.Tensor, scale: float,
+                          mask: torch.Tensor | None = None) \
+        -> tuple[torch.Tensor, torch.Tensor]:
+    """`attend_with_lse` over paged KV: pools [blocks, block_size, Hkv, D], sequence b's keys
+    in blocks tables[b] (the first lengths[b] tokens). CUDA: the paged decode kernel with LSE;
+    CPU: torch's flash-attention kernel, which returns the LSE too, in the KV's dtype with fp32
+    accumulation (`mask`: the additive [B, 1, 1, L] mask of `additive_mask`, if built already).
+    Returns out [B, Hq, D] and lse [B, Hq], fp32."""
+    if q.device.type == "cuda" and runs_on(q.device):
+        out, lse = paged_decode_attention(q.to(k_pool.dtype), k_pool, v_pool, tables,
+                                          lengths.to(torch.int32), scale, return_lse=True)
+        return out.float(), lse
+    b, num_heads, head_dim = q.shape
+    num_kv_heads = k_pool.shape[2]
+    keys = k_pool[tables].flatten(1, 2).transpose(1, 2)  # [B, Hkv, width * bs, D]
+    values = v_pool[tables].flatten(1, 2).transpose(1, 2)
+    if mask is None:
+        mask = additive_mask(lengths, keys.shape[2], keys.dtype)
+    grouped = q.to(keys.dtype).view(b, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    try:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            grouped, keys, values, 0.0, False, attn_mask=mask, scale=scale)
+    except (RuntimeError, AttributeError):  # a torch without it: the plain fp32 path
+        return attend_with_lse(q, keys, values, lengths, scale)
+    empty = (lengths == 0).view(b, 1)  # the kernel gives lse 0 there; no key means -inf
+    lse = lse.reshape(b, num_heads).float().masked_fill(empty, float("-inf"))
+    out = out.reshape(b, num_heads, head_dim).float().masked_fill(empty.unsqueeze(-1), 0.0)
+    return out, lse
+
+
+def additive_mask(lengths: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, 1, width]: 0 for the first lengths[b] keys of row b, -inf after."""
+    held = torch.arange(width, device=lengths.device) < lengths.view(-1, 1)
+    return torch.zeros(held.shape, dtype=dtype, device=lengths.device) \
+        .masked_fill(~held, float("-inf")).view(-1, 1, 1, width)

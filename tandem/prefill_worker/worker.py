@@ -24,16 +24,16 @@ from tandem.engine.blend import BlendResult
 from tandem.engine.config import EngineConfig
 from tandem.engine.engine import LLMEngine
 from tandem.engine.errors import OutOfBlocksError
-from tandem.engine.kv_cache import KVBlocks, KVSpec
+from tandem.engine.kv_cache import KVBlocks
 from tandem.engine.loader import LoadedModel
 from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampler import TokenLogprobs
 from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.segments import SegmentedPrompt
-from tandem.kv_store.codec import Codec, codec_for
-from tandem.kv_store.codec.cachegen import LEVELS
+from tandem.kv_store.codec import Codec
 from tandem.kv_store.config import open_store
 from tandem.kv_store.index_log import IndexDelta
+from tandem.prefill_worker.coding import wire_coding
 from tandem.prefill_worker.kv_reuse import KVReuse
 from tandem.prefill_worker.streamer import LayerStreamer
 from tandem.transfer import TransportNotUsable, available_transports, make_transport
@@ -297,12 +297,3 @@ def _add(engine: LLMEngine, request_id: str, prompt: list[int], params: Sampling
         engine.add_request(request_id, prompt, params, prefill_only=True,
                            on_layer_kv=on_layer_kv,
                            on_preempt=on_layer_kv.preempted if on_layer_kv else None)
-
-
-def wire_coding(config: WorkerConfig, fingerprint: str, spec: KVSpec) \
-        -> Codec | AdaptiveCoding:
-    """What `kv_codec` asks of gRPC handoffs: one codec, or a level per piece."""
-    if config.kv_codec != "cachegen:auto":
-        return codec_for(config.kv_codec, fingerprint)
-    codecs = {level: codec_for(f"cachegen:{level}", fingerprint) for level in LEVELS}
-    return AdaptiveCoding(codecs, spec, config.kv_codec_budget_s)
