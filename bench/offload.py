@@ -42,6 +42,7 @@ from tandem.attention_worker.channel_server import ChannelServer
 from tandem.attention_worker.range_kv import RangeKV
 from tandem.engine.config import EngineConfig
 from tandem.engine.engine import LLMEngine
+from tandem.engine.host_memory import keep_freed_memory
 from tandem.engine.kv_cache import KVSpec
 from tandem.engine.loader import load_model
 from tandem.engine.offload import OffloadedSequence
@@ -59,6 +60,7 @@ def holder_main(conn, spec_json: str, num_blocks: int) -> None:
     """An attention worker process for the bench: the channel server, plus a pipe to fill
     ranges with zero KV of any length at once (the channel grows ranges token by token)."""
     torch.set_num_threads(1)
+    keep_freed_memory()  # as an attention worker does
     kv, lock = RangeKV(KVSpec.model_validate_json(spec_json), num_blocks), threading.Lock()
     server = ChannelServer(kv, lock, "127.0.0.1")
     conn.send(server.address)

@@ -101,3 +101,32 @@ def test_kv_ranges_must_tile_the_prompt_on_block_boundaries():
         check_ranges([r(0, 8), r(8, 29)], 37, 16)
     with pytest.raises(ValueError, match="cover 32 tokens; the prompt has 37"):
         check_ranges([r(0, 32)], 37, 16)
+
+
+def test_blocks_come_in_runs_and_a_fragmented_sequence_still_attends_exactly(make_engine):
+    """A sequence's blocks continue its last one when free, so its KV is one run read in
+    place; when another sequence took the next block, its KV spans runs, merged by LSE, and
+    attention equals the reference over all of it."""
+    from tandem.attention_worker.block_pool import runs_of
+
+    spec = make_engine().kv_spec
+    kv = RangeKV(spec, 8)
+    kv.open("a", 0)
+    kv.open("b", 0)
+    kv.grow("a", 16)  # block 0
+    kv.grow("b", 16)  # block 1: a's next block is taken
+    kv.grow("a", 40)  # blocks 2, 3, 4 in a run
+    assert kv.ranges["a"].blocks == [0, 2, 3, 4]
+    assert runs_of([0, 2, 3, 4], 56, 16) == [(0, 16), (2, 40)]
+    gen = torch.Generator().manual_seed(3)
+    kv.cache.data.copy_(torch.randn(kv.cache.data.shape, generator=gen))
+    q = torch.randn(2, 9, spec.head_dim, generator=gen)
+    out, lse = kv.attend(4, ["a", "b"], q, 0.125)
+    k_pool, v_pool = kv.cache.layer(4)
+    for row, (seq, blocks, n) in enumerate([("a", [0, 2, 3, 4], 56), ("b", [1], 16)]):
+        keys = k_pool[blocks].flatten(0, 1)[:n].transpose(0, 1)[None]
+        values = v_pool[blocks].flatten(0, 1)[:n].transpose(0, 1)[None]
+        want_out, want_lse = attend_with_lse(q[row:row + 1], keys, values, torch.tensor([n]),
+                                             0.125)
+        assert torch.allclose(out[row], want_out[0], atol=1e-5), seq
+        assert torch.allclose(lse[row], want_lse[0], atol=1e-5), seq

@@ -11,12 +11,18 @@ out 0 and lse -inf: a holder may be asked about a whole batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from tandem.attention_worker.block_pool import BlockPool, runs_of
 from tandem.engine.errors import OutOfBlocksError
 from tandem.engine.kv_cache import KVCache, KVSpec
-from tandem.engine.partial_attention import additive_mask, paged_attend_with_lse
+from tandem.engine.partial_attention import (
+    attend_run_with_lse,
+    merge_partials,
+    paged_attend_with_lse,
+)
 
 
 @dataclass
@@ -39,17 +45,16 @@ class RangeKV:
             -> None:
         self.spec = spec
         self.cache = KVCache(spec, num_blocks, torch.device(device))
-        self._free = list(range(num_blocks - 1, -1, -1))  # popped from the end: ascending ids
+        self._pool = BlockPool(num_blocks)
         self.ranges: dict[str, HeldRange] = {}
         self._step_slots: dict[str, torch.Tensor] = {}  # this decode step's slot per sequence
         # Block tables and lengths per batch attended: every layer of a step asks for the same
         # (one per micro-batch), so they are built once; any change to what is held clears them.
-        self._tables: dict[tuple[str, ...],
-                           tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        self._tables: dict[tuple[str, ...], Any] = {}
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        return len(self._pool)
 
     @property
     def held_bytes(self) -> int:
@@ -79,10 +84,11 @@ class RangeKV:
         held = self._held(seq_id)
         bs = self.spec.block_size
         needed = self.spec.num_blocks_for(held.num_tokens + num_tokens) - len(held.blocks)
-        if needed > len(self._free):
+        if needed > len(self._pool):
             raise OutOfBlocksError(f"sequence {seq_id}: {needed} more KV blocks needed, "
-                                   f"{len(self._free)} free on this attention worker")
-        held.blocks.extend(self._free.pop() for _ in range(needed))
+                                   f"{len(self._pool)} free on this attention worker")
+        if needed > 0:
+            held.blocks.extend(self._pool.take(needed, held.blocks[-1] if held.blocks else None))
         self._tables.clear()
         offsets = torch.arange(held.num_tokens, held.num_tokens + num_tokens)
         table = torch.tensor(held.blocks, dtype=torch.long)
@@ -105,9 +111,9 @@ class RangeKV:
         last layer's came. OutOfBlocksError takes nothing."""
         needed = sum(max(0, self.spec.num_blocks_for(self._held(s).num_tokens + 1)
                          - len(self._held(s).blocks)) for s in seq_ids)
-        if needed > len(self._free):
+        if needed > len(self._pool):
             raise OutOfBlocksError(f"{needed} more KV blocks needed for a step, "
-                                   f"{len(self._free)} free on this attention worker")
+                                   f"{len(self._pool)} free on this attention worker")
         self._step_slots.update({s: self._room(s, 1) for s in seq_ids})
 
     def append(self, layer: int, seq_ids: list[str], keys: torch.Tensor,
@@ -124,14 +130,39 @@ class RangeKV:
     def attend(self, layer: int, seq_ids: list[str], q: torch.Tensor, scale: float) \
             -> tuple[torch.Tensor, torch.Tensor]:
         """Decode attention of q [B, Hq, D] (one query per sequence) over the keys held here;
-        out [B, Hq, D] and lse [B, Hq], fp32."""
-        q = q.to(self.cache.data.device)
-        tables, lengths, mask = self._batch_tables(seq_ids, q.device)
+        out [B, Hq, D] and lse [B, Hq], fp32. CUDA: the paged kernel over the batch; CPU: per
+        sequence, each contiguous run of its blocks read in place (no gather), runs merged."""
         k_pool, v_pool = self.cache.layer(layer)  # [blocks, block_size, Hkv, D]
-        return paged_attend_with_lse(q, k_pool, v_pool, tables, lengths, scale, mask)
+        q = q.to(self.cache.data.device)
+        if q.device.type == "cuda":
+            tables, lengths = self._batch_tables(seq_ids)
+            return paged_attend_with_lse(q, k_pool, v_pool, tables, lengths, scale)
+        out = torch.zeros(q.shape, dtype=torch.float32)
+        lse = torch.full(q.shape[:2], float("-inf"))
+        for row, runs in enumerate(self._batch_runs(seq_ids)):
+            parts = [attend_run_with_lse(q[row], *(pool[first:last].flatten(0, 1)[:n]
+                                                    for pool in (k_pool, v_pool)), scale)
+                     for first, last, n in runs]
+            if len(parts) == 1:
+                out[row], lse[row] = parts[0]
+            elif parts:
+                merged = merge_partials(torch.stack([p[0] for p in parts]).unsqueeze(1),
+                                        torch.stack([p[1] for p in parts]).unsqueeze(1))
+                out[row], lse[row] = merged[0][0], merged[1][0]
+        return out, lse
 
-    def _batch_tables(self, seq_ids: list[str], device: torch.device) \
-            -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _batch_runs(self, seq_ids: list[str]) -> list[list[tuple[int, int, int]]]:
+        """Per sequence, its contiguous runs as (first block, end block, tokens)."""
+        key = ("runs", *seq_ids)
+        if key not in self._tables:
+            bs = self.spec.block_size
+            self._tables[key] = [
+                [(first, first + -(-n // bs), n) for first, n in
+                 runs_of(self.ranges[s].blocks, self.ranges[s].num_tokens, bs)]
+                if s in self.ranges else [] for s in seq_ids]
+        return self._tables[key]
+
+    def _batch_tables(self, seq_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         key = tuple(seq_ids)
         if key in self._tables:
             return self._tables[key]
@@ -142,10 +173,8 @@ class RangeKV:
         for row, seq_id in enumerate(seq_ids):
             blocks = self.ranges[seq_id].blocks if seq_id in self.ranges else []
             tables[row, :len(blocks)] = torch.tensor(blocks, dtype=torch.long)
-        held = torch.tensor(lengths, device=self.cache.data.device)
-        mask = None if held.device.type == "cuda" else \
-            additive_mask(held, width * self.spec.block_size, self.spec.torch_dtype)
-        built = self._tables[key] = (tables.to(self.cache.data.device), held, mask)
+        device = self.cache.data.device
+        built = self._tables[key] = (tables.to(device), torch.tensor(lengths, device=device))
         return built
 
     def request_attend(self, layer: int, seq_ids: list[str], q: torch.Tensor,
@@ -158,7 +187,7 @@ class RangeKV:
         held = self.ranges.pop(seq_id, None)
         self._tables.clear()
         if held is not None:
-            self._free.extend(reversed(held.blocks))
+            self._pool.give(held.blocks)
 
     def _held(self, seq_id: str) -> HeldRange:
         held = self.ranges.get(seq_id)

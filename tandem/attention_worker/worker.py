@@ -23,6 +23,7 @@ import torch
 
 from tandem.attention_worker.channel_server import ChannelCounters, ChannelServer
 from tandem.attention_worker.range_kv import RangeKV
+from tandem.engine.host_memory import keep_freed_memory
 from tandem.engine.kv_cache import KVSpec
 from tandem.engine.loader import load_tokenizer, model_fingerprint, resolve_model_path
 from tandem.engine.outputs import EngineStats
@@ -62,6 +63,7 @@ class AttentionWorker(KVSink):
         setup_logging()
         drain_on_sigterm(self._request_drain)
         torch.set_num_threads(self.config.engine.num_threads or 1)
+        keep_freed_memory()  # each layer's gathered KV reuses the same pages
         engine = self.config.engine
         path = resolve_model_path(engine.model)
         _, model = await asyncio.to_thread(load_tokenizer, engine.model)
