@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import threading
@@ -34,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+# As `tandem serve` runs Ray (token auth), set before Ray is imported: it reads it then.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from offload_capacity import measure_capacity  # bench/, next to this script
 

@@ -113,3 +113,33 @@ def test_a_silent_attention_worker_fails_within_the_deadline():
     with pytest.raises(KVHolderLost):  # dead from then on: nothing waits again
         client.extend(["s"])
     listener.close()
+
+
+def test_a_decode_worker_keeps_one_stream_per_attention_worker():
+    """Requests starting at once share one stream: with two streams to one attention worker,
+    a sequence's new k/v could be applied before another stream's q for it (tokens change)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from tandem.decode_worker.offload import HolderAddress, OffloadedDecoding
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.5)
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    worker = OffloadedDecoding()
+    worker.config = SimpleNamespace(offload=SimpleNamespace(channel_timeout_s=5.0))
+    worker._init_offload()
+
+    async def connect_many():
+        return await asyncio.gather(*(worker._channel(HolderAddress("a", address))
+                                      for _ in range(6)))
+
+    clients = asyncio.run(connect_many())
+    assert all(c is clients[0] for c in clients)
+    accepted = []
+    with pytest.raises(TimeoutError):
+        while True:
+            accepted.append(listener.accept()[0])
+    assert len(accepted) == 1
+    clients[0].close()
+    listener.close()

@@ -34,6 +34,7 @@ class OffloadPlacer:
 
     attention_workers: list[Any]
     attention_infos: list[WorkerInfo | None]
+    attention_draining: set[int]  # attention slots that take no new range
     offload: OffloadConfig
     block_size: int
     num_offloaded: int
@@ -49,7 +50,8 @@ class OffloadPlacer:
 
     async def _attention_order(self) -> list[tuple[int, int]]:
         """(slot, free blocks) of the attention workers that answer, most free first."""
-        live = [i for i, info in enumerate(self.attention_infos) if info is not None]
+        live = [i for i, info in enumerate(self.attention_infos)
+                if info is not None and i not in self.attention_draining]
         stats = await asyncio.gather(*(self._call(self.attention_workers[i].stats.remote())
                                        for i in live), return_exceptions=True)
         free = [(i, s.engine.num_free_blocks) for i, s in zip(live, stats, strict=True)
@@ -89,6 +91,8 @@ class OffloadPlacer:
             placed.ranges.append((slot, first, count, blocks))
         used = {slot for slot, *_ in plan}
         placed.spill_to = [slot for slot, _ in order if slot not in used]
+        # Spill holders too: if the decode worker dies, the router's clean-up frees them.
+        placed.attention.extend(self.attention_workers[slot] for slot in placed.spill_to)
         return True
 
     def _holder(self, slot: int) -> HolderAddress:

@@ -58,7 +58,8 @@ class Rebalancer:
         room = stats[target].engine.num_free_blocks * router.block_size  # type: ignore[union-attr]
         movable = [p for p in router.active.values()
                    if p.decode_slot == source and p.moving is None and not p.aborted
-                   and p.origin is not None and p.generated]
+                   and p.origin is not None and p.generated
+                   and not p.ranges]  # an offloaded one holds no block there: no relief
         sizes = {id(p): len(p.origin.prompt_token_ids) + len(p.generated)  # type: ignore[union-attr,arg-type]
                  for p in movable}
         fitting = [p for p in movable if sizes[id(p)] < room]

@@ -68,6 +68,7 @@ class Router(Migrator, OffloadPlacer, TokenRelay):
     attention_workers: list[Any] = field(default_factory=list)  # attention offload's holders
     attention_infos: list[WorkerInfo | None] = field(default_factory=list)  # None: not serving
     offload: OffloadConfig = field(default_factory=OffloadConfig)
+    attention_draining: set[int] = field(default_factory=set)  # attention slots not serving
     num_offloaded: int = 0
     num_capacity_waits: int = 0  # times a request found no worker with room and waited
     active: dict[str, Placement] = field(default_factory=dict)

@@ -165,6 +165,11 @@ class TandemServer:
                 router.lost_prefill.add(worker.slot)
             if router.kv_index is not None:
                 router.kv_index.slot_changed(worker.slot)
+        if worker.role == "attention":  # a draining or dead one gets no new range
+            if worker.state == "ready":
+                router.attention_draining.discard(worker.slot)
+            else:
+                router.attention_draining.add(worker.slot)
         router.admission.capacity_changed()  # a new decode worker has free blocks
 
     def _with_redis(self, config: ServeConfig) -> ServeConfig:

@@ -57,6 +57,9 @@ class OffloadedDecoding:
 
     def _init_offload(self) -> None:
         self._channels: dict[str, ChannelClient] = {}  # by channel address
+        # One stream per attention worker, never two: a holder serves each stream in order
+        # but streams side by side, and "q before the new k/v" holds only within one stream.
+        self._connecting = asyncio.Lock()
 
     async def expect_offloaded(self, request_id: str) -> None:
         """Open the stream of a request whose KV goes to attention workers: the router polls
@@ -82,13 +85,14 @@ class OffloadedDecoding:
             request_id, prompt_token_ids, output_token_ids, params, seq), publish_to=request_id)
 
     async def _channel(self, holder: HolderAddress) -> ChannelClient:
-        client = self._channels.get(holder.channel)
-        if client is None or client.dead is not None:  # a restarted worker: a new stream
-            timeout = self.config.offload.channel_timeout_s
-            client = await asyncio.to_thread(ChannelClient, holder.channel, holder.name,
-                                             timeout)
-            self._channels[holder.channel] = client
-        return client
+        async with self._connecting:
+            client = self._channels.get(holder.channel)
+            if client is None or client.dead is not None:  # a restarted worker: a new stream
+                timeout = self.config.offload.channel_timeout_s
+                client = await asyncio.to_thread(ChannelClient, holder.channel, holder.name,
+                                                 timeout)
+                self._channels[holder.channel] = client
+            return client
 
     async def offload_stats(self) -> OffloadStats:
         def read(e) -> tuple[int, object]:
