@@ -3,9 +3,10 @@ the attention pool grows what a decode worker serves.
 
 1. Step time (bf16): `--batches` x `--contexts` sequences decode with their KV
    - local: one engine, 2 torch threads, KV in its own pool;
-   - offloaded: the engine at 1 thread runs the dense layers, one attention worker process at
-     1 thread holds the KV and runs attention over the attention channel (loopback TCP), with
-     the ping-pong pipeline off (1 micro-batch) and on (2).
+   - offloaded: the engine at 1 thread runs the dense layers; `--attention-workers` (2)
+     attention worker processes at 1 thread each hold the KV, each sequence split over them by
+     token range (DistAttention), and run attention over the attention channel (loopback
+     TCP), with the ping-pong pipeline off (1 micro-batch) and on (2).
    KV contents are zeros (the timing does not depend on them); a pair whose KV would not fit in
    memory twice (`--max-kv-gb`) is skipped and listed. Target: batch 16, 2k context,
    offloaded with the pipeline <= 1.3x local.
@@ -71,8 +72,8 @@ def holder_main(conn, spec_json: str, num_blocks: int) -> None:
         op, *args = cmd
         with lock:
             if op == "hold":
-                seq_id, tokens, room = args
-                kv.open(seq_id, 0)
+                seq_id, first, tokens, room = args
+                kv.open(seq_id, first)
                 kv.grow(seq_id, tokens)
                 kv.reserve_room(seq_id, room)
             elif op == "clear":
@@ -124,18 +125,26 @@ def local_step(loaded, batch: int, context: int, steps: int) -> float:
     return time_steps(e, steps)
 
 
-def offloaded_step(loaded, holder: HolderProcess, batch: int, context: int, steps: int,
-                   micro_batches: int) -> tuple[float, ChannelClient]:
+def offloaded_step(loaded, holders: list[HolderProcess], batch: int, context: int,
+                   steps: int, micro_batches: int) -> tuple[float, list[ChannelClient]]:
+    """Each sequence's KV split by token range over `holders` (DistAttention), the tail on
+    the last; the decode engine at 1 thread."""
     torch.set_num_threads(1)
     e = engine(loaded, 1, 4, micro_batches)
-    client = ChannelClient(holder.address, "bench", 60.0)
-    holder.call("clear")
+    clients = [ChannelClient(h.address, f"bench-{i}", 60.0) for i, h in enumerate(holders)]
+    share = -(-context // len(holders) // BLOCK) * BLOCK  # block-aligned ranges
+    for h in holders:
+        h.call("clear")
     for i in range(batch):
-        holder.call("hold", f"o{i}", context, GREEDY.max_tokens)
+        for j, h in enumerate(holders):
+            first = j * share
+            tokens = min(share, context - first) if j < len(holders) - 1 else context - first
+            h.call("hold", f"o{i}", first, tokens,
+                   GREEDY.max_tokens if j == len(holders) - 1 else 0)
         e.adopt_offloaded(f"o{i}", [1] * context, [1], GREEDY,
-                          OffloadedSequence(f"o{i}", [client]))
+                          OffloadedSequence(f"o{i}", list(clients)))
     seconds = time_steps(e, steps)
-    return seconds, client
+    return seconds, clients
 
 
 def check_identical(loaded_fp32) -> bool:
@@ -189,7 +198,7 @@ def round_trips(spec: KVSpec, samples: int) -> dict[str, float]:
     kv.grow("s", 512)
     q = torch.zeros(1, 9, spec.head_dim, dtype=torch.bfloat16)
     holder = HolderProcess(spec, 64)
-    holder.call("hold", "s", 512, 0)
+    holder.call("hold", "s", 0, 512, 0)
     client = ChannelClient(holder.address, "rtt", 30.0)
     out = {}
     for name, call in [("in_process", lambda: kv.attend(0, ["s"], q, 0.125)),
@@ -232,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                    "at most 6")
     p.add_argument("--max-kv-gb", type=float, default=3.2)
     p.add_argument("--rtt-samples", type=int, default=300)
+    p.add_argument("--attention-workers", type=int, default=2, help="attention worker "
+                   "processes (1 thread each) each sequence's KV is split over, by token range")
     p.add_argument("--skip-capacity", action="store_true")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -250,21 +261,24 @@ def main(argv: list[str] | None = None) -> int:
                 skipped.append({"batch": batch, "context": context, "kv_gb": round(kv_gb, 2)})
                 continue
             blocks = batch * -(-(context + GREEDY.max_tokens) // BLOCK)
-            holder = HolderProcess(spec, blocks)
+            holders = [HolderProcess(spec, blocks) for _ in range(args.attention_workers)]
             try:
                 local = local_step(loaded, batch, context, args.steps)
                 row = {"batch": batch, "context": context, "local_s": local,
                        "local_tok_s": batch / local}
                 for name, mb in [("offload_nopipe", 1), ("offload_pipe", 2)]:
-                    seconds, client = offloaded_step(loaded, holder, batch, context,
-                                                     args.steps, mb)
+                    seconds, clients = offloaded_step(loaded, holders, batch, context,
+                                                      args.steps, mb)
                     row[f"{name}_s"] = seconds
                     row[f"{name}_tok_s"] = batch / seconds
                     row[f"{name}_x_local"] = seconds / local
-                    row[f"{name}_layer_rtt_s"] = client.stats.mean_round_trip_s
-                    client.close()
+                    row[f"{name}_layer_rtt_s"] = statistics.mean(
+                        c.stats.mean_round_trip_s for c in clients)
+                    for c in clients:
+                        c.close()
             finally:
-                holder.stop()
+                for h in holders:
+                    h.stop()
             rows.append(row)
             log(f"b{batch} ctx{context}: local {local * 1e3:.1f} ms, offloaded "
                 f"{row['offload_nopipe_s'] * 1e3:.1f} ms (no pipeline) / "

@@ -106,6 +106,7 @@ def test_a_batch_mixes_local_and_offloaded_requests(cluster, make_engine):
     wait_attention_idle(cluster)
     short, long_ = prompt(8, 1), prompt(40, 2)  # 24 tokens stay local; 56 reach min_tokens
     want = run_to_completion(make_engine(block_size=8), [short, long_], greedy(NEW))
+    before = sum(h.bytes_received for h in decode_stats(cluster).offload.holders.values())
     seen = {}
     gate = threading.Event()
 
@@ -120,7 +121,11 @@ def test_a_batch_mixes_local_and_offloaded_requests(cluster, make_engine):
         fast = pool.submit(stream, cluster, short)
         got = [fast.result(), slow.result()]
     assert got == want
-    assert seen["decode"].offload.num_offloaded == 1
+    d = seen["decode"]
+    assert d.offload.num_offloaded == 1
+    # Only the local request's blocks are held there (24 tokens: 3 blocks at most).
+    assert d.engine.num_blocks - d.engine.num_free_blocks <= 3
+    assert sum(h.bytes_received for h in d.offload.holders.values()) > before
 
 
 def test_the_attention_pool_multiplies_the_requests_served_at_once(cluster, make_engine):
