@@ -42,6 +42,10 @@ CATEGORIES: dict[str, set[str]] = {
     "CacheGen": {"cachegen_level_choices"},
     "CacheBlend": {"blend_recomputed_tokens", "blend_reused_tokens"},
     "Pools": {"pool_workers"},
+    "Attention offload": {"attention_offloaded_sequences", "attention_offloaded_requests",
+                          "attention_offload_steps", "attention_channel_bytes",
+                          "attention_layer_round_trip_seconds", "attention_pipeline_overlap",
+                          "attention_kv_held_bytes"},
 }
 CATEGORIES = {row: {"tandem:" + name for name in names} for row, names in CATEGORIES.items()}
 

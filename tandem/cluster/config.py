@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tandem.cluster.autoscaler import AutoscaleConfig, PoolsConfig, SLOConfig
 from tandem.tls import GatewayTLS
 from tandem.worker_base import WorkerConfig
 
@@ -88,6 +89,13 @@ class ServeConfig(_Strict):
     worker: WorkerConfig = Field(default_factory=WorkerConfig, description="Every worker.")
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    autoscale: AutoscaleConfig = Field(
+        default_factory=AutoscaleConfig, description="The autoscaling policy "
+        "(`cluster/autoscaler.py`); the operator's TandemCluster mirrors these keys.")
+    pools: PoolsConfig = Field(default_factory=PoolsConfig,
+                               description="Each pool's bounds under autoscaling.")
+    slo: SLOConfig = Field(default_factory=SLOConfig,
+                           description="The latency targets autoscaling holds.")
 
     @model_validator(mode="after")
     def _name(self) -> ServeConfig:

@@ -101,6 +101,11 @@ class PhaseHandoff:
             self.cache.load(seq.block_table, kv)
         seq.num_computed_tokens = seq.num_tokens
         self.blocks.register_full_blocks(seq)
+        return self._start_decoding(seq, output_token_ids)
+
+    def _start_decoding(self, seq: Sequence, output_token_ids: list[int]) -> RequestOutput:
+        """Its prompt's KV is in place: join the batch with the tokens handed over (or finish,
+        if they end it)."""
         seq.token_ids.extend(output_token_ids)
         seq.status = SequenceStatus.WAITING
         self.outputs.check_stop(seq, len(output_token_ids))
@@ -142,14 +147,8 @@ class PhaseHandoff:
                              f"token alone, got {len(output_token_ids)}")
         seq.offload = offload
         seq.num_computed_tokens = seq.num_tokens
-        seq.token_ids.extend(output_token_ids)
         self.seqs[request_id] = seq
-        self.outputs.check_stop(seq, len(output_token_ids))
-        if seq.finish_reason is not None:
-            self._retire(seq)
-        else:
-            self.scheduler.add(seq)
-        return self.outputs.output(seq)
+        return self._start_decoding(seq, output_token_ids)
 
     def unpin_blocks(self, blocks: list[int]) -> None:
         """Give back blocks a preemption pinned for a transfer that read them (`on_preempt`)."""

@@ -1,0 +1,249 @@
+"""The autoscaling policy: how many prefill, decode and attention replicas the load needs.
+
+A pure function of what it is given (`decide`), so the in-head loop, the Kubernetes operator
+and the simulator all run the same code; this module imports neither Ray nor torch.
+
+Per interval:
+1. Predict the next interval's load from the metrics window (`predictor`: the last sample,
+   `constant`, or an exponential smoother, `ewma`).
+2. Size each pool by throughput, like Dynamo's planner, from the replica profile:
+   prefill = ceil(rate * ISL / prefill tok/s at ISL), decode = ceil(rate * OSL / the output
+   tok/s of one replica at the largest batch whose step meets the ITL target), each corrected
+   by the observed over the expected latency (clamped to [1/2, 2]); attention = the KV that
+   the decode pool cannot hold (Little's law: rate * decode time * mean context), in attention
+   replicas' KV.
+3. A load guard: a decode pool past `kv_high` KV use, or any pool with more queued requests than
+   `queue_per_replica` per replica, gets at least one more replica.
+4. Stabilise like Kubernetes' HPA: a scale-up takes the smallest recommendation of the last
+   `scale_up_window_s`, a scale-down the largest of the last `scale_down_window_s`, so neither
+   follows noise; then clamp to the pool's [min, max]. With min 0 a pool scales to zero when
+   idle, and back to one as soon as a request arrives (requests queue meanwhile).
+5. Pending replicas (started, not ready) count as no capacity: a pool short of ready replicas
+   asks for what it lacks over the live pending ones, and a replica pending past
+   `pending_timeout_s` is given up (the caller stops it) and no longer counted, so the policy
+   never waits on a replica that will not come.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tandem.cluster.profile import ReplicaProfile
+
+ROLES = ("prefill", "decode", "attention")
+CORRECTION_RANGE = (0.5, 2.0)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class AutoscaleConfig(_Strict):
+    enabled: bool = Field(False, description="Resize the pools to the load (serve --autoscale).")
+    interval_s: float = Field(10.0, gt=0, description="How often the policy runs, seconds.")
+    scale_up_window_s: float = Field(
+        30.0, ge=0, description="A scale-up needs every recommendation of this window above "
+        "the current size (the smallest is taken), seconds.")
+    scale_down_window_s: float = Field(
+        300.0, ge=0, description="A scale-down takes the largest recommendation of this "
+        "window, seconds.")
+    predictor: Literal["constant", "ewma"] = Field(
+        "constant", description="Next interval's load: the last sample, or an exponential "
+        "smoother over the window.")
+    ewma_alpha: float = Field(0.5, gt=0, le=1, description="The smoother's weight of the "
+                              "newest sample.")
+    pending_timeout_s: float = Field(
+        300.0, gt=0, description="A replica not ready this long after it was started is "
+        "given up and stopped, seconds.")
+    kv_high: float = Field(0.9, gt=0, le=1, description="Decode KV use that adds a replica.")
+    queue_per_replica: float = Field(
+        4.0, gt=0, description="Queued requests per replica that add one.")
+
+
+class PoolBounds(_Strict):
+    min: int = Field(1, ge=0, description="Fewest replicas; 0 lets the pool scale to zero.")
+    max: int = Field(16, ge=0, description="Most replicas.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PoolBounds:
+        if self.min > self.max:
+            raise ValueError(f"pool bounds: min ({self.min}) exceeds max ({self.max})")
+        return self
+
+
+class PoolsConfig(_Strict):
+    prefill: PoolBounds = Field(default_factory=PoolBounds)
+    decode: PoolBounds = Field(default_factory=PoolBounds)
+    attention: PoolBounds = Field(default_factory=lambda: PoolBounds(min=0, max=0))
+
+
+class SLOConfig(_Strict):
+    ttft_s: float = Field(2.0, gt=0, description="Time-to-first-token target, seconds.")
+    itl_s: float = Field(0.05, gt=0, description="Mean inter-token latency target, seconds.")
+    percentile: float = Field(90.0, gt=0, le=100, description="The percentile held to them.")
+
+
+@dataclass(frozen=True)
+class LoadSample:
+    """One interval's metrics, as the gateway exports them."""
+
+    at: float  # seconds, any monotonic clock
+    arrival_rate: float  # requests per second
+    prompt_tokens_rate: float  # prompt tokens per second (uncached)
+    output_tokens_rate: float
+    queue_depth: dict[str, int] = field(default_factory=dict)  # role -> requests waiting
+    ttft_s: float | None = None  # at the SLO percentile; None with no request
+    itl_s: float | None = None
+    kv_use: float = 0.0  # the decode pool's mean share of KV blocks in use
+
+
+@dataclass(frozen=True)
+class PoolState:
+    ready: int
+    pending_since: tuple[float, ...] = ()  # when each replica still starting was started
+
+
+@dataclass(frozen=True)
+class Decision:
+    desired: dict[str, int]  # role -> replicas
+    reasons: dict[str, str]  # role -> why, for logs, metrics and the operator's status
+    give_up: dict[str, int] = field(default_factory=dict)  # role -> pending replicas to stop
+
+
+@dataclass(frozen=True)
+class PolicyMemory:
+    """What the policy keeps between calls: recent raw recommendations per role."""
+
+    history: dict[str, tuple[tuple[float, int], ...]] = field(default_factory=dict)
+    smoothed: LoadSample | None = None
+
+
+def decide(window: list[LoadSample], profile: ReplicaProfile, slo: SLOConfig,
+           config: AutoscaleConfig, pools: PoolsConfig, state: dict[str, PoolState],
+           now: float, memory: PolicyMemory = PolicyMemory()) -> tuple[Decision, PolicyMemory]:
+    """The replicas each pool should have now, and the memory for the next call."""
+    if not window:
+        raise ValueError("decide: the metrics window is empty")
+    load, smoothed = _predict(window, config, memory.smoothed)
+    latest = window[-1]
+    raw = _throughput_sizes(load, latest, profile, slo)
+    desired, reasons, give_up, history = {}, {}, {}, dict(memory.history)
+    for role in ROLES:
+        bounds = getattr(pools, role)
+        pool = state.get(role, PoolState(0))
+        live_pending = sum(1 for t in pool.pending_since if now - t < config.pending_timeout_s)
+        if len(pool.pending_since) > live_pending:
+            give_up[role] = len(pool.pending_since) - live_pending
+        current = pool.ready + live_pending
+        want, why = raw[role]
+        want, why = _guard(role, want, why, latest, config, pool.ready)
+        recent = tuple((t, n) for t, n in history.get(role, ())
+                       if now - t <= max(config.scale_up_window_s, config.scale_down_window_s))
+        history[role] = (*recent, (now, want))
+        target = _stabilised(history[role], current, now, config)
+        clamped = min(max(target, bounds.min), bounds.max)
+        if clamped != target:
+            why += f"; held to [{bounds.min}, {bounds.max}]"
+        elif target != want:
+            why += f"; stabilised at {target} (raw {want})"
+        desired[role], reasons[role] = clamped, why
+    return Decision(desired, reasons, give_up), PolicyMemory(history, smoothed)
+
+
+def _predict(window: list[LoadSample], config: AutoscaleConfig,
+             previous: LoadSample | None) -> tuple[LoadSample, LoadSample | None]:
+    latest = window[-1]
+    if config.predictor == "constant":
+        return latest, None
+    a = config.ewma_alpha
+    smoothed = previous
+    for sample in window:
+        if smoothed is not None and sample.at <= smoothed.at:
+            continue  # already folded in
+        smoothed = sample if smoothed is None else replace(
+            sample,
+            arrival_rate=a * sample.arrival_rate + (1 - a) * smoothed.arrival_rate,
+            prompt_tokens_rate=a * sample.prompt_tokens_rate
+            + (1 - a) * smoothed.prompt_tokens_rate,
+            output_tokens_rate=a * sample.output_tokens_rate
+            + (1 - a) * smoothed.output_tokens_rate)
+    return smoothed or latest, smoothed
+
+
+def _throughput_sizes(load: LoadSample, latest: LoadSample, profile: ReplicaProfile,
+                      slo: SLOConfig) -> dict[str, tuple[int, str]]:
+    if load.arrival_rate <= 0:
+        idle = (0, "no requests arriving")
+        return {role: idle for role in ROLES}
+    isl = load.prompt_tokens_rate / load.arrival_rate
+    osl = max(load.output_tokens_rate / load.arrival_rate, 1.0)
+    prefill_rate = profile.prefill_tokens_per_s(isl)
+    expected_ttft = isl / prefill_rate
+    c_ttft = _correction(latest.ttft_s, expected_ttft)
+    prefill = math.ceil(load.prompt_tokens_rate / prefill_rate * c_ttft - 1e-9)
+    context = isl + osl / 2  # a decoding sequence's mean KV
+    batch, decode_rate = profile.decode_capacity(context, slo.itl_s)
+    sizes = {"prefill": (max(prefill, 1), f"{load.prompt_tokens_rate:.0f} prompt tok/s at ISL "
+                         f"{isl:.0f} / {prefill_rate:.0f} per replica x {c_ttft:.2f} (TTFT)")}
+    if batch == 0:  # the ITL target is below one sequence's step: as many as the load
+        concurrency = load.arrival_rate * osl * profile.decode_step_s(1, context)
+        sizes["decode"] = (max(1, math.ceil(concurrency)),
+                           f"no batch meets ITL {slo.itl_s * 1e3:.0f} ms; one sequence each")
+    else:
+        expected_itl = profile.decode_step_s(batch, context)
+        c_itl = _correction(latest.itl_s, expected_itl)
+        decode = math.ceil(load.output_tokens_rate / decode_rate * c_itl - 1e-9)
+        sizes["decode"] = (max(decode, 1), f"{load.output_tokens_rate:.0f} output tok/s / "
+                           f"{decode_rate:.0f} per replica (batch {batch} at ITL "
+                           f"{slo.itl_s * 1e3:.0f} ms) x {c_itl:.2f} (ITL)")
+    sizes["attention"] = _attention_size(load, osl, context, sizes["decode"][0], profile, slo)
+    return sizes
+
+
+def _attention_size(load: LoadSample, osl: float, context: float, decode: int,
+                    profile: ReplicaProfile, slo: SLOConfig) -> tuple[int, str]:
+    if not profile.attention_kv_capacity_tokens:
+        return 0, "no attention replica in the profile"
+    concurrency = load.arrival_rate * osl * slo.itl_s  # Little's law, at the ITL target
+    overflow = concurrency * context - decode * profile.kv_capacity_tokens
+    if overflow <= 0:
+        return 0, "the decode pool holds the KV"
+    n = math.ceil(overflow / profile.attention_kv_capacity_tokens)
+    return n, f"{overflow:.0f} KV tokens past the decode pool's"
+
+
+def _correction(observed: float | None, expected: float) -> float:
+    if observed is None or expected <= 0:
+        return 1.0
+    low, high = CORRECTION_RANGE
+    return min(max(observed / expected, low), high)
+
+
+def _guard(role: str, want: int, why: str, latest: LoadSample, config: AutoscaleConfig,
+           ready: int) -> tuple[int, str]:
+    """At least one more replica when a pool is saturated, whatever the throughput says."""
+    queued = latest.queue_depth.get(role, 0)
+    if ready == 0 and queued > 0:
+        return max(want, 1), why + f"; {queued} queued with no replica"
+    if queued > config.queue_per_replica * max(ready, 1):
+        return max(want, ready + 1), why + f"; guard: {queued} queued"
+    if role == "decode" and latest.kv_use >= config.kv_high:
+        return max(want, ready + 1), why + f"; guard: KV use {latest.kv_use:.2f}"
+    return want, why
+
+
+def _stabilised(history: tuple[tuple[float, int], ...], current: int, now: float,
+                config: AutoscaleConfig) -> int:
+    up = [n for t, n in history if now - t <= config.scale_up_window_s]
+    down = [n for t, n in history if now - t <= config.scale_down_window_s]
+    if current == 0 and history[-1][1] > 0:  # requests wait on no replica: no delay
+        return history[-1][1]
+    if min(up) > current:
+        return min(up)
+    if max(down) < current:
+        return max(down)
+    return current
