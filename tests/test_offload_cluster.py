@@ -31,7 +31,9 @@ def cluster(ray_cluster):
 
     config = serve_config(
         attention_workers=4,
+        # Layer by layer: each piece is cut at the ranges' boundaries as it is computed.
         worker={"engine": {"block_size": 8}, "kv_store": {"enabled": False},
+                "kv_streaming": "layerwise",
                 "offload": {"mode": "auto", "min_tokens": 40, "attention_kv_blocks": BLOCKS,
                             "decode_kv_blocks": BLOCKS,
                             "channel_timeout_s": CHANNEL_TIMEOUT_S}})

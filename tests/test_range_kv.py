@@ -130,3 +130,37 @@ def test_blocks_come_in_runs_and_a_fragmented_sequence_still_attends_exactly(mak
                                              0.125)
         assert torch.allclose(out[row], want_out[0], atol=1e-5), seq
         assert torch.allclose(lse[row], want_lse[0], atol=1e-5), seq
+
+
+def test_a_ranged_session_cuts_each_piece_at_the_range_boundaries():
+    """Each posted piece (layers x a run of the request's blocks) reaches each range's
+    session as its part, numbered from that range's first block."""
+    import asyncio
+
+    from tandem.transfer.base import Handoff
+    from tandem.transfer.ranges import RangedSession
+
+    class Recorder:
+        def __init__(self):
+            self.posts, self.finished, self.aborted = [], None, False
+
+        def post(self, layers, first_block, src_blocks):
+            self.posts.append((layers, first_block, list(src_blocks)))
+
+        async def finish(self, handoff, timeout):
+            self.finished = handoff
+
+        async def abort(self):
+            self.aborted = True
+
+    a, b, c = Recorder(), Recorder(), Recorder()
+    session = RangedSession([(0, 3, a), (3, 3, b), (6, 1, c)])  # blocks 0-2, 3-5, 6
+    session.post(range(0, 2), 0, [10, 11, 12, 13, 14, 15, 16])  # every block, layers 0-1
+    session.post(range(2, 3), 2, [12, 13])  # a piece across the first boundary
+    assert a.posts == [(range(0, 2), 0, [10, 11, 12]), (range(2, 3), 2, [12])]
+    assert b.posts == [(range(0, 2), 0, [13, 14, 15]), (range(2, 3), 0, [13])]
+    assert c.posts == [(range(0, 2), 0, [16])]
+    asyncio.run(session.finish(Handoff("r", [7]), 1.0))
+    assert a.finished == b.finished == c.finished == Handoff("r", [7])
+    asyncio.run(session.abort())
+    assert a.aborted and b.aborted and c.aborted
