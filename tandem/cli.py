@@ -13,6 +13,7 @@ import typer
 
 from tandem.loadgen.cli import bench
 from tandem.log import setup_logging
+from tandem.sim.cli import simulate_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Tandem: disaggregated LLM inference.")
@@ -311,6 +312,9 @@ def drain(
 
 
 app.command("bench")(bench)  # `tandem bench`: its options live with the load generator
+
+
+app.command("simulate")(simulate_command)
 
 
 def main() -> None:

@@ -59,6 +59,9 @@ class AutoscaleConfig(_Strict):
     pending_timeout_s: float = Field(
         300.0, gt=0, description="A replica not ready this long after it was started is "
         "given up and stopped, seconds.")
+    headroom: float = Field(
+        1.0, ge=1, description="Capacity sized for this multiple of the predicted load, so "
+        "bursts within a replica's start-up time are absorbed.")
     kv_high: float = Field(0.9, gt=0, le=1, description="Decode KV use that adds a replica.")
     queue_per_replica: float = Field(
         4.0, gt=0, description="Queued requests per replica that add one.")
@@ -129,6 +132,10 @@ def decide(window: list[LoadSample], profile: ReplicaProfile, slo: SLOConfig,
     if not window:
         raise ValueError("decide: the metrics window is empty")
     load, smoothed = _predict(window, config, memory.smoothed)
+    if config.headroom != 1.0:
+        load = replace(load, arrival_rate=load.arrival_rate * config.headroom,
+                       prompt_tokens_rate=load.prompt_tokens_rate * config.headroom,
+                       output_tokens_rate=load.output_tokens_rate * config.headroom)
     latest = window[-1]
     raw = _throughput_sizes(load, latest, profile, slo)
     desired, reasons, give_up, history = {}, {}, {}, dict(memory.history)

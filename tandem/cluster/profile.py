@@ -48,6 +48,11 @@ class ReplicaProfile(_Strict):
     store_hit_load_s_per_token: float = Field(
         0.0, ge=0, description="Time to load one cached prompt token's KV from the store.")
     startup_s: float = Field(60.0, ge=0, description="Start-up of a replica (model load).")
+    layers: int = Field(0, ge=0, description="Model layers (offload: one round trip each).")
+    offload_layer_rtt_s: float = Field(
+        0.0, ge=0, description="Attention offload: one layer's round trip to the memory nodes.")
+    attention_bytes_per_s: float = Field(
+        0.0, ge=0, description="Attention offload: KV read bandwidth of one attention replica.")
     price_per_hour: dict[str, float] = Field(
         default_factory=dict, description="Price of one replica per hour, by pool role.")
     sources: dict[str, str] = Field(
