@@ -8,10 +8,12 @@ SLO TTFT <= 2 s and mean ITL <= 50 ms:
 - the policy (disaggregated; constant and ewma predictors);
 - the oracle (per-minute provisioning from the known load, zero start-up);
 - colocated replicas under the policy, and disaggregated with attention offload.
-Autoscaled runs start sized for the trace's first minutes (the cluster was running before).
+Autoscaled runs take over a cluster at the cheapest static provisioning (it was running before)
+and scale it from there.
 Prints the table, writes replicas-and-latency plots, and with --json one JSON line.
 
-    python bench/autoscale.py [--traces conv code] [--gpus 1000] [--out bench-out] [--json]
+    python bench/autoscale.py [--traces conv code] [--gpus 1000] [--headroom 1.4]
+        [--scale-down-window 60] [--out bench-out] [--json]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from tandem.cluster.profile import ReplicaProfile
 from tandem.sim.config import SimConfig
 from tandem.sim.result import SimResult, plot
 from tandem.sim.run import simulate
-from tandem.sim.search import oracle, static_search, throughput_guess
+from tandem.sim.search import oracle, static_search
 from tandem.sim.workload import Workload, from_trace
 
 PROFILE = Path(__file__).resolve().parents[1] / "tandem/sim/profiles/llama-3-8b-h200.json"
@@ -39,8 +41,8 @@ def log(message: str) -> None:
 
 
 def autoscaled(workload: Workload, profile: ReplicaProfile, config: SimConfig,
-               **update) -> SimResult:
-    start = throughput_guess(workload.window(0, 120), profile, config, quantile=1.0)
+               start: tuple[int, int], **update) -> SimResult:
+    """The policy, taking over a cluster at `start` replicas (the static provisioning)."""
     cfg = config.model_copy(update={"prefill": start[0], "decode": start[1], **update})
     if cfg.layout == "colocated":
         cfg = cfg.model_copy(update={"decode": sum(start)})
@@ -49,7 +51,8 @@ def autoscaled(workload: Workload, profile: ReplicaProfile, config: SimConfig,
 
 def run_trace(name: str, args, profile: ReplicaProfile) -> dict:
     base = SimConfig(slo={"ttft_s": 2.0, "itl_s": 0.05}, drain_s=600,
-                     autoscale={"enabled": False, "headroom": args.headroom})
+                     autoscale={"enabled": False, "headroom": args.headroom,
+                                "scale_down_window_s": args.scale_down_window})
     probe_load = from_trace(name, args.probe_copies, seed=args.seed)
     probe, _ = static_search(probe_load, profile, base, report=log)
     copies = max(1, round(args.probe_copies * args.gpus / sum(probe)))
@@ -61,17 +64,17 @@ def run_trace(name: str, args, profile: ReplicaProfile) -> dict:
                                    report=log)
     auto = base.autoscale.model_copy(update={"enabled": True})
     rows: dict[str, SimResult] = {"static (cheapest)": static}
-    rows["policy, constant"] = autoscaled(workload, profile, base, autoscale=auto)
+    rows["policy, constant"] = autoscaled(workload, profile, base, (p, d), autoscale=auto)
     log(f"policy constant: {rows['policy, constant'].summary()}")
     ewma = auto.model_copy(update={"predictor": "ewma"})
-    rows["policy, ewma"] = autoscaled(workload, profile, base, autoscale=ewma)
+    rows["policy, ewma"] = autoscaled(workload, profile, base, (p, d), autoscale=ewma)
     rows["oracle"] = oracle(workload, profile, base, report=log)
-    rows["policy, colocated"] = autoscaled(workload, profile, base, autoscale=auto,
+    rows["policy, colocated"] = autoscaled(workload, profile, base, (p, d), autoscale=auto,
                                            layout="colocated")
     rows["policy, offload"] = autoscaled(
-        workload, profile, base, autoscale=auto, offload=True,
+        workload, profile, base, (p, d), autoscale=auto, offload=True,
         pools=base.pools.model_copy(update={"attention": base.pools.attention.model_copy(
-            update={"min": 1})}), attention=max(1, math.ceil(start[1] / 2)))
+            update={"min": 1})}), attention=max(1, math.ceil(d / 2)))
     args.out.mkdir(parents=True, exist_ok=True)
     plot(rows["policy, constant"], args.out / f"autoscale-{name}.png",
          f"{name} x{copies}: the policy (disaggregated)")
@@ -110,7 +113,8 @@ def main() -> None:
     parser.add_argument("--traces", nargs="+", default=["conv", "code"])
     parser.add_argument("--gpus", type=int, default=1000)
     parser.add_argument("--probe-copies", type=int, default=50)
-    parser.add_argument("--headroom", type=float, default=1.0)
+    parser.add_argument("--headroom", type=float, default=1.4)
+    parser.add_argument("--scale-down-window", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--json", action="store_true")

@@ -175,6 +175,11 @@ def serve(
     kv_host: Annotated[str | None, typer.Option(
         help="Address the workers' KV receivers bind (default: loopback on a local Ray "
         "cluster, the node's address on a real one).")] = None,
+    autoscale: Annotated[bool | None, typer.Option(
+        "--autoscale/--no-autoscale", help="Resize the pools to the load and the SLOs "
+        "(bounds: pools.<role>.{min,max} in --config).")] = None,
+    autoscale_profile: Annotated[Path | None, typer.Option(
+        help="Replica profile for --autoscale (written by `tandem profile`).")] = None,
 ) -> None:
     """Serve the model: Ray workers for prefill and decode behind a gRPC gateway.
 
@@ -197,7 +202,8 @@ def serve(
         "ray.address": ray_address,
         "worker.engine.model": model, "worker.engine.dtype": dtype,
         "worker.engine.kv_cache_gb": kv_cache_gb, "worker.engine.num_threads": threads,
-        "worker.engine.cuda_graphs": cuda_graphs,
+        "worker.engine.cuda_graphs": cuda_graphs, "autoscale.enabled": autoscale,
+        "autoscale.profile": str(autoscale_profile) if autoscale_profile else None,
         "gateway.api_keys": api_key or _env_api_keys(),
         "gateway.tls.cert": tls_cert, "gateway.tls.key": tls_key,
         "gateway.tls.client_ca": tls_client_ca, "gateway.debug_routing": debug_routing,
@@ -315,6 +321,46 @@ app.command("bench")(bench)  # `tandem bench`: its options live with the load ge
 
 
 app.command("simulate")(simulate_command)
+
+
+@app.command()
+def profile(
+    out: Annotated[Path, typer.Option(help="Where to write the profile JSON.")] = Path(
+        "tandem-profile.json"),
+    model: Annotated[str | None, typer.Option(help="GGUF or HF directory (default: the "
+                                              "embedded SmolLM2-135M).")] = None,
+    dtype: Annotated[str, typer.Option(help="Serving dtype.")] = "bfloat16",
+    threads: Annotated[int, typer.Option(help="Torch threads (as one worker runs).")] = 1,
+    prompt_lengths: Annotated[str, typer.Option(help="Prompt lengths, comma-separated.")] =
+        "64,256,1024",
+    batches: Annotated[str, typer.Option(help="Decode batches, comma-separated.")] = "1,4,16",
+    contexts: Annotated[str, typer.Option(help="Decode contexts, comma-separated.")] =
+        "128,1024",
+) -> None:
+    """Measure one replica on this machine and write a versioned profile for the autoscaler
+    and the simulator (prefill tok/s, decode step times, handoff bandwidth, store loads)."""
+    from rich.console import Console
+
+    from tandem.cluster.profiling import measure_profile, write_profile
+    from tandem.engine.config import EngineConfig
+
+    err = Console(stderr=True)
+
+    def ints(text: str, name: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"{name}: {text!r} is not a list of integers") from None
+        if not values or min(values) < 1:
+            raise typer.BadParameter(f"{name}: give positive integers")
+        return values
+
+    config = EngineConfig(model=model, dtype=dtype, num_threads=threads)
+    measured = measure_profile(config, ints(prompt_lengths, "--prompt-lengths"),
+                               ints(batches, "--batches"), ints(contexts, "--contexts"),
+                               report=lambda m: err.print(m))
+    write_profile(measured, out)
+    err.print(f"profile written to {out}")
 
 
 def main() -> None:

@@ -131,3 +131,23 @@ def test_the_policy_module_imports_neither_ray_nor_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_a_policy_that_has_just_started_waits_a_window_before_scaling_down():
+    config = AutoscaleConfig(interval_s=10, scale_up_window_s=0, scale_down_window_s=30)
+    state = {"prefill": PoolState(6), "decode": PoolState(6)}
+    memory, sizes = PolicyMemory(), []
+    for i in range(6):
+        decision, memory = decide([sample(i * 10, 1.0)], PROFILE, SLO, config, POOLS, state,
+                                  i * 10, memory)
+        sizes.append(decision.desired["prefill"])
+    assert sizes[:4] == [6, 6, 6, 6] and sizes[-1] == 1  # held for 30 s, then down
+
+
+def test_a_backlog_grows_the_pool_in_proportion_up_to_twice_its_size():
+    state = {"prefill": PoolState(3), "decode": PoolState(1)}
+    for queued, want in ((13, 4), (24, 6), (500, 6)):
+        decision, _ = decide([sample(0, 0.1, queue_depth={"prefill": queued})], PROFILE, SLO,
+                             AutoscaleConfig(scale_up_window_s=0), POOLS, state, 0)
+        assert decision.desired["prefill"] == want, queued
+        assert "guard" in decision.reasons["prefill"]

@@ -46,6 +46,8 @@ CATEGORIES: dict[str, set[str]] = {
                           "attention_offload_steps", "attention_channel_bytes",
                           "attention_layer_round_trip_seconds", "attention_pipeline_overlap",
                           "attention_kv_held_bytes"},
+    "Autoscaling": {"requests_received", "prompt_tokens_received", "autoscale_desired_replicas",
+                    "autoscale_decisions"},
 }
 CATEGORIES = {row: {"tandem:" + name for name in names} for row, names in CATEGORIES.items()}
 

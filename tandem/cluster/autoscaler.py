@@ -9,11 +9,15 @@ Per interval:
 2. Size each pool by throughput, like Dynamo's planner, from the replica profile:
    prefill = ceil(rate * ISL / prefill tok/s at ISL), decode = ceil(rate * OSL / the output
    tok/s of one replica at the largest batch whose step meets the ITL target), each corrected
-   by the observed over the expected latency (clamped to [1/2, 2]); attention = the KV that
+   by the observed over the expected latency, clamped to [1/2, 2]: for decode the expected ITL
+   is that batch's step; for prefill the profile has no queueing to predict TTFT with (its
+   service time alone would double every pool), so the expected TTFT is the target and the
+   correction only grows the pool while the target is missed; attention = the KV that
    the decode pool cannot hold (Little's law: rate * decode time * mean context), in attention
    replicas' KV.
-3. A load guard: a decode pool past `kv_high` KV use, or any pool with more queued requests than
-   `queue_per_replica` per replica, gets at least one more replica.
+3. A load guard: a decode pool past `kv_high` KV use gets one more replica; a pool with more
+   queued requests than `queue_per_replica` per replica grows in proportion to its backlog
+   (at least one more, at most twice its size).
 4. Stabilise like Kubernetes' HPA: a scale-up takes the smallest recommendation of the last
    `scale_up_window_s`, a scale-down the largest of the last `scale_down_window_s`, so neither
    follows noise; then clamp to the pool's [min, max]. With min 0 a pool scales to zero when
@@ -44,6 +48,8 @@ class _Strict(BaseModel):
 
 class AutoscaleConfig(_Strict):
     enabled: bool = Field(False, description="Resize the pools to the load (serve --autoscale).")
+    profile: str | None = Field(
+        None, description="Replica profile JSON (`tandem profile`) the pools are sized from.")
     interval_s: float = Field(10.0, gt=0, description="How often the policy runs, seconds.")
     scale_up_window_s: float = Field(
         30.0, ge=0, description="A scale-up needs every recommendation of this window above "
@@ -123,6 +129,7 @@ class PolicyMemory:
 
     history: dict[str, tuple[tuple[float, int], ...]] = field(default_factory=dict)
     smoothed: LoadSample | None = None
+    first_seen: dict[str, tuple[float, int]] = field(default_factory=dict)  # (when, size)
 
 
 def decide(window: list[LoadSample], profile: ReplicaProfile, slo: SLOConfig,
@@ -139,6 +146,7 @@ def decide(window: list[LoadSample], profile: ReplicaProfile, slo: SLOConfig,
     latest = window[-1]
     raw = _throughput_sizes(load, latest, profile, slo)
     desired, reasons, give_up, history = {}, {}, {}, dict(memory.history)
+    first_seen = dict(memory.first_seen)
     for role in ROLES:
         bounds = getattr(pools, role)
         pool = state.get(role, PoolState(0))
@@ -148,17 +156,20 @@ def decide(window: list[LoadSample], profile: ReplicaProfile, slo: SLOConfig,
         current = pool.ready + live_pending
         want, why = raw[role]
         want, why = _guard(role, want, why, latest, config, pool.ready)
+        # A policy that has just started does not scale down before it has watched a whole
+        # window: until then, the size it found counts as a recommendation for scale-downs.
+        first_seen.setdefault(role, (now, current))
         recent = tuple((t, n) for t, n in history.get(role, ())
                        if now - t <= max(config.scale_up_window_s, config.scale_down_window_s))
         history[role] = (*recent, (now, want))
-        target = _stabilised(history[role], current, now, config)
+        target = _stabilised(history[role], first_seen[role], current, now, config)
         clamped = min(max(target, bounds.min), bounds.max)
         if clamped != target:
             why += f"; held to [{bounds.min}, {bounds.max}]"
         elif target != want:
             why += f"; stabilised at {target} (raw {want})"
         desired[role], reasons[role] = clamped, why
-    return Decision(desired, reasons, give_up), PolicyMemory(history, smoothed)
+    return Decision(desired, reasons, give_up), PolicyMemory(history, smoothed, first_seen)
 
 
 def _predict(window: list[LoadSample], config: AutoscaleConfig,
@@ -189,8 +200,7 @@ def _throughput_sizes(load: LoadSample, latest: LoadSample, profile: ReplicaProf
     isl = load.prompt_tokens_rate / load.arrival_rate
     osl = max(load.output_tokens_rate / load.arrival_rate, 1.0)
     prefill_rate = profile.prefill_tokens_per_s(isl)
-    expected_ttft = isl / prefill_rate
-    c_ttft = _correction(latest.ttft_s, expected_ttft)
+    c_ttft = max(_correction(latest.ttft_s, slo.ttft_s), 1.0)
     prefill = math.ceil(load.prompt_tokens_rate / prefill_rate * c_ttft - 1e-9)
     context = isl + osl / 2  # a decoding sequence's mean KV
     batch, decode_rate = profile.decode_capacity(context, slo.itl_s)
@@ -232,21 +242,24 @@ def _correction(observed: float | None, expected: float) -> float:
 
 def _guard(role: str, want: int, why: str, latest: LoadSample, config: AutoscaleConfig,
            ready: int) -> tuple[int, str]:
-    """At least one more replica when a pool is saturated, whatever the throughput says."""
+    """More replicas when a pool is saturated, whatever the throughput says: one more, or in
+    proportion to the backlog (up to twice the pool) when requests queue."""
     queued = latest.queue_depth.get(role, 0)
     if ready == 0 and queued > 0:
         return max(want, 1), why + f"; {queued} queued with no replica"
-    if queued > config.queue_per_replica * max(ready, 1):
-        return max(want, ready + 1), why + f"; guard: {queued} queued"
+    threshold = config.queue_per_replica * max(ready, 1)
+    if queued > threshold:
+        grown = max(ready + 1, math.ceil(ready * min(2.0, queued / threshold)))
+        return max(want, grown), why + f"; guard: {queued} queued"
     if role == "decode" and latest.kv_use >= config.kv_high:
         return max(want, ready + 1), why + f"; guard: KV use {latest.kv_use:.2f}"
     return want, why
 
 
-def _stabilised(history: tuple[tuple[float, int], ...], current: int, now: float,
-                config: AutoscaleConfig) -> int:
+def _stabilised(history: tuple[tuple[float, int], ...], first_seen: tuple[float, int],
+                current: int, now: float, config: AutoscaleConfig) -> int:
     up = [n for t, n in history if now - t <= config.scale_up_window_s]
-    down = [n for t, n in history if now - t <= config.scale_down_window_s]
+    down = [n for t, n in (first_seen, *history) if now - t <= config.scale_down_window_s]
     if current == 0 and history[-1][1] > 0:  # requests wait on no replica: no delay
         return history[-1][1]
     if min(up) > current:

@@ -103,6 +103,24 @@ class ServeConfig(_Strict):
             raise ValueError("served_model_name must not be empty")
         if self.colocated and self.attention_workers:
             raise ValueError("attention_workers needs disaggregated serving (colocated is set)")
+        if self.autoscale.enabled:
+            if self.autoscale.profile is None:
+                raise ValueError("autoscale.profile: autoscaling sizes pools from a replica "
+                                 "profile; write one with `tandem profile`")
+            sizes = {"prefill": self.prefill_workers, "decode": self.decode_workers,
+                     "attention": self.attention_workers}
+            if self.colocated:  # one pool, bounded by pools.decode
+                sizes = {"decode": self.prefill_workers + self.decode_workers}
+            for role, size in sizes.items():
+                bounds = getattr(self.pools, role)
+                if role == "attention" and bounds.max == 0:
+                    continue  # not autoscaled: the pool keeps its size
+                if bounds.min < 1:
+                    raise ValueError(f"pools.{role}.min: serve --autoscale keeps at least one "
+                                     "worker per pool (scale to zero is the simulator's)")
+                if not bounds.min <= size <= bounds.max:
+                    raise ValueError(f"pools.{role}: the starting size {size} is outside "
+                                     f"[{bounds.min}, {bounds.max}]")
         return self
 
     @property

@@ -164,6 +164,8 @@ class Frontend:
             raise InvalidRequest(f"request_id: {rid!r} is already running")
         self._owners[rid] = prepared.caller
         self._choice_ids[rid] = [c.request_id for c in prepared.choices]
+        self.metrics.labels(self.metrics.requests_received).inc()
+        self.metrics.labels(self.metrics.prompt_tokens_received).inc(len(prepared.prompt))
         try:
             prompt_logprobs = None
             if prepared.prompt_logprobs is not None:

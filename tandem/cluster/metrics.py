@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from tandem.cluster.autoscale_metrics import AutoscaleCollector, AutoscaleFigures
 from tandem.cluster.offload_metrics import OffloadCollector, OffloadFigures
 
 PREFIX = "tandem:"
@@ -143,6 +144,7 @@ class ClusterMetrics:
         self.num_resumed = lambda: 0  # the router's resumes, set by the gateway
         self.num_migrated = lambda: 0  # the router's live migrations, set by the gateway
         self.num_offloaded = lambda: 0  # requests placed with offloaded attention
+        self.autoscale = AutoscaleFigures()  # kept by serve --autoscale
         r, labels = self.registry, ["model_name"]
 
         def histogram(name: str, text: str, buckets: tuple[float, ...],
@@ -169,6 +171,10 @@ class ClusterMetrics:
                                             "Prompt tokens per request.", TOKEN_BUCKETS)
         self.generation_tokens_hist = histogram("request_generation_tokens",
                                                 "Generated tokens per request.", TOKEN_BUCKETS)
+        self.requests_received = counter("requests_received",
+                                         "Requests the gateway accepted (the arrival rate).")
+        self.prompt_tokens_received = counter("prompt_tokens_received",
+                                              "Prompt tokens of accepted requests.")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished requests.")
         self.generation_tokens = counter("generation_tokens",
                                          "Tokens generated for finished requests.")
@@ -198,6 +204,7 @@ class ClusterMetrics:
         self.registry.register(_WorkerCollector(self))
         self.registry.register(OffloadCollector(model_name, lambda: self.workers.offload,
                                                 lambda: self.num_offloaded()))
+        self.registry.register(AutoscaleCollector(model_name, lambda: self.autoscale))
 
     def labels(self, metric: Counter | Histogram, *values: str):
         return metric.labels(self.model_name, *values)

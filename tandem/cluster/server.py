@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tandem.cluster.admin import AdminService
 from tandem.cluster.auth import ApiKeys
+from tandem.cluster.autoscale_loop import AutoscaleLoop, start_autoscaling
 from tandem.cluster.config import ServeConfig
 from tandem.cluster.frontend import Frontend
 from tandem.cluster.gateway import Gateway
@@ -60,6 +61,7 @@ class TandemServer:
         self.pools: PoolManager | None = None
         self.monitor: WorkerMonitor | None = None
         self.rebalancer: Rebalancer | None = None
+        self.autoscaler: AutoscaleLoop | None = None
         self.draining = False
         # Start-up steps, for a progress display: (step, parts done, parts in all).
         self.progress: Callable[..., None] = lambda step, done=None, total=None: None
@@ -123,6 +125,9 @@ class TandemServer:
             self.rebalancer = Rebalancer(self.router, c.gateway.rebalance)
             self.rebalancer.start()
         self.pools.start_health_checks()
+        if c.autoscale.enabled:
+            self.autoscaler = start_autoscaling(c, self.pools, self.monitor, self.metrics,
+                                                lambda: self.router.num_queued)
         pools = [w.stats.engine.num_blocks for w in self.monitor.workers
                  if w.role in ("decode", "colocated") and w.stats is not None]
         if pools:
@@ -224,6 +229,9 @@ class TandemServer:
         if self._server is not None:
             await self._server.stop(grace=1.0)  # what is left gets cancelled
             self._server = None
+        if self.autoscaler is not None:
+            await self.autoscaler.stop()
+            self.autoscaler = None
         if self.monitor is not None:
             await self.monitor.stop()
             self.monitor = None

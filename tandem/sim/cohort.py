@@ -269,6 +269,12 @@ class CohortEngine:
                 self.fleet.stop(role, k, t)
                 self.draining.discard((role, k))
 
+    def late(self, now: float, ttft_s: float) -> float:
+        """Requests still waiting for their first token past the TTFT target."""
+        waiting = np.concatenate([self.waiting_prefill, self.q_piece])
+        late = self.p.arrival[waiting] < now - ttft_s
+        return float(self.p.count[waiting][late].sum())
+
     def queue_depth(self) -> dict[str, int]:
         queued = float(self.p.count[self.waiting_prefill].sum() + self.p.count[
             self.q_piece].sum())

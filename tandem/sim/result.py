@@ -76,6 +76,7 @@ class SimResult:
     cost: float
     sim_seconds: float  # simulated time
     wall_seconds: float = 0.0
+    aborted: bool = False  # stopped once the SLO was out of reach (a search's early exit)
     timeline: dict[str, list[float]] = field(default_factory=dict)
     decisions: list[tuple[float, dict[str, int], dict[str, str]]] = field(default_factory=list)
 
@@ -89,7 +90,7 @@ class SimResult:
                 "ttft_p90_s": self.ttft_p90, "itl_p50_s": self.itl_p50,
                 "itl_p90_s": self.itl_p90, "gpu_hours": self.total_gpu_hours,
                 **{f"{role}_hours": h for role, h in self.gpu_hours.items()},
-                "cost": self.cost, "wall_s": self.wall_seconds}
+                "cost": self.cost, "wall_s": self.wall_seconds, "aborted": self.aborted}
 
 
 def summarise(ledger: Ledger, requests: int, slo: SLOConfig, gpu_hours: dict[str, float],

@@ -16,7 +16,14 @@ from tandem.sim.control import Controller
 from tandem.sim.costs import Costs
 from tandem.sim.fleet import Fleet
 from tandem.sim.per_request import PerRequestEngine
-from tandem.sim.result import Ledger, SimResult, Timeline, summarise, weighted_quantile
+from tandem.sim.result import (
+    Ledger,
+    SimResult,
+    Timeline,
+    attaining_share,
+    summarise,
+    weighted_quantile,
+)
 from tandem.sim.workload import Workload
 
 Mode = Literal["request", "cohort"]
@@ -24,10 +31,13 @@ MAX_PIECE = 8  # requests per cohort piece
 
 
 def simulate(workload: Workload, profile: ReplicaProfile, config: SimConfig,
-             mode: Mode = "cohort", schedule: list[tuple[float, dict[str, int]]] | None = None
-             ) -> SimResult:
+             mode: Mode = "cohort", schedule: list[tuple[float, dict[str, int]]] | None = None,
+             give_up_below: float | None = None) -> SimResult:
     """Run `workload` on the cluster `config` describes. With `schedule` (time, replicas per
-    role) the pools follow it instead of the policy (the oracle's provisioning)."""
+    role) the pools follow it instead of the policy (the oracle's provisioning). With
+    `give_up_below` (cohort mode) the run stops as soon as its SLO attainment can no longer
+    reach that share (`aborted`; what was unfinished counts as failed): a search need not
+    simulate an overloaded cluster's ever longer queues to the end."""
     started = time.perf_counter()
     costs = Costs(profile, config)
     fleet = Fleet(profile.startup_s, profile.price_per_hour)
@@ -48,6 +58,19 @@ def simulate(workload: Workload, profile: ReplicaProfile, config: SimConfig,
                   if config.autoscale.enabled and schedule is None else None)
     timeline = Timeline()
     seen = [0]
+    missed = [0.0, 0]  # requests known to miss the SLO, ledger parts counted
+
+    def hopeless(eng: CohortEngine, now: float) -> bool:
+        if give_up_below is None:
+            return False
+        new = ledger.since(missed[1])
+        missed[1] = ledger.parts()
+        if new["weight"].size:
+            share = attaining_share(new["arrival"], new["first_lo"], new["first_hi"],
+                                    new["finish"], new["output"], config.slo)
+            missed[0] += float((new["weight"] * (1 - share)).sum())
+        known = missed[0] + ledger.failed + eng.late(now, config.slo.ttft_s)
+        return known > (1 - give_up_below) * len(workload)
 
     def on_tick(eng, now: float) -> None:
         if controller is not None:
@@ -76,18 +99,20 @@ def simulate(workload: Workload, profile: ReplicaProfile, config: SimConfig,
     if mode == "request":
         end = engine.run(horizon, on_tick, on_sample)
     else:
-        end = _run_slices(engine, len(workload), horizon, config, on_tick, on_sample)
+        end = _run_slices(engine, len(workload), horizon, config, on_tick, on_sample, hopeless)
+    aborted = engine.accounted < len(workload) - 1e-6 and end < horizon
     engine.fail_unfinished()
     hours = {role: fleet.hours(role, end) for role in ROLES}
     result = summarise(ledger, len(workload), config.slo, hours, fleet.cost(end), end)
     result.wall_seconds = time.perf_counter() - started
+    result.aborted = aborted
     result.timeline = timeline.columns
     result.decisions = controller.decisions if controller else []
     return result
 
 
 def _run_slices(engine: CohortEngine, requests: int, horizon: float, config: SimConfig,
-                on_tick, on_sample) -> float:
+                on_tick, on_sample, hopeless) -> float:
     dt = config.slice_s
     tick_every = max(1, round(config.autoscale.interval_s / dt))
     sample_every = max(1, round(config.sample_s / dt))
@@ -95,6 +120,8 @@ def _run_slices(engine: CohortEngine, requests: int, horizon: float, config: Sim
     t = 0.0
     while t <= horizon:
         if k % tick_every == 0:
+            if hopeless(engine, t):
+                break
             on_tick(engine, t)
         if k % sample_every == 0:
             on_sample(engine, t)

@@ -45,9 +45,11 @@ def static_search(workload: Workload, profile: ReplicaProfile, config: SimConfig
             static = config.model_copy(update={"prefill": point[0], "decode": point[1],
                                                "autoscale": config.autoscale.model_copy(
                                                    update={"enabled": False})})
-            tried[point] = simulate(workload, profile, static, "cohort")
-            report(f"static P={point[0]} D={point[1]}: attainment "
-                   f"{tried[point].attainment:.4f}, {tried[point].total_gpu_hours:.1f} GPU-h")
+            tried[point] = simulate(workload, profile, static, "cohort", give_up_below=TARGET)
+            r = tried[point]
+            report(f"static P={point[0]} D={point[1]}: " + (
+                f"below {TARGET} (stopped at {r.sim_seconds:.0f} s)" if r.aborted else
+                f"attainment {r.attainment:.4f}, {r.total_gpu_hours:.1f} GPU-h"))
         return tried[point]
 
     for scale in (1.0, *(g for g in sorted(grid, reverse=True) if g != 1.0)):
@@ -93,9 +95,11 @@ def oracle(workload: Workload, profile: ReplicaProfile, config: SimConfig,
         cfg = config.model_copy(update={"prefill": first["prefill"], "decode": first["decode"],
                                         "autoscale": config.autoscale.model_copy(
                                             update={"enabled": False})})
-        result = simulate(workload, instant, cfg, "cohort", schedule=schedule)
-        report(f"oracle x{factor:.3f}: attainment {result.attainment:.4f}, "
-               f"{result.total_gpu_hours:.1f} GPU-h")
+        result = simulate(workload, instant, cfg, "cohort", schedule=schedule,
+                          give_up_below=TARGET)
+        report(f"oracle x{factor:.3f}: " + (
+            f"below {TARGET} (stopped at {result.sim_seconds:.0f} s)" if result.aborted else
+            f"attainment {result.attainment:.4f}, {result.total_gpu_hours:.1f} GPU-h"))
         return result
 
     low, high = 1.0, 1.0
