@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 SERVE_FLAGS ?=
 
-.PHONY: run test lint bench bench-gpu bench-tls bench-api bench-soak bench-migration bench-offload bench-serve bench-transfer bench-store bench-codec bench-blend proto install clean
+.PHONY: run test lint bench bench-gpu bench-tls bench-api bench-soak bench-migration bench-offload bench-autoscale bench-sim-fidelity bench-serve bench-transfer bench-store bench-codec bench-blend proto install clean
 
 # Local Ray, one prefill + one decode worker, the shipped model, gateway on 127.0.0.1:50051.
 run: install
@@ -40,6 +40,12 @@ bench-migration: install
 
 bench-offload: install
 	$(BIN)/python bench/offload.py
+
+bench-autoscale: install
+	$(BIN)/python bench/autoscale.py
+
+bench-sim-fidelity: install
+	$(BIN)/python bench/sim_fidelity.py
 
 bench-serve: install
 	$(BIN)/python bench/serve.py

@@ -14,6 +14,9 @@ Prints the table, writes replicas-and-latency plots, and with --json one JSON li
 
     python bench/autoscale.py [--traces conv code] [--gpus 1000] [--headroom 1.4]
         [--scale-down-window 60] [--out bench-out] [--json]
+
+(about 15 minutes a trace on one core). A last row reruns the policy with replicas that start
+in 10 s instead of the profile's 60 s, to show what start-up time costs.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ def run_trace(name: str, args, profile: ReplicaProfile) -> dict:
         workload, profile, base, (p, d), autoscale=auto, offload=True,
         pools=base.pools.model_copy(update={"attention": base.pools.attention.model_copy(
             update={"min": 1})}), attention=max(1, math.ceil(d / 2)))
+    quick = profile.model_copy(update={"startup_s": 10.0})
+    rows["policy, 10 s start-up"] = autoscaled(workload, quick, base, (p, d), autoscale=auto)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(rows["policy, constant"], args.out / f"autoscale-{name}.png",
          f"{name} x{copies}: the policy (disaggregated)")
@@ -113,7 +118,7 @@ def main() -> None:
     parser.add_argument("--traces", nargs="+", default=["conv", "code"])
     parser.add_argument("--gpus", type=int, default=1000)
     parser.add_argument("--probe-copies", type=int, default=50)
-    parser.add_argument("--headroom", type=float, default=1.4)
+    parser.add_argument("--headroom", type=float, default=1.2)
     parser.add_argument("--scale-down-window", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))

@@ -31,7 +31,7 @@ PROFILE = ReplicaProfile(
     decode=[DecodePoint(batch=b, context=1024, step_s=0.010 + 0.001 * b) for b in (1, 64)],
     kv_capacity_tokens=200_000)
 SLO = SLOConfig(ttft_s=2.0, itl_s=0.05)
-CONFIG = AutoscaleConfig(interval_s=10, scale_up_window_s=20, scale_down_window_s=60)
+CONFIG = AutoscaleConfig(interval_s=10, scale_up_window_s=20, scale_down_window_s=60, headroom=1.0)
 POOLS = PoolsConfig(prefill=PoolBounds(min=1, max=10), decode=PoolBounds(min=1, max=10))
 
 

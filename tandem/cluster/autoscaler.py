@@ -10,14 +10,16 @@ Per interval:
    prefill = ceil(rate * ISL / prefill tok/s at ISL), decode = ceil(rate * OSL / the output
    tok/s of one replica at the largest batch whose step meets the ITL target), each corrected
    by the observed over the expected latency, clamped to [1/2, 2]: for decode the expected ITL
-   is that batch's step; for prefill the profile has no queueing to predict TTFT with (its
+   is the profile's step at the batch each replica runs now (sequences in flight, by Little's
+   law, over the ready replicas), so the correction measures the profile's error, not the
+   load; for prefill the profile has no queueing to predict TTFT with (its
    service time alone would double every pool), so the expected TTFT is the target and the
    correction only grows the pool while the target is missed; attention = the KV that
    the decode pool cannot hold (Little's law: rate * decode time * mean context), in attention
    replicas' KV.
 3. A load guard: a decode pool past `kv_high` KV use gets one more replica; a pool with more
-   queued requests than `queue_per_replica` per replica grows in proportion to its backlog
-   (at least one more, at most twice its size).
+   than `queue_per_replica` queued requests per replica grows in proportion to its backlog (at
+   least one more, at most twice its size), through the same stabilisation as the rest.
 4. Stabilise like Kubernetes' HPA: a scale-up takes the smallest recommendation of the last
    `scale_up_window_s`, a scale-down the largest of the last `scale_down_window_s`, so neither
    follows noise; then clamp to the pool's [min, max]. With min 0 a pool scales to zero when
@@ -55,7 +57,7 @@ class AutoscaleConfig(_Strict):
         30.0, ge=0, description="A scale-up needs every recommendation of this window above "
         "the current size (the smallest is taken), seconds.")
     scale_down_window_s: float = Field(
-        300.0, ge=0, description="A scale-down takes the largest recommendation of this "
+        60.0, ge=0, description="A scale-down takes the largest recommendation of this "
         "window, seconds.")
     predictor: Literal["constant", "ewma"] = Field(
         "constant", description="Next interval's load: the last sample, or an exponential "
@@ -66,7 +68,7 @@ class AutoscaleConfig(_Strict):
         300.0, gt=0, description="A replica not ready this long after it was started is "
         "given up and stopped, seconds.")
     headroom: float = Field(
-        1.0, ge=1, description="Capacity sized for this multiple of the predicted load, so "
+        1.2, ge=1, description="Capacity sized for this multiple of the predicted load, so "
         "bursts within a replica's start-up time are absorbed.")
     kv_high: float = Field(0.9, gt=0, le=1, description="Decode KV use that adds a replica.")
     queue_per_replica: float = Field(
@@ -144,7 +146,8 @@ def decide(window: list[LoadSample], profile: ReplicaProfile, slo: SLOConfig,
                        prompt_tokens_rate=load.prompt_tokens_rate * config.headroom,
                        output_tokens_rate=load.output_tokens_rate * config.headroom)
     latest = window[-1]
-    raw = _throughput_sizes(load, latest, profile, slo)
+    decode_ready = state.get("decode", PoolState(0)).ready
+    raw = _throughput_sizes(load, latest, profile, slo, decode_ready)
     desired, reasons, give_up, history = {}, {}, {}, dict(memory.history)
     first_seen = dict(memory.first_seen)
     for role in ROLES:
@@ -193,7 +196,7 @@ def _predict(window: list[LoadSample], config: AutoscaleConfig,
 
 
 def _throughput_sizes(load: LoadSample, latest: LoadSample, profile: ReplicaProfile,
-                      slo: SLOConfig) -> dict[str, tuple[int, str]]:
+                      slo: SLOConfig, decode_ready: int) -> dict[str, tuple[int, str]]:
     if load.arrival_rate <= 0:
         idle = (0, "no requests arriving")
         return {role: idle for role in ROLES}
@@ -211,8 +214,14 @@ def _throughput_sizes(load: LoadSample, latest: LoadSample, profile: ReplicaProf
         sizes["decode"] = (max(1, math.ceil(concurrency)),
                            f"no batch meets ITL {slo.itl_s * 1e3:.0f} ms; one sequence each")
     else:
-        expected_itl = profile.decode_step_s(batch, context)
-        c_itl = _correction(latest.itl_s, expected_itl)
+        c_itl = 1.0
+        if latest.itl_s is not None and decode_ready:
+            # the step the profile predicts at the batch each replica runs now (Little's law:
+            # sequences in flight = output tok/s x ITL): the correction is the profile's error
+            # at this load, not the load itself
+            running = latest.output_tokens_rate * latest.itl_s / decode_ready
+            expected = profile.decode_step_s(max(1.0, min(running, batch)), context)
+            c_itl = _correction(latest.itl_s, expected)
         decode = math.ceil(load.output_tokens_rate / decode_rate * c_itl - 1e-9)
         sizes["decode"] = (max(decode, 1), f"{load.output_tokens_rate:.0f} output tok/s / "
                            f"{decode_rate:.0f} per replica (batch {batch} at ITL "

@@ -96,11 +96,12 @@ def simulate(workload: Workload, profile: ReplicaProfile, config: SimConfig,
         timeline.add(now, **values)
 
     horizon = float(workload.arrival_s[-1]) + config.drain_s
+    aborted = False
     if mode == "request":
         end = engine.run(horizon, on_tick, on_sample)
     else:
         end = _run_slices(engine, len(workload), horizon, config, on_tick, on_sample, hopeless)
-    aborted = engine.accounted < len(workload) - 1e-6 and end < horizon
+        aborted = engine.accounted < len(workload) - 1e-6 and end < horizon
     engine.fail_unfinished()
     hours = {role: fleet.hours(role, end) for role in ROLES}
     result = summarise(ledger, len(workload), config.slo, hours, fleet.cost(end), end)
