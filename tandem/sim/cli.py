@@ -1,4 +1,5 @@
-"""`tandem simulate`: run a trace or synthetic load through the simulated cluster."""
+"""The planning commands: `tandem profile` (measure one replica here) and `tandem simulate`
+(run a trace or synthetic load through the simulated cluster)."""
 
 from __future__ import annotations
 
@@ -89,3 +90,42 @@ def simulate_command(
               f"{s['ttft_p90_s']:.3f} s; ITL p50/p90 {s['itl_p50_s'] * 1e3:.1f}/"
               f"{s['itl_p90_s'] * 1e3:.1f} ms; {s['gpu_hours']:.2f} GPU-h; ${s['cost']:.2f}; "
               f"failed {s['failed']:.0f}; simulated in {s['wall_s']:.1f} s")
+
+
+def profile_command(
+    out: Annotated[Path, typer.Option(help="Where to write the profile JSON.")] = Path(
+        "tandem-profile.json"),
+    model: Annotated[str | None, typer.Option(help="GGUF or HF directory (default: the "
+                                              "embedded SmolLM2-135M).")] = None,
+    dtype: Annotated[str, typer.Option(help="Serving dtype.")] = "bfloat16",
+    threads: Annotated[int, typer.Option(help="Torch threads (as one worker runs).")] = 1,
+    prompt_lengths: Annotated[str, typer.Option(help="Prompt lengths, comma-separated.")] =
+        "64,256,1024",
+    batches: Annotated[str, typer.Option(help="Decode batches, comma-separated.")] = "1,4,16",
+    contexts: Annotated[str, typer.Option(help="Decode contexts, comma-separated.")] =
+        "128,1024",
+) -> None:
+    """Measure one replica on this machine and write a versioned profile for the autoscaler
+    and the simulator (prefill tok/s, decode step times, handoff bandwidth, store loads)."""
+    from rich.console import Console
+
+    from tandem.cluster.profiling import measure_profile, write_profile
+    from tandem.engine.config import EngineConfig
+
+    err = Console(stderr=True)
+
+    def ints(text: str, name: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"{name}: {text!r} is not a list of integers") from None
+        if not values or min(values) < 1:
+            raise typer.BadParameter(f"{name}: give positive integers")
+        return values
+
+    config = EngineConfig(model=model, dtype=dtype, num_threads=threads)
+    measured = measure_profile(config, ints(prompt_lengths, "--prompt-lengths"),
+                               ints(batches, "--batches"), ints(contexts, "--contexts"),
+                               report=lambda m: err.print(m))
+    write_profile(measured, out)
+    err.print(f"profile written to {out}")
