@@ -126,8 +126,11 @@ def main() -> None:
     args = parser.parse_args()
     profile = ReplicaProfile.load(PROFILE)
     started = time.perf_counter()
-    results = {name: run_trace(name, args, profile) for name in args.traces}
-    missed = {name: print_table(name, data) for name, data in results.items()}
+    results, missed = {}, {}
+    for name in args.traces:  # each table as soon as its trace is done
+        results[name] = run_trace(name, args, profile)
+        missed[name] = print_table(name, results[name])
+        sys.stdout.flush()
     print(f"\n{time.perf_counter() - started:.0f} s in all; plots in {args.out}/")
     if args.json:
         print(json.dumps({"traces": results, "missed": missed}))

@@ -33,6 +33,10 @@ def simulate_command(
     decode: Annotated[int, typer.Option(help="Decode replicas (the start).")] = 1,
     attention: Annotated[int, typer.Option(help="Attention replicas.")] = 0,
     offload: Annotated[bool, typer.Option(help="Attention offload.")] = False,
+    transport: Annotated[str, typer.Option(help="KV handoff transport (a profile key).")] =
+        "nixl",
+    store_hit_rate: Annotated[float, typer.Option(
+        help="Share of prompt tokens the KV store already holds.")] = 0.0,
     autoscale: Annotated[bool, typer.Option(help="Run the autoscaling policy.")] = False,
     predictor: Annotated[str, typer.Option(help="constant or ewma.")] = "constant",
     ttft: Annotated[float, typer.Option(help="SLO: TTFT, seconds.")] = 2.0,
@@ -64,6 +68,7 @@ def simulate_command(
         config = SimConfig.model_validate({
             "layout": layout, "prefill": prefill, "decode": decode, "attention": attention,
             "offload": offload, "slo": {"ttft_s": ttft, "itl_s": itl},
+            "transport": transport, "store_hit_rate": store_hit_rate,
             "autoscale": {"enabled": autoscale, "predictor": predictor}})
     except (ValueError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e)) from None

@@ -4,6 +4,7 @@ mean lengths, so token totals are conserved."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,10 +25,12 @@ class Pieces:
         return len(self.arrival)
 
 
-def make_pieces(workload: Workload, cohort_s: float, max_members: int,
-                kv_capacity: float) -> Pieces:
+def make_pieces(workload: Workload, cohort_s: float, max_members: int, kv_capacity: float,
+                prefill_s: Callable[[np.ndarray], np.ndarray], slice_s: float) -> Pieces:
     """Cohorts of (arrival slice, prompt bucket, output bucket), each cut into pieces of at
-    most `max_members` requests, and of at most a quarter of one replica's KV."""
+    most `max_members` requests, at most a quarter of one replica's KV, and at most one slice
+    of prefill work (a piece decodes once all its members are prefilled: the first ones wait
+    for the last, so the wait is kept under a slice)."""
     log_ratio = np.log(BUCKET_RATIO)
     slot = np.floor(workload.arrival_s / cohort_s).astype(np.int64)
     prompt_bucket = np.floor(np.log(workload.prompt) / log_ratio).astype(np.int64)
@@ -38,7 +41,9 @@ def make_pieces(workload: Workload, cohort_s: float, max_members: int,
     arrival = np.bincount(inverse, workload.arrival_s) / n
     prompt = np.bincount(inverse, workload.prompt.astype(float)) / n
     output = np.bincount(inverse, workload.output.astype(float)) / n
-    per_piece = np.clip(np.floor(0.25 * kv_capacity / (prompt + output)), 1, max_members)
+    per_piece = np.minimum(np.floor(0.25 * kv_capacity / (prompt + output)),
+                           np.floor(slice_s / prefill_s(prompt)))
+    per_piece = np.clip(per_piece, 1, max_members)
     pieces = np.ceil(n / per_piece).astype(np.int64)
     group = np.repeat(np.arange(len(groups)), pieces)
     # spread each group's members evenly over its pieces

@@ -45,7 +45,8 @@ def simulate(workload: Workload, profile: ReplicaProfile, config: SimConfig,
     if mode == "request":
         engine = PerRequestEngine(workload, costs, fleet, ledger, config)
     elif mode == "cohort":
-        pieces = make_pieces(workload, config.cohort_s, MAX_PIECE, costs.kv_capacity)
+        pieces = make_pieces(workload, config.cohort_s, MAX_PIECE, costs.kv_capacity,
+                             costs.prefill_s, config.slice_s)
         engine = CohortEngine(pieces, costs, fleet, ledger, config)
     else:
         raise ValueError(f"mode must be 'request' or 'cohort', not {mode!r}")
