@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -74,10 +73,9 @@ def run_trace(name: str, args, profile: ReplicaProfile) -> dict:
     rows["oracle"] = oracle(workload, profile, base, report=log)
     rows["policy, colocated"] = autoscaled(workload, profile, base, (p, d), autoscale=auto,
                                            layout="colocated")
-    rows["policy, offload"] = autoscaled(
-        workload, profile, base, (p, d), autoscale=auto, offload=True,
-        pools=base.pools.model_copy(update={"attention": base.pools.attention.model_copy(
-            update={"min": 1})}), attention=max(1, math.ceil(d / 2)))
+    # attention replicas hold the KV the decode replicas cannot; the policy sizes that pool
+    rows["policy, offload"] = autoscaled(workload, profile, base, (p, d), autoscale=auto,
+                                         offload=True)
     quick = profile.model_copy(update={"startup_s": 10.0})
     rows["policy, 10 s start-up"] = autoscaled(workload, quick, base, (p, d), autoscale=auto)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -101,3 +101,18 @@ def test_bad_input_is_refused_with_a_clear_error():
         simulate(load, PROFILE, SimConfig(transport="carrier-pigeon"), "cohort")
     with pytest.raises(ValueError, match="no request"):
         load.window(100, 200)
+
+
+@pytest.mark.parametrize("mode", ["request", "cohort"])
+def test_attention_offload_holds_the_kv_a_decode_replica_cannot(mode):
+    """Long prompts on a decode replica that holds two of them: with an attention pool the
+    rest decode with their KV offloaded instead of waiting, and the pool is paid for."""
+    small = PROFILE.model_copy(update={"kv_capacity_tokens": 20_000})
+    load = synthetic(rate=2, duration_s=60, prompt=8000, output=1000, seed=8)
+    local = simulate(load, small, SimConfig(prefill=2, decode=1, drain_s=600), mode)
+    offload = simulate(load, small, SimConfig(prefill=2, decode=1, attention=2, offload=True,
+                                              drain_s=600), mode)
+    assert offload.finished == local.finished == len(load)
+    assert offload.attainment > local.attainment
+    assert offload.itl_p90 < local.itl_p90
+    assert offload.gpu_hours["attention"] > 0 and local.gpu_hours["attention"] == 0

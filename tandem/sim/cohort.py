@@ -182,7 +182,7 @@ class CohortEngine:
             context = np.where(batch > 0, np.bincount(self.d_rep, count * self.d_context, n)
                                / batch, 0.0)
         self._refresh_share(t)
-        step = self.costs.decode_step_s(batch, context) if n else np.zeros(0)
+        step = self.costs.decode_step_s(batch, context, self.kv_used) if n else np.zeros(0)
         chunk = np.zeros(n)
         if self.colocated and self.q_piece.size:
             tokens = np.bincount(self.q_rep, self.q_left / self.work[self.q_piece]

@@ -54,45 +54,44 @@ class Costs:
         last_layer = transfer / max(self.profile.layers, 1)
         return np.maximum(transfer - self.prefill_s(prompt), last_layer)
 
-    def decode_step_s(self, batch: np.ndarray, context: np.ndarray) -> np.ndarray:
-        """One decode step of `batch` sequences of mean `context` tokens (0 where idle)."""
+    def decode_step_s(self, batch: np.ndarray, context: np.ndarray,
+                      kv_used: np.ndarray | None = None) -> np.ndarray:
+        """One decode step of `batch` sequences of mean `context` tokens (0 where idle). With
+        offload, the KV a replica holds past its own capacity (`kv_used`) lives on the
+        attention pool, like `offload: auto`: the local step covers the rest, and the remote
+        part adds a round trip per layer and the attention replicas' read of it."""
         batch = np.asarray(batch, float)
         context = np.asarray(context, float)
+        if not self.config.offload or kv_used is None:
+            return np.where(batch > 0, self._local(batch, context), 0.0)
+        kv_used = np.asarray(kv_used, float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            remote = np.where(kv_used > self.kv_capacity,
+                              (kv_used - self.kv_capacity) / kv_used, 0.0)
+        step = self._local(batch, context * (1 - remote))
+        read = batch * context * remote * self.profile.kv_bytes_per_token / (
+            self.profile.attention_bytes_per_s * max(self.attention_share, 1e-9))
+        trips = np.where(remote > 0, self.profile.layers * self.profile.offload_layer_rtt_s, 0.0)
+        return np.where(batch > 0, step + trips + read, 0.0)
+
+    def _local(self, batch: np.ndarray, context: np.ndarray) -> np.ndarray:
         at = np.stack([np.interp(batch, xs, ys) for xs, ys in self._curves])  # (contexts, n)
         if len(self._contexts) == 1:
-            step = at[0]
-        else:
-            c = np.clip(context, self._contexts[0], self._contexts[-1])
-            i = np.clip(np.searchsorted(self._contexts, c, side="right"), 1,
-                        len(self._contexts) - 1)
-            c0, c1 = self._contexts[i - 1], self._contexts[i]
-            w = (c - c0) / (c1 - c0)
-            cols = np.arange(batch.size)
-            step = at[i - 1, cols] * (1 - w) + at[i, cols] * w
-        if self.config.offload:
-            step = self._offloaded(batch, context, step)
-        return np.where(batch > 0, step, 0.0)
-
-    def _offloaded(self, batch: np.ndarray, context: np.ndarray,
-                   local: np.ndarray) -> np.ndarray:
-        """Dense layers at the shortest profiled context, plus a round trip per layer, plus
-        the attention replicas reading the batch's KV (spread over the pool: the caller
-        scales `attention_share`)."""
-        shortest = self.decode_step_s_at(batch, self._contexts[0])
-        kv_read = batch * context * self.profile.kv_bytes_per_token / (
-            self.profile.attention_bytes_per_s * self.attention_share)
-        return shortest + self.profile.layers * self.profile.offload_layer_rtt_s + kv_read
+            return at[0]
+        c = np.clip(context, self._contexts[0], self._contexts[-1])
+        i = np.clip(np.searchsorted(self._contexts, c, side="right"), 1, len(self._contexts) - 1)
+        c0, c1 = self._contexts[i - 1], self._contexts[i]
+        w = (c - c0) / (c1 - c0)
+        cols = np.arange(batch.size)
+        return at[i - 1, cols] * (1 - w) + at[i, cols] * w
 
     attention_share: float = 1.0  # attention replicas per decode replica (set by the engine)
 
-    def decode_step_s_at(self, batch: np.ndarray, context: float) -> np.ndarray:
-        xs, ys = self._curves[int(np.searchsorted(self._contexts, context))]
-        return np.interp(batch, xs, ys)
-
     def decode_kv_capacity(self, attention_replicas: int, decode_replicas: int) -> float:
-        """KV tokens one decode replica may hold: its own, or with offload its share of the
-        attention pool's."""
+        """KV tokens one decode replica may hold: its own, and with offload its share of the
+        attention pool's too."""
         if not self.config.offload:
             return self.kv_capacity
-        return self.attention_capacity * attention_replicas / max(decode_replicas, 1)
+        return self.kv_capacity + self.attention_capacity * attention_replicas / max(
+            decode_replicas, 1)
 

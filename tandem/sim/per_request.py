@@ -182,7 +182,8 @@ class PerRequestEngine:
         step = 0.0
         if replica.ids.size:
             step = float(self.costs.decode_step_s(np.array([replica.ids.size]),
-                                                  np.array([replica.context.mean()]))[0])
+                                                  np.array([replica.context.mean()]),
+                                                  np.array([replica.kv_used]))[0])
         chunk = self._chunk(r) if self.colocated else []
         step += sum(self.work[i] * tokens / self.w.prompt[i] for i, tokens in chunk)
         if step <= 0:
