@@ -130,7 +130,7 @@ def main() -> None:
                        ("throughput_tok_s", "throughput tok/s")):
         ratio = sim[key] / real[key] if real[key] else float("nan")
         tolerance = THROUGHPUT_TOLERANCE if key == "throughput_tok_s" else LATENCY_TOLERANCE
-        verdicts[key] = abs(ratio - 1) <= tolerance
+        verdicts[key] = bool(abs(ratio - 1) <= tolerance)
         print(f"| {label} | {real[key]:.4g} | {sim[key]:.4g} | {ratio:.2f} | "
               f"{'met' if verdicts[key] else 'MISS'} (±{tolerance:.0%}) |")
     print(f"\n{time.perf_counter() - started:.0f} s in all")

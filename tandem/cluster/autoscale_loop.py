@@ -18,7 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tandem.cluster.autoscaler import ROLES, Decision, PolicyMemory, PoolState, decide
+from tandem.cluster.autoscaler import (
+    ROLES,
+    Decision,
+    PolicyMemory,
+    PoolState,
+    decide,
+    fold_colocated,
+)
 from tandem.cluster.config import ServeConfig
 from tandem.cluster.load_window import LoadWindow
 from tandem.cluster.metrics import ClusterMetrics
@@ -101,10 +108,8 @@ class AutoscaleLoop:
         decision, self.memory = decide(self.samples, self.profile, self.config.slo,
                                        self.config.autoscale, self.config.pools, state, now,
                                        self.memory)
-        desired = dict(decision.desired)
-        if colocated:
-            desired["decode"] = min(desired["prefill"] + desired["decode"],
-                                    self.config.pools.decode.max)
+        desired = fold_colocated(decision.desired, self.config.pools) if colocated \
+            else dict(decision.desired)
         self.last = decision
         self.metrics.autoscale.desired = {r: desired[r] for r in self._roles()}
         for role in self._roles():

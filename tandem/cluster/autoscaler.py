@@ -276,3 +276,12 @@ def _stabilised(history: tuple[tuple[float, int], ...], first_seen: tuple[float,
     if max(down) < current:
         return max(down)
     return current
+
+
+def fold_colocated(desired: dict[str, int], pools: PoolsConfig) -> dict[str, int]:
+    """For a colocated cluster: its replicas do both phases, so they number the prefill and
+    decode sizes together (within the decode pool's bound); there is no prefill pool."""
+    folded = dict(desired)
+    folded["decode"] = min(desired["prefill"] + desired["decode"], pools.decode.max)
+    folded["prefill"] = 0
+    return folded

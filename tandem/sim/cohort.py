@@ -246,10 +246,7 @@ class CohortEngine:
             self.queued = np.append(self.queued, 0.0)
 
     def drain_replica(self, role: str, now: float) -> None:
-        pending = self.fleet.pending(role, now)
-        if pending:
-            self.fleet.drain(role, pending[-1])
-            self.fleet.stop(role, pending[-1], now)
+        if self.fleet.cancel_pending(role, now):
             return
         ready = self.fleet.ready(role, now)
         if not ready:

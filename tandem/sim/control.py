@@ -7,7 +7,14 @@ from typing import Protocol
 
 import numpy as np
 
-from tandem.cluster.autoscaler import ROLES, Decision, LoadSample, PolicyMemory, decide
+from tandem.cluster.autoscaler import (
+    ROLES,
+    Decision,
+    LoadSample,
+    PolicyMemory,
+    decide,
+    fold_colocated,
+)
 from tandem.cluster.profile import ReplicaProfile
 from tandem.sim.config import SimConfig
 from tandem.sim.fleet import Fleet
@@ -49,11 +56,8 @@ class Controller:
         decision, self.memory = decide(self.window, self.profile, self.config.slo,
                                        self.config.autoscale, self.config.pools, state, now,
                                        self.memory)
-        desired = dict(decision.desired)
-        if colocated:
-            desired["decode"] = min(desired["prefill"] + desired["decode"],
-                                    self.config.pools.decode.max)
-            desired["prefill"] = 0
+        desired = fold_colocated(decision.desired, self.config.pools) if colocated \
+            else dict(decision.desired)
         if not self.config.offload:
             desired["attention"] = fleet.counts("attention", now)[0]
         for role in ROLES:

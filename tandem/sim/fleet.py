@@ -67,6 +67,15 @@ class Fleet:
             replica.stopped = now
         self._ready.pop(role, None)
 
+    def cancel_pending(self, role: str, now: float) -> bool:
+        """Stop the newest replica still starting (it holds nothing to drain); False if none."""
+        pending = self.pending(role, now)
+        if not pending:
+            return False
+        self.drain(role, pending[-1])
+        self.stop(role, pending[-1], now)
+        return True
+
     def state(self, role: str, now: float) -> PoolState:
         pending = tuple(self.replicas[role][i].started for i in self.pending(role, now))
         return PoolState(len(self.ready(role, now)), pending)

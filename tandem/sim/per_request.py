@@ -275,10 +275,7 @@ class PerRequestEngine:
         self.at(self.fleet.replicas[role][-1].ready_at, "ready", role)
 
     def drain_replica(self, role: str, now: float) -> None:
-        pending = self.fleet.pending(role, now)
-        if pending:  # never ready: nothing to drain
-            self.fleet.drain(role, pending[-1])
-            self.fleet.stop(role, pending[-1], now)
+        if self.fleet.cancel_pending(role, now):
             return
         ready = self.fleet.ready(role, now)
         if not ready:
