@@ -246,15 +246,11 @@ class CohortEngine:
             self.queued = np.append(self.queued, 0.0)
 
     def drain_replica(self, role: str, now: float) -> None:
-        if self.fleet.cancel_pending(role, now):
-            return
-        ready = self.fleet.ready(role, now)
-        if not ready:
-            return
         load = self.kv_used if role == "decode" else (
             self.queued if role == "prefill" else np.zeros(len(self.fleet.replicas[role])))
-        chosen = min(ready, key=lambda k: load[k])
-        self.fleet.drain(role, chosen)
+        chosen = self.fleet.drain_least_loaded(role, now, lambda k: load[k])
+        if chosen is None:
+            return
         self.draining.add((role, chosen))
         self._stop_drained(now)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from tandem.cluster.autoscaler import ROLES, PoolState
@@ -75,6 +76,20 @@ class Fleet:
         self.drain(role, pending[-1])
         self.stop(role, pending[-1], now)
         return True
+
+    def drain_least_loaded(self, role: str, now: float,
+                           load: Callable[[int], float]) -> int | None:
+        """Take one replica out: a starting one if any (stopped at once, it holds nothing),
+        else the ready one with the least `load`, which starts draining; its index, or None
+        when a pending one was stopped or none was ready."""
+        if self.cancel_pending(role, now):
+            return None
+        ready = self.ready(role, now)
+        if not ready:
+            return None
+        chosen = min(ready, key=load)
+        self.drain(role, chosen)
+        return chosen
 
     def state(self, role: str, now: float) -> PoolState:
         pending = tuple(self.replicas[role][i].started for i in self.pending(role, now))

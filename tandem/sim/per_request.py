@@ -275,15 +275,11 @@ class PerRequestEngine:
         self.at(self.fleet.replicas[role][-1].ready_at, "ready", role)
 
     def drain_replica(self, role: str, now: float) -> None:
-        if self.fleet.cancel_pending(role, now):
-            return
-        ready = self.fleet.ready(role, now)
-        if not ready:
-            return
         load = {"prefill": lambda k: self.prefills[k].queued_s,
                 "decode": lambda k: self.decodes[k].kv_used}.get(role, lambda k: 0.0)
-        r = min(ready, key=load)
-        self.fleet.drain(role, r)
+        r = self.fleet.drain_least_loaded(role, now, load)
+        if r is None:
+            return
         if role == "attention":
             self.attention = len(self.fleet.ready("attention", now))
             self.fleet.stop(role, r, now)
