@@ -5,15 +5,16 @@ static provisioning needs about `--gpus` GPUs: the static search runs at `--prob
 and K scales its size to the target. At K it then runs, on the H200 Llama-3-8B profile with
 SLO TTFT <= 2 s and mean ITL <= 50 ms:
 - the cheapest static (prefill, decode) (grid around the scaled probe, then neighbours);
-- the policy (disaggregated; constant and ewma predictors);
+- the policy with its defaults, and with its scale-down window and step tuned by the simulator
+  on the probe load (`tune_policy`; disaggregated; constant and ewma predictors);
 - the oracle (per-minute provisioning from the known load, zero start-up);
 - colocated replicas under the policy, and disaggregated with attention offload.
 Autoscaled runs take over a cluster at the cheapest static provisioning (it was running before)
 and scale it from there.
 Prints the table, writes replicas-and-latency plots, and with --json one JSON line.
 
-    python bench/autoscale.py [--traces conv code] [--gpus 1000] [--headroom 1.4]
-        [--scale-down-window 60] [--out bench-out] [--json]
+    python bench/autoscale.py [--traces conv code] [--gpus 1000] [--headroom 1.2]
+        [--out bench-out] [--json]
 
 (about 15 minutes a trace on one core). A last row reruns the policy with replicas that start
 in 10 s instead of the profile's 60 s, to show what start-up time costs.
@@ -31,7 +32,7 @@ from tandem.cluster.profile import ReplicaProfile
 from tandem.sim.config import SimConfig
 from tandem.sim.result import SimResult, plot
 from tandem.sim.run import simulate
-from tandem.sim.search import oracle, static_search
+from tandem.sim.search import oracle, static_search, tune_policy
 from tandem.sim.workload import Workload, from_trace
 
 PROFILE = Path(__file__).resolve().parents[1] / "tandem/sim/profiles/llama-3-8b-h200.json"
@@ -53,10 +54,14 @@ def autoscaled(workload: Workload, profile: ReplicaProfile, config: SimConfig,
 
 def run_trace(name: str, args, profile: ReplicaProfile) -> dict:
     base = SimConfig(slo={"ttft_s": 2.0, "itl_s": 0.05}, drain_s=600,
-                     autoscale={"enabled": False, "headroom": args.headroom,
-                                "scale_down_window_s": args.scale_down_window})
+                     autoscale={"enabled": False, "headroom": args.headroom})
     probe_load = from_trace(name, args.probe_copies, seed=args.seed)
     probe, _ = static_search(probe_load, profile, base, report=log)
+    # the policy's scale-down window and step, tuned by the simulator on the probe load
+    tuned, _ = tune_policy(probe_load, profile, base, probe, report=log)
+    auto = tuned.autoscale
+    log(f"{name}: tuned scale_down_window_s {auto.scale_down_window_s:g}, "
+        f"scale_down_step {auto.scale_down_step:g}")
     copies = max(1, round(args.probe_copies * args.gpus / sum(probe)))
     log(f"{name}: static at K={args.probe_copies} is P={probe[0]} D={probe[1]}; K={copies}")
     workload = from_trace(name, copies, seed=args.seed)
@@ -64,8 +69,10 @@ def run_trace(name: str, args, profile: ReplicaProfile) -> dict:
              max(1, round(probe[1] * copies / args.probe_copies)))
     (p, d), static = static_search(workload, profile, base, start=start, grid=(0.95, 1.0, 1.05),
                                    report=log)
-    auto = base.autoscale.model_copy(update={"enabled": True})
     rows: dict[str, SimResult] = {"static (cheapest)": static}
+    defaults = base.autoscale.model_copy(update={"enabled": True})
+    rows["policy, defaults"] = autoscaled(workload, profile, base, (p, d), autoscale=defaults)
+    log(f"policy defaults: {rows['policy, defaults'].summary()}")
     rows["policy, constant"] = autoscaled(workload, profile, base, (p, d), autoscale=auto)
     log(f"policy constant: {rows['policy, constant'].summary()}")
     ewma = auto.model_copy(update={"predictor": "ewma"})
@@ -82,14 +89,18 @@ def run_trace(name: str, args, profile: ReplicaProfile) -> dict:
     plot(rows["policy, constant"], args.out / f"autoscale-{name}.png",
          f"{name} x{copies}: the policy (disaggregated)")
     return {"copies": copies, "requests": len(workload), "static": [p, d],
+            "tuned": {"scale_down_window_s": auto.scale_down_window_s,
+                      "scale_down_step": auto.scale_down_step},
             "rows": {k: v.summary() for k, v in rows.items()}}
 
 
 def print_table(name: str, data: dict) -> list[str]:
     rows = data["rows"]
     static, best = rows["static (cheapest)"], rows["oracle"]
+    tuned = data["tuned"]
     print(f"\n{name}: K={data['copies']} ({data['requests']:,} requests); cheapest static "
-          f"P={data['static'][0]} D={data['static'][1]}")
+          f"P={data['static'][0]} D={data['static'][1]}; the policy tuned to scale-down window "
+          f"{tuned['scale_down_window_s']:g} s, step {tuned['scale_down_step']:g}")
     print("| run | SLO attainment | GPU-hours | vs static | vs oracle | cost $ | TTFT p90 s | "
           "ITL p90 ms | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -117,7 +128,6 @@ def main() -> None:
     parser.add_argument("--gpus", type=int, default=1000)
     parser.add_argument("--probe-copies", type=int, default=50)
     parser.add_argument("--headroom", type=float, default=1.2)
-    parser.add_argument("--scale-down-window", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     parser.add_argument("--json", action="store_true")

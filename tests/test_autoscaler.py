@@ -6,6 +6,7 @@ imports neither Ray nor torch."""
 from __future__ import annotations
 
 import itertools
+import math
 import subprocess
 import sys
 
@@ -31,7 +32,8 @@ PROFILE = ReplicaProfile(
     decode=[DecodePoint(batch=b, context=1024, step_s=0.010 + 0.001 * b) for b in (1, 64)],
     kv_capacity_tokens=200_000)
 SLO = SLOConfig(ttft_s=2.0, itl_s=0.05)
-CONFIG = AutoscaleConfig(interval_s=10, scale_up_window_s=20, scale_down_window_s=60, headroom=1.0)
+CONFIG = AutoscaleConfig(interval_s=10, scale_up_window_s=20, scale_down_window_s=60,
+                         scale_down_step=1.0, headroom=1.0)
 POOLS = PoolsConfig(prefill=PoolBounds(min=1, max=10), decode=PoolBounds(min=1, max=10))
 
 
@@ -134,7 +136,8 @@ def test_the_policy_module_imports_neither_ray_nor_torch():
 
 
 def test_a_policy_that_has_just_started_waits_a_window_before_scaling_down():
-    config = AutoscaleConfig(interval_s=10, scale_up_window_s=0, scale_down_window_s=30)
+    config = AutoscaleConfig(interval_s=10, scale_up_window_s=0, scale_down_window_s=30,
+                             scale_down_step=1.0)
     state = {"prefill": PoolState(6), "decode": PoolState(6)}
     memory, sizes = PolicyMemory(), []
     for i in range(6):
@@ -144,10 +147,34 @@ def test_a_policy_that_has_just_started_waits_a_window_before_scaling_down():
     assert sizes[:4] == [6, 6, 6, 6] and sizes[-1] == 1  # held for 30 s, then down
 
 
-def test_a_backlog_grows_the_pool_in_proportion_up_to_twice_its_size():
+def test_a_backlog_is_sized_by_the_work_it_holds():
     state = {"prefill": PoolState(3), "decode": PoolState(1)}
-    for queued, want in ((13, 4), (24, 6), (500, 6)):
+    pools = PoolsConfig(prefill=PoolBounds(min=1, max=100), decode=PoolBounds(min=1, max=10))
+    per_replica = PROFILE.prefill_tokens_per_s(1000)
+    for queued in (13, 100, 500):
         decision, _ = decide([sample(0, 0.1, queue_depth={"prefill": queued})], PROFILE, SLO,
-                             AutoscaleConfig(scale_up_window_s=0), POOLS, state, 0)
-        assert decision.desired["prefill"] == want, queued
+                             AutoscaleConfig(), pools, state, 0)
+        # one replica for the arrivals, plus those that clear the queued prompts in 10 s
+        clears = math.ceil(queued * 1000 / per_replica / 10)
+        assert decision.desired["prefill"] == max(1 + clears, 4), queued
         assert "guard" in decision.reasons["prefill"]
+    calm, _ = decide([sample(0, 0.1, queue_depth={"prefill": 12})], PROFILE, SLO,
+                     AutoscaleConfig(), pools, state, 0)
+    assert "guard" not in calm.reasons["prefill"]  # 4 a replica is within the threshold
+
+
+def test_a_scale_down_gives_back_at_most_its_step_an_interval():
+    config = AutoscaleConfig(interval_s=10, scale_down_window_s=0, scale_down_step=0.05)
+    pools = PoolsConfig(prefill=PoolBounds(min=1, max=200), decode=PoolBounds(min=1, max=200))
+    ready, memory, sizes = 100, PolicyMemory(), []
+    for i in range(5):
+        state = {"prefill": PoolState(ready), "decode": PoolState(1)}
+        decision, memory = decide([sample(i * 10, 0.1)], PROFILE, SLO, config, pools, state,
+                                  i * 10, memory)
+        ready = decision.desired["prefill"]
+        sizes.append(ready)
+    # held at first (the size it found counts for the window), then 5% (rounded down) each interval
+    assert sizes == [100, 95, 91, 87, 83]
+    small = run([0.1] * 5, {"prefill": 5, "decode": 1, "attention": 0},
+                config=config.model_copy(update={"scale_down_step": 0.02}))
+    assert [d["prefill"] for d in small] == [5, 4, 3, 2, 1]  # at least one replica a step

@@ -42,3 +42,15 @@ def test_profile_measures_this_machine_into_a_versioned_profile(tmp_path):
     assert "grpc" in profile.handoff_bytes_per_s and profile.store_hit_load_s_per_token > 0
     assert profile.kv_capacity_tokens > 0 and profile.startup_s > 0
     assert profile.sources["decode"].startswith("measured")
+
+
+def test_simulate_tune_reports_the_settings_it_chose(tmp_path):
+    result = CliRunner().invoke(app, [
+        "simulate", "--rate", "10", "--duration", "60", "--prompt", "512", "--output", "16",
+        "--prefill", "2", "--decode", "1", "--autoscale", "--tune", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "tuned: scale_down_window_s" in result.stderr
+    # one line per setting of the grid, then the winner's summary
+    assert result.stderr.count("policy scale_down_window_s") == 12
+    summary = json.loads(result.stdout.strip().splitlines()[-1])["policy (tuned)"]
+    assert summary["finished"] + summary["failed"] == summary["requests"] > 0

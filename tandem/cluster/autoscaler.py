@@ -18,8 +18,9 @@ Per interval:
    the decode pool cannot hold (Little's law: rate * decode time * mean context), in attention
    replicas' KV.
 3. A load guard: a decode pool past `kv_high` KV use gets one more replica; a pool with more
-   than `queue_per_replica` queued requests per replica grows in proportion to its backlog (at
-   least one more, at most twice its size), through the same stabilisation as the rest.
+   than `queue_per_replica` queued requests per replica also gets the replicas that clear its
+   backlog within one interval (its prompt tokens at the profile's rate, or its sequences at
+   the ITL target's batch), through the same stabilisation as the rest.
 4. Stabilise like Kubernetes' HPA: a scale-up takes the smallest recommendation of the last
    `scale_up_window_s`, a scale-down the largest of the last `scale_down_window_s`, so neither
    follows noise; then clamp to the pool's [min, max]. With min 0 a pool scales to zero when
@@ -54,11 +55,14 @@ class AutoscaleConfig(_Strict):
         None, description="Replica profile JSON (`tandem profile`) the pools are sized from.")
     interval_s: float = Field(10.0, gt=0, description="How often the policy runs, seconds.")
     scale_up_window_s: float = Field(
-        30.0, ge=0, description="A scale-up needs every recommendation of this window above "
+        0.0, ge=0, description="A scale-up needs every recommendation of this window above "
         "the current size (the smallest is taken), seconds.")
     scale_down_window_s: float = Field(
         60.0, ge=0, description="A scale-down takes the largest recommendation of this "
         "window, seconds.")
+    scale_down_step: float = Field(
+        0.02, gt=0, le=1, description="The largest share of a pool one scale-down removes "
+        "(at least one replica), so capacity decays through a lull instead of dropping.")
     predictor: Literal["constant", "ewma"] = Field(
         "constant", description="Next interval's load: the last sample, or an exponential "
         "smoother over the window.")
@@ -148,6 +152,7 @@ def decide(window: list[LoadSample], profile: ReplicaProfile, slo: SLOConfig,
     latest = window[-1]
     decode_ready = state.get("decode", PoolState(0)).ready
     raw = _throughput_sizes(load, latest, profile, slo, decode_ready)
+    lengths = _mean_lengths(window, profile)
     desired, reasons, give_up, history = {}, {}, {}, dict(memory.history)
     first_seen = dict(memory.first_seen)
     for role in ROLES:
@@ -158,7 +163,7 @@ def decide(window: list[LoadSample], profile: ReplicaProfile, slo: SLOConfig,
             give_up[role] = len(pool.pending_since) - live_pending
         current = pool.ready + live_pending
         want, why = raw[role]
-        want, why = _guard(role, want, why, latest, config, pool.ready)
+        want, why = _guard(role, want, why, latest, lengths, profile, slo, config, pool.ready)
         # A policy that has just started does not scale down before it has watched a whole
         # window: until then, the size it found counts as a recommendation for scale-downs.
         first_seen.setdefault(role, (now, current))
@@ -214,14 +219,10 @@ def _throughput_sizes(load: LoadSample, latest: LoadSample, profile: ReplicaProf
         sizes["decode"] = (max(1, math.ceil(concurrency)),
                            f"no batch meets ITL {slo.itl_s * 1e3:.0f} ms; one sequence each")
     else:
-        c_itl = 1.0
-        if latest.itl_s is not None and decode_ready:
-            # the step the profile predicts at the batch each replica runs now (Little's law:
-            # sequences in flight = output tok/s x ITL): the correction is the profile's error
-            # at this load, not the load itself
-            running = latest.output_tokens_rate * latest.itl_s / decode_ready
-            expected = profile.decode_step_s(max(1.0, min(running, batch)), context)
-            c_itl = _correction(latest.itl_s, expected)
+        # like TTFT: the profile's step at the batch it sizes for already meets the target,
+        # so the observed ITL only grows the pool while the target is missed (a p90 over the
+        # profile's mean step would inflate every pool by the spread of the lengths)
+        c_itl = max(_correction(latest.itl_s, slo.itl_s), 1.0)
         decode = math.ceil(load.output_tokens_rate / decode_rate * c_itl - 1e-9)
         sizes["decode"] = (max(decode, 1), f"{load.output_tokens_rate:.0f} output tok/s / "
                            f"{decode_rate:.0f} per replica (batch {batch} at ITL "
@@ -249,20 +250,47 @@ def _correction(observed: float | None, expected: float) -> float:
     return min(max(observed / expected, low), high)
 
 
-def _guard(role: str, want: int, why: str, latest: LoadSample, config: AutoscaleConfig,
+def _guard(role: str, want: int, why: str, latest: LoadSample, lengths: tuple[float, float],
+           profile: ReplicaProfile, slo: SLOConfig, config: AutoscaleConfig,
            ready: int) -> tuple[int, str]:
-    """More replicas when a pool is saturated, whatever the throughput says: one more, or in
-    proportion to the backlog (up to twice the pool) when requests queue."""
+    """More replicas when a pool is saturated, whatever the throughput says. A backlog past
+    `queue_per_replica` per replica is sized by its work: the replicas that clear it within one
+    interval, on top of those the arrivals need (doubling instead overshoots a burst many
+    times over, and the stabilisation then holds the overshoot)."""
     queued = latest.queue_depth.get(role, 0)
     if ready == 0 and queued > 0:
         return max(want, 1), why + f"; {queued} queued with no replica"
-    threshold = config.queue_per_replica * max(ready, 1)
-    if queued > threshold:
-        grown = max(ready + 1, math.ceil(ready * min(2.0, queued / threshold)))
-        return max(want, grown), why + f"; guard: {queued} queued"
+    if queued > config.queue_per_replica * max(ready, 1):
+        extra = _backlog_replicas(role, queued, lengths, profile, slo, config)
+        if want + extra > want:
+            return max(want + extra, ready + 1), why + f"; guard: {queued} queued (+{extra})"
     if role == "decode" and latest.kv_use >= config.kv_high:
         return max(want, ready + 1), why + f"; guard: KV use {latest.kv_use:.2f}"
     return want, why
+
+
+def _backlog_replicas(role: str, queued: int, lengths: tuple[float, float],
+                      profile: ReplicaProfile, slo: SLOConfig, config: AutoscaleConfig) -> int:
+    """Replicas that clear `queued` requests within one interval: their prompt tokens at the
+    profile's prefill rate, or their sequences at the batch that meets the ITL target."""
+    isl, osl = lengths
+    if role == "prefill":
+        work_s = queued * isl / profile.prefill_tokens_per_s(isl)
+        return math.ceil(work_s / config.interval_s)
+    if role == "decode":
+        batch, _ = profile.decode_capacity(isl + osl / 2, slo.itl_s)
+        return math.ceil(queued / max(batch, 1))
+    return 0
+
+
+def _mean_lengths(window: list[LoadSample], profile: ReplicaProfile) -> tuple[float, float]:
+    """Mean prompt and output lengths over the window (a backlog outlives the interval its
+    requests arrived in); the profile's shortest prompt when nothing arrived."""
+    arrivals = sum(s.arrival_rate for s in window)
+    if arrivals <= 0:
+        return float(profile.prefill[0].prompt_tokens), 1.0
+    return (sum(s.prompt_tokens_rate for s in window) / arrivals,
+            max(sum(s.output_tokens_rate for s in window) / arrivals, 1.0))
 
 
 def _stabilised(history: tuple[tuple[float, int], ...], first_seen: tuple[float, int],
@@ -274,7 +302,8 @@ def _stabilised(history: tuple[tuple[float, int], ...], first_seen: tuple[float,
     if min(up) > current:
         return min(up)
     if max(down) < current:
-        return max(down)
+        step = max(1, math.floor(current * config.scale_down_step))
+        return max(max(down), current - step)
     return current
 
 

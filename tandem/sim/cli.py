@@ -43,6 +43,9 @@ def simulate_command(
     itl: Annotated[float, typer.Option(help="SLO: mean ITL, seconds.")] = 0.05,
     search: Annotated[bool, typer.Option(
         help="Find the cheapest static (prefill, decode) that meets the SLO.")] = False,
+    tune: Annotated[bool, typer.Option(
+        help="Find the policy's scale-down window and step that cost least while meeting the "
+        "SLO, taking over at --prefill/--decode replicas.")] = False,
     oracle: Annotated[bool, typer.Option(
         help="Also run the oracle (per-minute provisioning, zero start-up).")] = False,
     plot: Annotated[Path | None, typer.Option(help="Write replicas and latency as a PNG.")] = None,
@@ -79,6 +82,11 @@ def simulate_command(
         (p, d), results["static (cheapest)"] = searching.static_search(
             load, replica, config, report=err.print)
         err.print(f"cheapest static: prefill {p}, decode {d}")
+    elif tune:
+        tuned, results["policy (tuned)"] = searching.tune_policy(
+            load, replica, config, (prefill, decode), report=err.print)
+        err.print(f"tuned: scale_down_window_s {tuned.autoscale.scale_down_window_s:g}, "
+                  f"scale_down_step {tuned.autoscale.scale_down_step:g}")
     else:
         results["run"] = simulate(load, replica, config, mode)  # type: ignore[arg-type]
     if oracle:

@@ -1,8 +1,10 @@
 """Provisioning baselines for the policy: the cheapest static pools that meet the SLO, and the
-oracle (per-interval minimum provisioning with zero start-up time)."""
+oracle (per-interval minimum provisioning with zero start-up time); and the policy's
+stabilisation settings tuned to a load."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -115,3 +117,35 @@ def oracle(workload: Workload, profile: ReplicaProfile, config: SimConfig,
         else:
             low = mid
     return best
+
+
+# The stabilisation settings `tune_policy` tries: how long a pool holds its size through a
+# lull, and how fast it then gives capacity back.
+POLICY_GRID: dict[str, tuple[float, ...]] = {
+    "scale_down_window_s": (60.0, 120.0, 300.0, 600.0),
+    "scale_down_step": (0.02, 0.05, 1.0),
+}
+
+
+def tune_policy(workload: Workload, profile: ReplicaProfile, config: SimConfig,
+                start: tuple[int, int], grid: dict[str, tuple[float, ...]] = POLICY_GRID,
+                report: Report = print) -> tuple[SimConfig, SimResult]:
+    """The policy's stabilisation for this load, as the simulator finds it: every point of
+    `grid`, the policy taking over a cluster at `start`; the cheapest setting that meets the
+    SLO, else the one closest to it. How bursty a trace is decides how long a pool must hold
+    its size, and no one setting suits every trace."""
+    keys = list(grid)
+    runs: list[tuple[SimConfig, SimResult]] = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        update = dict(zip(keys, values, strict=True))
+        cfg = config.model_copy(update={
+            "prefill": start[0], "decode": start[1],
+            "autoscale": config.autoscale.model_copy(update={"enabled": True, **update})})
+        result = simulate(workload, profile, cfg, "cohort")
+        report("policy " + ", ".join(f"{k} {v:g}" for k, v in update.items()) +
+               f": attainment {result.attainment:.4f}, {result.total_gpu_hours:.1f} GPU-h")
+        runs.append((cfg, result))
+    meeting = [run for run in runs if run[1].attainment >= TARGET]
+    if meeting:
+        return min(meeting, key=lambda run: run[1].total_gpu_hours)
+    return max(runs, key=lambda run: (run[1].attainment, -run[1].total_gpu_hours))
