@@ -178,3 +178,19 @@ def test_a_scale_down_gives_back_at_most_its_step_an_interval():
     small = run([0.1] * 5, {"prefill": 5, "decode": 1, "attention": 0},
                 config=config.model_copy(update={"scale_down_step": 0.02}))
     assert [d["prefill"] for d in small] == [5, 4, 3, 2, 1]  # at least one replica a step
+
+
+def test_a_colocated_pool_is_sized_for_both_phases_and_holds_steady_under_steady_load():
+    pools = PoolsConfig(prefill=PoolBounds(min=1, max=100), decode=PoolBounds(min=1, max=100))
+    separate, _ = decide([sample(0, 10.0)], PROFILE, SLO, AutoscaleConfig(), pools,
+                         {"prefill": PoolState(1), "decode": PoolState(1)}, 0)
+    ready, memory, sizes = 1, PolicyMemory(), []
+    for i in range(20):  # each decision applied at once, the load unchanged
+        decision, memory = decide([sample(i * 10, 10.0)], PROFILE, SLO, AutoscaleConfig(),
+                                  pools, {"decode": PoolState(ready)}, i * 10, memory,
+                                  colocated=True)
+        assert decision.desired["prefill"] == 0
+        ready = decision.desired["decode"]
+        sizes.append(ready)
+    both = separate.desired["prefill"] + separate.desired["decode"]
+    assert sizes[-1] == both and set(sizes[1:]) == {both}  # no runaway

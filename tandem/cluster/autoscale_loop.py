@@ -24,10 +24,9 @@ from tandem.cluster.autoscaler import (
     PolicyMemory,
     PoolState,
     decide,
-    fold_colocated,
 )
 from tandem.cluster.config import ServeConfig
-from tandem.cluster.load_window import LoadWindow
+from tandem.cluster.load_window import LoadWindow, read_families
 from tandem.cluster.metrics import ClusterMetrics
 from tandem.cluster.pools import PoolManager
 from tandem.cluster.profile import ReplicaProfile
@@ -49,7 +48,7 @@ class AutoscaleLoop:
                  profile: ReplicaProfile) -> None:
         self.config, self.pools, self.monitor, self.metrics = config, pools, monitor, metrics
         self.num_waiting, self.profile = num_waiting, profile
-        self.window = LoadWindow(metrics.registry, config.slo.percentile)
+        self.window = LoadWindow(lambda: read_families(metrics.registry), config.slo.percentile)
         self.samples: list = []
         self.memory = PolicyMemory()
         self.pending: dict[str, list[_Pending]] = {role: [] for role in ROLES}
@@ -107,9 +106,8 @@ class AutoscaleLoop:
             tuple(p.started for p in self.pending[role])) for role in ROLES}
         decision, self.memory = decide(self.samples, self.profile, self.config.slo,
                                        self.config.autoscale, self.config.pools, state, now,
-                                       self.memory)
-        desired = fold_colocated(decision.desired, self.config.pools) if colocated \
-            else dict(decision.desired)
+                                       self.memory, colocated=colocated)
+        desired = dict(decision.desired)
         self.last = decision
         self.metrics.autoscale.desired = {r: desired[r] for r in self._roles()}
         for role in self._roles():

@@ -140,8 +140,11 @@ class PolicyMemory:
 
 def decide(window: list[LoadSample], profile: ReplicaProfile, slo: SLOConfig,
            config: AutoscaleConfig, pools: PoolsConfig, state: dict[str, PoolState],
-           now: float, memory: PolicyMemory = PolicyMemory()) -> tuple[Decision, PolicyMemory]:
-    """The replicas each pool should have now, and the memory for the next call."""
+           now: float, memory: PolicyMemory = PolicyMemory(),
+           colocated: bool = False) -> tuple[Decision, PolicyMemory]:
+    """The replicas each pool should have now, and the memory for the next call. With
+    `colocated`, the decode pool's replicas do both phases: it is sized for the prefill and
+    decode work together (stabilised as one pool: `state["decode"]`), and prefill gets 0."""
     if not window:
         raise ValueError("decide: the metrics window is empty")
     load, smoothed = _predict(window, config, memory.smoothed)
@@ -153,17 +156,27 @@ def decide(window: list[LoadSample], profile: ReplicaProfile, slo: SLOConfig,
     decode_ready = state.get("decode", PoolState(0)).ready
     raw = _throughput_sizes(load, latest, profile, slo, decode_ready)
     lengths = _mean_lengths(window, profile)
+    if colocated:
+        p_want, p_why = _guard("prefill", *raw["prefill"], latest, lengths, profile, slo,
+                               config, decode_ready)
+        d_want, d_why = raw["decode"]
+        raw = {**raw, "prefill": (0, "colocated: the decode pool does both phases"),
+               "decode": (p_want + d_want, f"prefill work {p_want} ({p_why}) + decode work "
+                          f"{d_want} ({d_why})")}
     desired, reasons, give_up, history = {}, {}, {}, dict(memory.history)
     first_seen = dict(memory.first_seen)
     for role in ROLES:
+        if colocated and role == "prefill":  # no such pool
+            desired[role], reasons[role] = 0, raw[role][1]
+            continue
         bounds = getattr(pools, role)
         pool = state.get(role, PoolState(0))
         live_pending = sum(1 for t in pool.pending_since if now - t < config.pending_timeout_s)
         if len(pool.pending_since) > live_pending:
             give_up[role] = len(pool.pending_since) - live_pending
         current = pool.ready + live_pending
-        want, why = raw[role]
-        want, why = _guard(role, want, why, latest, lengths, profile, slo, config, pool.ready)
+        want, why = _guard(role, *raw[role], latest, lengths, profile, slo, config,
+                           pool.ready)
         # A policy that has just started does not scale down before it has watched a whole
         # window: until then, the size it found counts as a recommendation for scale-downs.
         first_seen.setdefault(role, (now, current))
@@ -305,12 +318,3 @@ def _stabilised(history: tuple[tuple[float, int], ...], first_seen: tuple[float,
         step = max(1, math.floor(current * config.scale_down_step))
         return max(max(down), current - step)
     return current
-
-
-def fold_colocated(desired: dict[str, int], pools: PoolsConfig) -> dict[str, int]:
-    """For a colocated cluster: its replicas do both phases, so they number the prefill and
-    decode sizes together (within the decode pool's bound); there is no prefill pool."""
-    folded = dict(desired)
-    folded["decode"] = min(desired["prefill"] + desired["decode"], pools.decode.max)
-    folded["prefill"] = 0
-    return folded

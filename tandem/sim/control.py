@@ -13,7 +13,6 @@ from tandem.cluster.autoscaler import (
     LoadSample,
     PolicyMemory,
     decide,
-    fold_colocated,
 )
 from tandem.cluster.profile import ReplicaProfile
 from tandem.sim.config import SimConfig
@@ -55,9 +54,8 @@ class Controller:
             state["prefill"] = type(state["decode"])(0)
         decision, self.memory = decide(self.window, self.profile, self.config.slo,
                                        self.config.autoscale, self.config.pools, state, now,
-                                       self.memory)
-        desired = fold_colocated(decision.desired, self.config.pools) if colocated \
-            else dict(decision.desired)
+                                       self.memory, colocated=colocated)
+        desired = dict(decision.desired)
         if not self.config.offload:
             desired["attention"] = fleet.counts("attention", now)[0]
         for role in ROLES:
