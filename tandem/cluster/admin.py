@@ -35,8 +35,11 @@ class AdminService(apb_grpc.AdminServicer):
         try:
             worker = pools.get(request.worker_id)
             moved = await pools.drain(request.worker_id)
-        except (KeyError, ValueError) as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+        except KeyError as e:  # no such worker (the operator drains by pod name)
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"worker_id: {e.args[0] if e.args else e}")
+        except ValueError as e:  # not ready (starting, or draining already)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"worker_id: {e.args[0] if e.args else e}")
         return apb.DrainResponse(worker_id=worker.id, moved_requests=moved)
 

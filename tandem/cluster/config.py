@@ -86,6 +86,10 @@ class ServeConfig(_Strict):
         0, ge=0, description="Attention pool size (memory-heavy nodes, Ray resource "
         "tandem_memory): they hold offloaded requests' KV by token range and run their "
         "attention, while decode workers run the dense layers (worker.offload). 0 = no offload.")
+    follow_nodes: bool = Field(
+        False, description="One worker on each Ray node that advertises a pool's resource, "
+        "started when the node joins and forgotten when it leaves (Kubernetes: each pool pod "
+        "is such a node and the operator sizes the pools); the pool sizes above are ignored.")
     worker: WorkerConfig = Field(default_factory=WorkerConfig, description="Every worker.")
     gateway: GatewayConfig = Field(default_factory=GatewayConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -104,6 +108,9 @@ class ServeConfig(_Strict):
         if self.colocated and self.attention_workers:
             raise ValueError("attention_workers needs disaggregated serving (colocated is set)")
         if self.autoscale.enabled:
+            if self.follow_nodes:
+                raise ValueError("autoscale.enabled: with follow_nodes the pools follow the "
+                                 "nodes the operator scales; the operator runs the policy")
             if self.autoscale.profile is None:
                 raise ValueError("autoscale.profile: autoscaling sizes pools from a replica "
                                  "profile; write one with `tandem profile`")

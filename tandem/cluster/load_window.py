@@ -5,23 +5,34 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.cluster.autoscaler import LoadSample
 
 PREFIX = "tandem:"
 
 
+def _summed(families: Iterable[Metric]) -> dict[str, float]:
+    out: dict[str, float] = defaultdict(float)
+    for family in families:
+        for s in family.samples:
+            key = f"{s.name}:{float(s.labels['le'])}" if s.name.endswith("_bucket") else s.name
+            out[key] += s.value
+    return out
+
+
 def read_families(registry: CollectorRegistry) -> dict[str, float]:
     """Every sample summed over its labels but `le`: counter totals and histogram buckets
     (keyed "<name>_bucket:<le>")."""
-    out: dict[str, float] = defaultdict(float)
-    for family in registry.collect():
-        for s in family.samples:
-            key = f"{s.name}:{s.labels['le']}" if s.name.endswith("_bucket") else s.name
-            out[key] += s.value
-    return out
+    return _summed(registry.collect())
+
+
+def parse_families(text: str) -> dict[str, float]:
+    """The same, from a `/metrics` page (Prometheus' text format), as the operator reads it."""
+    return _summed(text_string_to_metric_families(text))
 
 
 def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
@@ -47,12 +58,14 @@ def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
 class LoadWindow:
     """Differences of the gateway's counters between calls, as `LoadSample`s."""
 
-    def __init__(self, registry: CollectorRegistry, percentile: float) -> None:
-        self.registry, self.quantile = registry, percentile / 100
+    def __init__(self, read: Callable[[], dict[str, float]], percentile: float) -> None:
+        self.read, self.quantile = read, percentile / 100
         self._last: tuple[float, dict[str, float]] | None = None
 
-    def sample(self, now: float, queue_depth: dict[str, int], kv_use: float) -> LoadSample:
-        values = read_families(self.registry)
+    def sample(self, now: float, queue_depth: dict[str, int], kv_use: float,
+               values: dict[str, float] | None = None) -> LoadSample:
+        """The interval since the last call; `values` when the caller has read them already."""
+        values = self.read() if values is None else values
         last_at, last = self._last if self._last is not None else (now, values)
         self._last = (now, values)
         span = max(now - last_at, 1e-9)

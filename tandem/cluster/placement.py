@@ -12,17 +12,17 @@ import os
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from tandem.attention_worker.worker import AttentionWorker
 from tandem.cluster.config import ServeConfig
+from tandem.cluster.node_agent import POOL_RESOURCES
 from tandem.decode_worker.worker import DecodeWorker
 from tandem.faults import ENV_VAR as FAULTS_ENV
 from tandem.prefill_worker.worker import PrefillWorker
 
 logger = logging.getLogger(__name__)
 
-POOL_RESOURCES = {"prefill": "tandem_prefill", "decode": "tandem_decode",
-                  "colocated": "tandem_colocated", "attention": "tandem_memory"}
 # Passed on to worker processes: fault injection, logging, tokenizer threads, UCX (NIXL).
 POOL_CAPACITY = 16  # workers a local cluster can hold per pool
 FORWARDED_ENV = (FAULTS_ENV, "TANDEM_LOG_LEVEL", "TOKENIZERS_PARALLELISM")
@@ -47,9 +47,10 @@ def connect_ray(config: ServeConfig) -> bool:
     return True
 
 
-def start_pool(pool: str, count: int, config: ServeConfig, first_slot: int = 0) -> list[Any]:
+def start_pool(pool: str, count: int, config: ServeConfig, first_slot: int = 0,
+               node_id: str | None = None) -> list[Any]:
     """Create `count` worker actors of `pool` (prefill, decode, colocated or attention), for
-    the slots from `first_slot` on."""
+    the slots from `first_slot` on; on the Ray node `node_id` only, when given."""
     cls = {"prefill": PrefillWorker, "attention": AttentionWorker}.get(pool, DecodeWorker)
     env = {k: v for k, v in os.environ.items() if k in FORWARDED_ENV or k.startswith("UCX_")}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -57,7 +58,9 @@ def start_pool(pool: str, count: int, config: ServeConfig, first_slot: int = 0) 
     has_gpu = ray.cluster_resources().get("GPU", 0) > 0
     actor = ray.remote(cls).options(
         resources={POOL_RESOURCES[pool]: 1}, num_cpus=0, num_gpus=1 if has_gpu else 0,
-        max_concurrency=1000, runtime_env={"env_vars": env})
+        max_concurrency=1000, runtime_env={"env_vars": env},
+        **({"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
+           if node_id else {}))
     worker_config = config.worker
     if has_gpu and worker_config.engine.device == "auto":
         worker_config = worker_config.model_copy(

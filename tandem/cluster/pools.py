@@ -18,17 +18,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
 
 from tandem.cluster.config import ServeConfig
+from tandem.cluster.node_follower import wait_for_pool_nodes
 from tandem.cluster.placement import start_pool
+from tandem.cluster.pool_health import HEALTH_INTERVAL_S, check_health, health_loop
 from tandem.transfer.base import ReceiverInfo
 from tandem.worker_base import WorkerInfo
 
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 600.0
-HEALTH_INTERVAL_S = 5.0
 RESTART_BUDGET = 3  # restarts per slot; past it a dead worker stays dead (and is reported)
 DRAIN_TIMEOUT_S = 60.0  # the wait for a draining worker to hold nothing
 
@@ -45,6 +45,7 @@ class PoolWorker:
     info: WorkerInfo | None = None
     state: str = "starting"  # starting, ready, draining, dead, removed
     restarts: int = 0
+    node_id: str | None = None  # the Ray node it is pinned to (follow_nodes), else None
     emptied: bool | None = None  # after a drain: whether it held nothing when it was stopped
 
     @property
@@ -74,17 +75,23 @@ class PoolManager:
         self._health: asyncio.Task | None = None
         self._drains: set[asyncio.Task] = set()  # drains asked for by SIGTERM
         self._lock = asyncio.Lock()  # one change at a time
+        self.released_nodes: set[str] = set()  # drained pool nodes: no worker goes there again
 
     @property
     def decode_role(self) -> str:
         return "colocated" if self.config.colocated else "decode"
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return ("colocated",) if self.config.colocated else ("prefill", "decode", "attention")
 
     def of(self, role: str) -> list[PoolWorker]:
         return [w for w in self.members if w.role == role]
 
     def get(self, worker_id: str) -> PoolWorker:
         for w in self.members:
-            if w.id == worker_id or f"{w.role}-{w.slot}" == worker_id:
+            if worker_id in (w.id, f"{w.role}-{w.slot}") or (
+                    w.info is not None and w.info.pod and w.info.pod == worker_id):
                 return w
         raise KeyError(f"no worker {worker_id!r}; workers: "
                        f"{', '.join(w.id for w in self.members)}")
@@ -94,12 +101,22 @@ class PoolManager:
     async def start(self) -> list[WorkerInfo]:
         """Start the configured pools; every worker's info, prefill pool first."""
         c = self.config
-        counts = {"colocated": c.prefill_workers + c.decode_workers} if c.colocated else \
-            {"prefill": c.prefill_workers, "decode": c.decode_workers,
-             "attention": c.attention_workers}
-        for role, count in counts.items():
-            for actor in start_pool(role, count, c, first_slot=0):
-                self._append(PoolWorker(role, len(self.of(role)), actor))
+        if c.follow_nodes:  # one worker on each pool node (Kubernetes)
+            required = ("colocated",) if c.colocated else ("prefill", "decode")
+            nodes = await wait_for_pool_nodes(self.roles, required, START_TIMEOUT_S,
+                                              self.progress)
+            for role, ids in nodes.items():
+                for node_id in ids:
+                    slot = len(self.of(role))
+                    actor = start_pool(role, 1, c, first_slot=slot, node_id=node_id)[0]
+                    self._append(PoolWorker(role, slot, actor, node_id=node_id))
+        else:
+            counts = {"colocated": c.prefill_workers + c.decode_workers} if c.colocated else \
+                {"prefill": c.prefill_workers, "decode": c.decode_workers,
+                 "attention": c.attention_workers}
+            for role, count in counts.items():
+                for actor in start_pool(role, count, c, first_slot=0):
+                    self._append(PoolWorker(role, len(self.of(role)), actor))
         loaded = 0
         total = len(self.members)
         self.progress("loading the model in each worker", 0, total)
@@ -140,13 +157,14 @@ class PoolManager:
             self.decode_actors.append(worker.actor)
             self.kv_receivers.append(())
 
-    async def add(self, role: str) -> PoolWorker:
-        """Start one more worker in `role`'s pool; it serves once its model is loaded."""
+    async def add(self, role: str, node_id: str | None = None) -> PoolWorker:
+        """Start one more worker in `role`'s pool (on the Ray node `node_id`, if given); it
+        serves once its model is loaded."""
         async with self._lock:
             self._check_role(role)
             slot = len(self.of(role))
-            worker = PoolWorker(role, slot, start_pool(role, 1, self.config,
-                                                       first_slot=slot)[0])
+            worker = PoolWorker(role, slot, start_pool(role, 1, self.config, first_slot=slot,
+                                                       node_id=node_id)[0], node_id=node_id)
             self._append(worker)
             await self._start(worker)
             logger.info("worker %s added", worker.id)
@@ -160,8 +178,10 @@ class PoolManager:
 
     async def _replace(self, old: PoolWorker) -> PoolWorker:
         await self._stop(old.actor)
-        actor = start_pool(old.role, 1, self.config, first_slot=old.slot)[0]
-        new = PoolWorker(old.role, old.slot, actor, restarts=old.restarts)
+        actor = start_pool(old.role, 1, self.config, first_slot=old.slot,
+                           node_id=old.node_id)[0]
+        new = PoolWorker(old.role, old.slot, actor, restarts=old.restarts,
+                         node_id=old.node_id)
         self.members[self.members.index(old)] = new
         self._actors(old.role)[old.slot] = actor
         try:
@@ -194,6 +214,8 @@ class PoolManager:
         if worker.state != "ready":
             raise ValueError(f"worker {worker.id} is {worker.state}, not ready")
         worker.state = "draining"
+        if worker.node_id:  # its pod is going: no worker goes on that node again
+            self.released_nodes.add(worker.node_id)
         self.on_change(worker)
         moved = await self.evict(worker) if worker.role in ("decode", "colocated") else 0
         deadline = asyncio.get_running_loop().time() + timeout_s
@@ -246,56 +268,17 @@ class PoolManager:
                 logger.warning("worker %s could not drop the KV peers of %s: %r", worker.id,
                                gone.id, result)
 
+    async def check_health(self) -> list[str]:
+        return await check_health(self)
+
     async def _stop(self, actor: Any) -> None:
         with contextlib.suppress(Exception):  # it may be dead already
             await asyncio.wait_for(actor.shutdown.remote(), 10.0)
         with contextlib.suppress(Exception):
             ray.kill(actor, no_restart=True)
 
-    # -- health --------------------------------------------------------------------------------
-
-    async def check_health(self) -> list[str]:
-        """Ask every serving worker for its stats; restart those that are gone (within the
-        budget), and start draining those that got a SIGTERM. The ids restarted."""
-        serving = [w for w in self.members if w.state == "ready"]
-        answers = await asyncio.gather(
-            *(asyncio.wait_for(w.actor.stats.remote(), self.call_timeout_s) for w in serving),
-            return_exceptions=True)
-        for worker, answer in zip(serving, answers, strict=True):
-            if getattr(answer, "drain_requested", False):  # SIGTERM: take it out gently
-                logger.info("worker %s got SIGTERM: draining it", worker.id)
-                task = asyncio.get_running_loop().create_task(self.drain(worker.id))
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())
-                self._drains.add(task)
-                task.add_done_callback(self._drains.discard)
-            if isinstance(answer, RayActorError):  # gone (a slow answer is not a death)
-                worker.state = "dead"
-                logger.warning("worker %s died (restarts so far: %d of %d)", worker.id,
-                               worker.restarts, self.restart_budget)
-                self.on_change(worker)
-        restarted = []
-        for worker in [w for w in self.members if w.state == "dead"]:
-            if worker.restarts >= self.restart_budget:
-                continue  # reported when it died; it stays dead
-            worker.restarts += 1
-            async with self._lock:
-                try:
-                    new = await self._replace(worker)
-                    restarted.append(new.id)
-                except Exception as e:  # the slot stays dead; the next check tries again
-                    logger.error("worker %s did not restart: %r", worker.id, e)
-        return restarted
-
     def start_health_checks(self, interval_s: float = HEALTH_INTERVAL_S) -> None:
-        async def loop() -> None:
-            while True:
-                await asyncio.sleep(interval_s)
-                try:
-                    await self.check_health()
-                except Exception:  # the loop must outlive one bad round
-                    logger.exception("health check failed")
-
-        self._health = asyncio.get_running_loop().create_task(loop())
+        self._health = asyncio.get_running_loop().create_task(health_loop(self, interval_s))
 
     async def shutdown(self) -> None:
         if self._health is not None:

@@ -21,6 +21,7 @@ from tandem.cluster.frontend import Frontend
 from tandem.cluster.gateway import Gateway
 from tandem.cluster.kv_index import KVIndex
 from tandem.cluster.metrics import ClusterMetrics
+from tandem.cluster.node_follower import NodeFollower
 from tandem.cluster.openai.app import build_app
 from tandem.cluster.openai.server import HttpServer
 from tandem.cluster.placement import connect_ray
@@ -62,6 +63,7 @@ class TandemServer:
         self.monitor: WorkerMonitor | None = None
         self.rebalancer: Rebalancer | None = None
         self.autoscaler: AutoscaleLoop | None = None
+        self.follower: NodeFollower | None = None
         self.draining = False
         # Start-up steps, for a progress display: (step, parts done, parts in all).
         self.progress: Callable[..., None] = lambda step, done=None, total=None: None
@@ -125,6 +127,9 @@ class TandemServer:
             self.rebalancer = Rebalancer(self.router, c.gateway.rebalance)
             self.rebalancer.start()
         self.pools.start_health_checks()
+        if c.follow_nodes:
+            self.follower = NodeFollower(self.pools)
+            self.follower.start()
         if c.autoscale.enabled:
             self.autoscaler = start_autoscaling(c, self.pools, self.monitor, self.metrics,
                                                 lambda: self.router.num_queued)
@@ -232,6 +237,9 @@ class TandemServer:
         if self.autoscaler is not None:
             await self.autoscaler.stop()
             self.autoscaler = None
+        if self.follower is not None:
+            await self.follower.stop()
+            self.follower = None
         if self.monitor is not None:
             await self.monitor.stop()
             self.monitor = None
