@@ -347,6 +347,16 @@ def test_the_operator_sizes_the_pools_drains_before_scaling_down_and_writes_stat
                      and "given up" in _condition(status(), "Degraded").get("message", ""), 60)
             note("pending")
             gateway.rate = 0
+            # 6. a spec the schema allows but that cannot run: a permanent error, in the status
+            objects.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, {
+                "apiVersion": f"{GROUP}/{VERSION}", "kind": "TandemCluster",
+                "metadata": {"name": "bad"},
+                "spec": {"image": "x", "pools": {"decode": {"min": 4, "max": 2}}}})
+            error = wait_for("the permanent error in the status", lambda: (
+                objects.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, "bad")
+                .get("status") or {}).get("error"), 30)
+            assert "spec.pools.decode" in error and "min (4) exceeds max (2)" in error
+            assert not _exists(apps.read_namespaced_deployment, "bad-decode", ns)
             runner.timeout = 30
         assert runner.exit_code == 0, runner.output
     finally:

@@ -45,7 +45,9 @@ def register(operator: Operator, registry: kopf.OperatorRegistry) -> None:
     def reconcile(body: kopf.Body, **_: Any) -> None:
         try:
             done = operator.reconcile(dict(body))
-        except SpecInvalid as e:
+        except SpecInvalid as e:  # written to the status; retried only when the spec changes
+            operator.report_invalid(body.metadata.name, body.metadata.namespace,
+                                    body.metadata.get("generation", 0), e)
             raise permanent(e) from None
         except Exception as e:  # the API server answered badly or not at all: retry
             raise temporary(e) from None

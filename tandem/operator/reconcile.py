@@ -88,6 +88,14 @@ class Operator:
             done[obj["metadata"]["name"]] = kube.apply(obj, namespace)
         return done
 
+    def report_invalid(self, name: str, namespace: str, generation: int,
+                       error: SpecInvalid) -> None:
+        """A permanent failure, in the status: the spec cannot be served as written."""
+        kube.patch_status(name, namespace, {
+            "observedGeneration": generation, "error": str(error),
+            "conditions": [{"type": "Degraded", "status": "True", "reason": "InvalidSpec",
+                            "message": str(error)[:1000]}]})
+
     def restore(self, deployment: dict[str, Any]) -> str | None:
         """Put back a Deployment the operator owns; None when its owner is gone."""
         meta = deployment["metadata"]
@@ -131,10 +139,7 @@ class Operator:
             spec = parse_spec(body.get("spec") or {})
             profile = load_profile(spec.autoscaling.profile)
         except SpecInvalid as e:
-            kube.patch_status(name, namespace, {
-                "observedGeneration": generation, "error": str(e),
-                "conditions": [{"type": "Degraded", "status": "True", "reason": "InvalidSpec",
-                                "message": str(e)[:1000]}]})
+            self.report_invalid(name, namespace, generation, e)
             return 30.0
         self.reconcile(body)
         memory = self._memory(name, namespace, spec)
