@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -59,10 +61,13 @@ def ray_head(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     port = _port()
+    # its own temp dir: `ray start --head` records the cluster's address there, and in the
+    # default one it would make every later ray.init() of this test run join this cluster
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
          f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-         "--disable-usage-stats"], env=env, stdout=log("head.log"),
+         "--disable-usage-stats", f"--temp-dir={temp}"], env=env, stdout=log("head.log"),
         stderr=subprocess.STDOUT)
     procs: list[subprocess.Popen] = []
 
@@ -105,6 +110,7 @@ def ray_head(tmp_path):
             except subprocess.TimeoutExpired:
                 proc.kill()
         logs.close()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _connectable(port: int) -> bool:
