@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -58,7 +59,8 @@ def ray_head(tmp_path):
     def log(name: str):
         return logs.enter_context((tmp_path / name).open("w"))
 
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     port = _port()
     # its own temp dir: `ray start --head` records the cluster's address there, and in the
@@ -72,15 +74,17 @@ def ray_head(tmp_path):
     procs: list[subprocess.Popen] = []
 
     def node(role: str, pod: str) -> subprocess.Popen:
-        health = _port()
-        proc = subprocess.Popen(
-            [str(BIN / "tandem"), "node", "--role", role, "--head", f"127.0.0.1:{port}",
-             "--health-port", str(health)], env={**env, "POD_NAME": pod},
-            stdout=log(f"{pod}.log"), stderr=subprocess.STDOUT)
-        procs.append(proc)
-        _wait(f"node {pod}", lambda: _healthy(health), 90)
-        time.sleep(3)  # its raylet registers; one at a time keeps 2 cores from timing out
-        return proc
+        for attempt in range(3):  # on 2 busy cores a raylet can time out registering
+            health = _port()
+            proc = subprocess.Popen(
+                [str(BIN / "tandem"), "node", "--role", role, "--head", f"127.0.0.1:{port}",
+                 "--health-port", str(health)], env={**env, "POD_NAME": pod},
+                stdout=log(f"{pod}-{attempt}.log"), stderr=subprocess.STDOUT)
+            procs.append(proc)
+            if _joined(proc, health):
+                return proc
+            proc.kill()
+        raise AssertionError(f"node {pod} did not join; logs in {tmp_path}")
 
     def serve() -> tuple[subprocess.Popen, str]:
         config = tmp_path / "serve.yaml"
@@ -92,7 +96,8 @@ def ray_head(tmp_path):
         proc = subprocess.Popen([str(BIN / "tandem"), "serve", "--config", str(config)],
                                 env=env, stdout=subprocess.PIPE, stderr=log("serve.log"), text=True)
         procs.append(proc)
-        line = proc.stdout.readline()  # "ready grpc=HOST:PORT ..." once it serves
+        ready, _, _ = select.select([proc.stdout], [], [], 300)
+        line = proc.stdout.readline() if ready else ""  # "ready grpc=HOST:PORT ..." once it serves
         assert line.startswith("ready grpc="), (tmp_path / "serve.log").read_text()[-3000:]
         return proc, line.split()[1].removeprefix("grpc=")
 
@@ -111,6 +116,21 @@ def ray_head(tmp_path):
                 proc.kill()
         logs.close()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _joined(proc: subprocess.Popen, health: int) -> bool:
+    """Healthy, and still so 10 s later: a raylet that fails to register exits meanwhile."""
+    deadline = time.monotonic() + 90
+    while not _healthy(health):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    steady = time.monotonic() + 10
+    while time.monotonic() < steady:
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.5)
+    return _healthy(health)
 
 
 def _connectable(port: int) -> bool:

@@ -10,13 +10,13 @@ a worker whose node has left; and it never restarts a worker on a node the opera
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
 import ray
 
 from tandem.cluster.node_agent import POOL_RESOURCES
+from tandem.cluster.periodic import Periodic
 
 logger = logging.getLogger(__name__)
 
@@ -64,27 +64,15 @@ class NodeFollower:
     when its node left."""
 
     def __init__(self, pools, interval_s: float = FOLLOW_INTERVAL_S) -> None:
-        self.pools, self.interval_s = pools, interval_s
-        self._task: asyncio.Task | None = None
+        self.pools = pools
         self._adding: set[str] = set()  # node ids with a worker on its way
+        self._periodic = Periodic("following the pool nodes", interval_s, self.sync)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            try:
-                await self.sync()
-            except Exception:  # one bad round must not end following
-                logger.exception("following the pool nodes failed")
+        await self._periodic.stop()
 
     async def sync(self) -> None:
         pools = self.pools

@@ -52,12 +52,3 @@ async def check_health(pools: PoolManager) -> list[str]:
         except Exception as e:  # the slot stays dead; the next check tries again
             logger.error("worker %s did not restart: %r", worker.id, e)
     return restarted
-
-
-async def health_loop(pools: PoolManager, interval_s: float) -> None:
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            await check_health(pools)
-        except Exception:  # the loop must outlive one bad round
-            logger.exception("health check failed")

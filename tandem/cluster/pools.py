@@ -21,8 +21,9 @@ import ray
 
 from tandem.cluster.config import ServeConfig
 from tandem.cluster.node_follower import wait_for_pool_nodes
+from tandem.cluster.periodic import Periodic
 from tandem.cluster.placement import start_pool
-from tandem.cluster.pool_health import HEALTH_INTERVAL_S, check_health, health_loop
+from tandem.cluster.pool_health import HEALTH_INTERVAL_S, check_health
 from tandem.transfer.base import ReceiverInfo
 from tandem.worker_base import WorkerInfo
 
@@ -72,7 +73,7 @@ class PoolManager:
         # Moves a draining decode worker's requests elsewhere (the router); how many moved.
         self.evict: Callable[[PoolWorker], Awaitable[int]] = _nothing_to_move
         self.progress: Callable[..., None] = lambda step, done=None, total=None: None
-        self._health: asyncio.Task | None = None
+        self._health: Periodic | None = None
         self._drains: set[asyncio.Task] = set()  # drains asked for by SIGTERM
         self._lock = asyncio.Lock()  # one change at a time
         self.released_nodes: set[str] = set()  # drained pool nodes: no worker goes there again
@@ -278,12 +279,11 @@ class PoolManager:
             ray.kill(actor, no_restart=True)
 
     def start_health_checks(self, interval_s: float = HEALTH_INTERVAL_S) -> None:
-        self._health = asyncio.get_running_loop().create_task(health_loop(self, interval_s))
+        self._health = Periodic("health check", interval_s, self.check_health)
+        self._health.start()
 
     async def shutdown(self) -> None:
         if self._health is not None:
-            self._health.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health
+            await self._health.stop()
         await asyncio.gather(*(self._stop(w.actor) for w in self.members),
                              return_exceptions=True)

@@ -11,10 +11,10 @@ the client's stream goes on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from tandem.cluster.config import RebalanceConfig
+from tandem.cluster.periodic import Periodic
 from tandem.cluster.router import Router
 from tandem.cluster.routing_policy import rebalance_pair
 
@@ -25,24 +25,13 @@ class Rebalancer:
     def __init__(self, router: Router, config: RebalanceConfig) -> None:
         self.router, self.config = router, config
         self.num_moves = 0
-        self._task: asyncio.Task | None = None
+        self._periodic = Periodic("rebalancing", config.interval_s, self.check)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop())
+        self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.interval_s)
-            try:
-                await self.check()
-            except Exception:  # the loop must outlive one bad round
-                logger.exception("rebalancing failed")
+        await self._periodic.stop()
 
     async def check(self) -> bool:
         """One round: whether a request was moved."""

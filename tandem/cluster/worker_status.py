@@ -9,7 +9,6 @@ a status call waits on a worker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import Counter
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 
 from tandem.cluster.metrics import ClusterMetrics, TierFigures, WorkerFigures
 from tandem.cluster.offload_metrics import offload_figures
+from tandem.cluster.periodic import Periodic
 from tandem.cluster.pools import PoolManager, PoolWorker
 from tandem.worker_base import WorkerInfo, WorkerStats
 
@@ -67,7 +67,9 @@ class WorkerMonitor:
         self.call_timeout_s, self.interval_s = call_timeout_s, interval_s
         self._states: dict[tuple[str, int], WorkerState] = {}
         self.started = time.monotonic()
-        self._task: asyncio.Task | None = None
+        # figures first, then every interval: a failed round must not freeze them
+        self._periodic = Periodic("gathering worker figures", interval_s, self.refresh,
+                                  first_at_once=True)
 
     @property
     def workers(self) -> list[WorkerState]:
@@ -81,22 +83,10 @@ class WorkerMonitor:
         return states
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self.refresh()
-            except Exception:  # a bug here must not end the loop: figures would freeze
-                logger.exception("gathering worker figures failed")
-            await asyncio.sleep(self.interval_s)
+        await self._periodic.stop()
 
     async def refresh(self) -> None:
         """Ask every serving worker at once, then publish the figures."""
