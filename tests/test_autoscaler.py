@@ -151,11 +151,12 @@ def test_a_backlog_is_sized_by_the_work_it_holds():
     state = {"prefill": PoolState(3), "decode": PoolState(1)}
     pools = PoolsConfig(prefill=PoolBounds(min=1, max=100), decode=PoolBounds(min=1, max=10))
     per_replica = PROFILE.prefill_tokens_per_s(1000)
-    for queued in (13, 100, 500):
+    for queued in (13, 500, 2000):
         decision, _ = decide([sample(0, 0.1, queue_depth={"prefill": queued})], PROFILE, SLO,
                              AutoscaleConfig(), pools, state, 0)
-        # one replica for the arrivals, plus those that clear the queued prompts in 10 s
-        clears = math.ceil(queued * 1000 / per_replica / 10)
+        # one replica for the arrivals, plus those that clear the queued prompts by the time
+        # they have started (one 10 s interval + the profile's 60 s start-up)
+        clears = math.ceil(queued * 1000 / per_replica / (10 + PROFILE.startup_s))
         assert decision.desired["prefill"] == max(1 + clears, 4), queued
         assert "guard" in decision.reasons["prefill"]
     calm, _ = decide([sample(0, 0.1, queue_depth={"prefill": 12})], PROFILE, SLO,

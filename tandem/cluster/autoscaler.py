@@ -19,8 +19,8 @@ Per interval:
    replicas' KV.
 3. A load guard: a decode pool past `kv_high` KV use gets one more replica; a pool with more
    than `queue_per_replica` queued requests per replica also gets the replicas that clear its
-   backlog within one interval (its prompt tokens at the profile's rate, or its sequences at
-   the ITL target's batch), through the same stabilisation as the rest.
+   backlog (its prompt tokens at the profile's rate by the time new replicas have started, or
+   its sequences at the ITL target's batch), through the same stabilisation as the rest.
 4. Stabilise like Kubernetes' HPA: a scale-up takes the smallest recommendation of the last
    `scale_up_window_s`, a scale-down the largest of the last `scale_down_window_s`, so neither
    follows noise; then clamp to the pool's [min, max]. With min 0 a pool scales to zero when
@@ -267,9 +267,9 @@ def _guard(role: str, want: int, why: str, latest: LoadSample, lengths: tuple[fl
            profile: ReplicaProfile, slo: SLOConfig, config: AutoscaleConfig,
            ready: int) -> tuple[int, str]:
     """More replicas when a pool is saturated, whatever the throughput says. A backlog past
-    `queue_per_replica` per replica is sized by its work: the replicas that clear it within one
-    interval, on top of those the arrivals need (doubling instead overshoots a burst many
-    times over, and the stabilisation then holds the overshoot)."""
+    `queue_per_replica` per replica is sized by its work, on top of the replicas the arrivals
+    need (doubling instead overshoots a burst many times over, and the stabilisation then
+    holds the overshoot)."""
     queued = latest.queue_depth.get(role, 0)
     if ready == 0 and queued > 0:
         return max(want, 1), why + f"; {queued} queued with no replica"
@@ -284,12 +284,15 @@ def _guard(role: str, want: int, why: str, latest: LoadSample, lengths: tuple[fl
 
 def _backlog_replicas(role: str, queued: int, lengths: tuple[float, float],
                       profile: ReplicaProfile, slo: SLOConfig, config: AutoscaleConfig) -> int:
-    """Replicas that clear `queued` requests within one interval: their prompt tokens at the
-    profile's prefill rate, or their sequences at the batch that meets the ITL target."""
+    """Replicas that clear `queued` requests: their prompt tokens at the profile's prefill
+    rate by the time they have started, or their sequences at the ITL target's batch."""
     isl, osl = lengths
     if role == "prefill":
+        # replicas started now serve after their start-up: sized to clear the backlog by then,
+        # not within one interval (the existing ones work on it meanwhile; a burst that has
+        # ended by then would leave the pool many times too big, held by the down window)
         work_s = queued * isl / profile.prefill_tokens_per_s(isl)
-        return math.ceil(work_s / config.interval_s)
+        return math.ceil(work_s / (config.interval_s + profile.startup_s))
     if role == "decode":
         batch, _ = profile.decode_capacity(isl + osl / 2, slo.itl_s)
         return math.ceil(queued / max(batch, 1))
