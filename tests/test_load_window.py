@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from prometheus_client import generate_latest
 
 from tandem.cluster.load_window import (

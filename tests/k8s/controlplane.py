@@ -47,6 +47,7 @@ class ControlPlane:
         self.etcd, self.apiserver = found
         self.dir = Path(tempfile.mkdtemp(prefix="tandem-cp-"))
         self.procs: list[subprocess.Popen] = []
+        self.logs: list = []
         self.kubeconfig = self.dir / "kubeconfig"
 
     def _certificates(self) -> None:
@@ -63,6 +64,11 @@ class ControlPlane:
         _openssl("rsa", "-in", f"{d}/sa.key", "-pubout", "-out", f"{d}/sa.pub")
         (d / "tokens.csv").write_text(f"{TOKEN},admin,admin-uid,system:masters\n")
 
+    def _log(self, name: str):
+        log = (self.dir / name).open("w")
+        self.logs.append(log)
+        return log
+
     def start(self, timeout_s: float = 90.0) -> ControlPlane:
         started = time.monotonic()
         self._certificates()
@@ -74,7 +80,7 @@ class ControlPlane:
              "--listen-peer-urls", f"http://127.0.0.1:{peer}",
              "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
              "--initial-cluster", f"test=http://127.0.0.1:{peer}", "--unsafe-no-fsync"],
-            stdout=open(d / "etcd.log", "w"), stderr=subprocess.STDOUT))
+            stdout=self._log("etcd.log"), stderr=subprocess.STDOUT))
         self.procs.append(subprocess.Popen(
             [str(self.apiserver), f"--etcd-servers=http://127.0.0.1:{client}",
              "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
@@ -86,7 +92,7 @@ class ControlPlane:
              f"--service-account-issuer=https://127.0.0.1:{self.port}",
              "--service-cluster-ip-range=10.0.0.0/24", "--allow-privileged=true",
              "--disable-admission-plugins=ServiceAccount"],
-            stdout=open(d / "apiserver.log", "w"), stderr=subprocess.STDOUT))
+            stdout=self._log("apiserver.log"), stderr=subprocess.STDOUT))
         context = ssl.create_default_context(cafile=str(d / "ca.crt"))
         request = urllib.request.Request(f"https://127.0.0.1:{self.port}/readyz",
                                          headers={"Authorization": f"Bearer {TOKEN}"})
@@ -122,4 +128,6 @@ class ControlPlane:
                 proc.kill()
                 proc.wait()
         self.procs = []
+        for log in self.logs:
+            log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
