@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tandem.cluster.autoscaler import (
     ROLES,
+    WINDOW,
     Decision,
     PolicyMemory,
     PoolState,
@@ -33,7 +34,6 @@ from tandem.cluster.profile import ReplicaProfile
 from tandem.cluster.worker_status import WorkerMonitor
 
 logger = logging.getLogger(__name__)
-WINDOW = 6  # samples the predictor sees
 
 
 @dataclass

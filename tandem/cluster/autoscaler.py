@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tandem.cluster.profile import ReplicaProfile
 
 ROLES = ("prefill", "decode", "attention")
+WINDOW = 6  # metrics samples the predictor sees (each caller keeps the last WINDOW)
 CORRECTION_RANGE = (0.5, 2.0)
 
 

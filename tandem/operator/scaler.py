@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 
 from tandem.client import TandemError
-from tandem.cluster.autoscaler import LoadSample, PolicyMemory, PoolState, decide
+from tandem.cluster.autoscaler import WINDOW, LoadSample, PolicyMemory, PoolState, decide
 from tandem.cluster.load_window import LoadWindow
 from tandem.cluster.profile import ReplicaProfile
 from tandem.operator import kube
@@ -36,7 +36,6 @@ from tandem.operator.spec import (
 )
 
 logger = logging.getLogger(__name__)
-WINDOW = 6  # samples the predictor sees
 
 
 @dataclass

@@ -9,6 +9,7 @@ import numpy as np
 
 from tandem.cluster.autoscaler import (
     ROLES,
+    WINDOW,
     Decision,
     LoadSample,
     PolicyMemory,
@@ -19,8 +20,6 @@ from tandem.sim.config import SimConfig
 from tandem.sim.fleet import Fleet
 from tandem.sim.result import Ledger, weighted_quantile
 from tandem.sim.workload import Workload
-
-WINDOW = 6  # samples the predictor sees
 
 
 class Engine(Protocol):
