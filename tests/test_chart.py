@@ -4,9 +4,11 @@ cluster's PodDisruptionBudget API, and the image's pins agree with the Makefile'
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -17,12 +19,13 @@ from tandem.operator.crd import crd
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "tandem"
-HELM = shutil.which("helm") or str(Path(__file__).resolve().parents[1] / ".venv/bin/helm")
-VALIDATE = shutil.which("kubernetes-validate")
+BIN = Path(sys.executable).parent  # the venv's bin: make test does not put it on PATH
+HELM = shutil.which("helm", path=f"{BIN}:{os.environ.get('PATH', '')}")
+VALIDATE = shutil.which("kubernetes-validate", path=f"{BIN}:{os.environ.get('PATH', '')}")
 EXAMPLES = sorted((ROOT / "deploy" / "examples").glob("*.yaml"))
 
 pytestmark = [pytest.mark.k8s, pytest.mark.skipif(
-    not Path(HELM).exists(), reason="no helm binary (make install puts one in .venv/bin)")]
+    HELM is None, reason="no helm binary (make install puts one in .venv/bin)")]
 
 VALUE_SETS = {
     "autoscaled-gpu": ["--set", "autoscaling.enabled=true", "--set", "prefill.max=32",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from concurrent import futures
@@ -44,7 +45,7 @@ from tandem.proto.v1 import admin_pb2 as apb  # noqa: E402
 from tandem.proto.v1 import admin_pb2_grpc as apb_grpc  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-HELM = shutil.which("helm") or str(ROOT / ".venv" / "bin" / "helm")
+HELM = shutil.which("helm", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
 GROUP, VERSION, PLURAL = "tandem.dev", "v1alpha1", "tandemclusters"
 
 
@@ -77,11 +78,11 @@ def namespace(name: str) -> str:
 
 
 def helm(plane: ControlPlane, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([HELM, "--kubeconfig", str(plane.kubeconfig), *args],
+    return subprocess.run([str(HELM), "--kubeconfig", str(plane.kubeconfig), *args],
                           capture_output=True, text=True, timeout=120, check=True)
 
 
-@pytest.mark.skipif(not Path(HELM).exists(), reason="no helm binary")
+@pytest.mark.skipif(HELM is None, reason="no helm binary")
 def test_helm_installs_and_upgrades_the_chart_and_the_crd_refuses_bad_objects(cluster):
     ns = namespace("chart")
     helm(cluster, "install", "demo", str(ROOT / "helm" / "tandem"), "-n", ns,
