@@ -15,7 +15,8 @@ from tandem.cluster.autoscaler import LoadSample
 PREFIX = "tandem:"
 
 
-def _summed(families: Iterable[Metric]) -> dict[str, float]:
+def summed_families(families: Iterable[Metric]) -> dict[str, float]:
+    """Every sample summed over its labels but `le` (see `read_families`)."""
     out: dict[str, float] = defaultdict(float)
     for family in families:
         for s in family.samples:
@@ -27,12 +28,12 @@ def _summed(families: Iterable[Metric]) -> dict[str, float]:
 def read_families(registry: CollectorRegistry) -> dict[str, float]:
     """Every sample summed over its labels but `le`: counter totals and histogram buckets
     (keyed "<name>_bucket:<le>")."""
-    return _summed(registry.collect())
+    return summed_families(registry.collect())
 
 
 def parse_families(text: str) -> dict[str, float]:
     """The same, from a `/metrics` page (Prometheus' text format), as the operator reads it."""
-    return _summed(text_string_to_metric_families(text))
+    return summed_families(text_string_to_metric_families(text))
 
 
 def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
@@ -58,14 +59,18 @@ def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
 class LoadWindow:
     """Differences of the gateway's counters between calls, as `LoadSample`s."""
 
-    def __init__(self, read: Callable[[], dict[str, float]], percentile: float) -> None:
+    def __init__(self, read: Callable[[], dict[str, float]] | None = None,
+                 percentile: float = 90.0) -> None:
         self.read, self.quantile = read, percentile / 100
         self._last: tuple[float, dict[str, float]] | None = None
 
     def sample(self, now: float, queue_depth: dict[str, int], kv_use: float,
                values: dict[str, float] | None = None) -> LoadSample:
         """The interval since the last call; `values` when the caller has read them already."""
-        values = self.read() if values is None else values
+        if values is None:
+            if self.read is None:
+                raise ValueError("LoadWindow.sample: no values given and nothing to read them from")
+            values = self.read()
         last_at, last = self._last if self._last is not None else (now, values)
         self._last = (now, values)
         span = max(now - last_at, 1e-9)

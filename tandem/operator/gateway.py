@@ -11,7 +11,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from tandem.client import Client
-from tandem.cluster.load_window import parse_families
+from tandem.cluster.load_window import summed_families
 from tandem.operator.builders import head_name
 from tandem.operator.settings import OperatorSettings
 from tandem.operator.spec import GRPC_PORT, HTTP_PORT
@@ -27,14 +27,15 @@ class MetricsPage:
 
 def read_metrics_page(text: str) -> MetricsPage:
     waiting, usages = 0.0, []
-    for family in text_string_to_metric_families(text):
+    families = list(text_string_to_metric_families(text))  # parsed once, read twice
+    for family in families:
         for s in family.samples:
             if s.name == "tandem:num_requests_waiting":
                 waiting += s.value
             elif s.name == "tandem:kv_cache_usage_perc" and \
                     s.labels.get("role") in ("decode", "colocated"):
                 usages.append(s.value)
-    return MetricsPage(parse_families(text), int(waiting),
+    return MetricsPage(summed_families(families), int(waiting),
                        sum(usages) / len(usages) if usages else 0.0)
 
 

@@ -44,7 +44,7 @@ class ClusterMemory:
 
     replicas: dict[str, int]  # the count the operator holds per pool
     created: float = field(default_factory=time.monotonic)
-    window: LoadWindow = field(default_factory=lambda: LoadWindow(dict, 90.0))
+    window: LoadWindow = field(default_factory=LoadWindow)  # fed the page the round reads
     samples: list[LoadSample] = field(default_factory=list)
     policy: PolicyMemory = field(default_factory=PolicyMemory)
     transcript: list[str] = field(default_factory=list)  # the last round's actions
