@@ -123,7 +123,7 @@ class MigrationSource:
             if len(blocks):
                 session.post(range(engine.kv_spec.num_layers), blocks.start,
                              kv.block_ids[blocks.start:blocks.stop])
-            await session.finish(Handoff(target_request_id, output_token_ids),
+            await session.finish(Handoff(target_request_id, output_token_ids, kv.exact_tokens),
                                  timeout=self.config.handoff_timeout_s)
         except BaseException:
             await session.abort()  # no WRITE may read the blocks once they are freed

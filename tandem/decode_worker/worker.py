@@ -206,7 +206,8 @@ class DecodeWorker(MigrationSource, OffloadedDecoding, EngineWorker, KVSink):
             return
         del self._reserved[request_id]
         try:
-            await self._engine.call(lambda e: e.adopt(request_id, None, handoff.output_token_ids),
+            await self._engine.call(lambda e: e.adopt(request_id, None, handoff.output_token_ids,
+                                                      handoff.exact_tokens),
                                     publish_to=request_id)
         except EngineError as e:
             raise TransferRejected(str(e)) from None

@@ -129,7 +129,8 @@ def blend(model: LlamaModel, spec: KVSpec, prefix_kv: KVBlocks | None, fresh_ids
     recomputed = len(active) - f if x is not None else 0
     kv = KVBlocks(spec, total, out.view(spec.num_layers, 2, -1, spec.block_size,
                                         spec.num_kv_heads, spec.head_dim).cpu())
-    return BlendResult(kv, c + f, cached_tokens, recomputed)
+    exact = c + f if prefix_kv is None or prefix_kv.exact else 0  # a lossy prefix: none
+    return BlendResult(kv, exact, cached_tokens, recomputed)
 
 
 @torch.inference_mode()

@@ -103,6 +103,8 @@ class LLMEngine(PhaseHandoff):
                     f"one of the {seq.num_tokens} prompt tokens to compute")
             if blended is not None:  # nothing after approximate KV is exact either
                 seq.cacheable_tokens = blended.exact_tokens
+            elif not kv.exact:
+                seq.cacheable_tokens = 0
             self._load_kv(seq, kv)
             if blended is not None:
                 seq.num_cached_tokens = blended.cached_tokens

@@ -33,17 +33,19 @@ class RequestKV:
     num_kv_tokens: int
     block_ids: list[int]
     block_table_epoch: int  # changes when the blocks were freed meanwhile (a preemption)
+    exact_tokens: int | None = None  # leading tokens whose KV is exact (None: all)
 
 
 class PhaseHandoff:
     def import_request(
         self, request_id: str, prompt_token_ids: list[int], output_token_ids: list[int],
-        params: SamplingParams, kv: KVBlocks,
+        params: SamplingParams, kv: KVBlocks, exact_tokens: int | None = None,
     ) -> None:
-        """Continue decoding a request prefilled elsewhere: `kv` covers its prompt."""
+        """Continue decoding a request prefilled elsewhere: `kv` covers its prompt, exactly
+        for its first `exact_tokens` (None: all of it)."""
         self.reserve(request_id, prompt_token_ids, params)
         try:
-            self.adopt(request_id, kv, output_token_ids)
+            self.adopt(request_id, kv, output_token_ids, exact_tokens)
         except (ValueError, EngineError):
             self.release(request_id)
             raise
@@ -77,11 +79,13 @@ class PhaseHandoff:
                 f"{self.blocks.num_free_blocks - promised} free after what running requests "
                 "may still take")
 
-    def adopt(self, request_id: str, kv: KVBlocks | None,
-              output_token_ids: list[int]) -> RequestOutput:
+    def adopt(self, request_id: str, kv: KVBlocks | None, output_token_ids: list[int],
+              exact_tokens: int | None = None) -> RequestOutput:
         """Write a reserved request's prompt KV into its blocks (`kv=None`: a transport already
         wrote it there) and join the running batch; returns its state (finished already if the
-        handed-over tokens end it)."""
+        handed-over tokens end it). Only the KV of the first `exact_tokens` (None: all) is
+        exact: the blocks past them (blended, or decoded from a lossy code) never enter the
+        prefix cache, so a preemption recomputes them instead of finding them there."""
         seq = self._get(request_id)
         if seq.status != SequenceStatus.RESERVED:
             raise EngineError(f"request {request_id} is {seq.status.name}, not reserved")
@@ -91,6 +95,8 @@ class PhaseHandoff:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in output_token_ids):
             raise ValueError(f"output_token_ids: a token is outside the vocabulary [0, {vocab})")
+        if exact_tokens is not None and not 0 <= exact_tokens <= seq.num_tokens:
+            raise ValueError(f"exact_tokens: {exact_tokens} is not in [0, {seq.num_tokens}]")
         if kv is not None:
             if kv.spec != self.kv_spec:
                 raise ValueError(f"KV spec mismatch: got {kv.spec}, this engine uses "
@@ -100,6 +106,8 @@ class PhaseHandoff:
                                  f"{seq.num_tokens}")
             self.cache.load(seq.block_table, kv)
         seq.num_computed_tokens = seq.num_tokens
+        if exact_tokens is not None and exact_tokens < seq.num_tokens:
+            seq.cacheable_tokens = exact_tokens
         self.blocks.register_full_blocks(seq)
         return self._start_decoding(seq, output_token_ids)
 
@@ -179,7 +187,7 @@ class PhaseHandoff:
         keep their KV until `block_table_epoch` changes)."""
         seq = self._get(request_id)
         return RequestKV(list(seq.token_ids), seq.num_computed_tokens, list(seq.block_table),
-                         seq.block_table_epoch)
+                         seq.block_table_epoch, seq.cacheable_tokens)
 
     def suspend(self, request_id: str) -> RequestKV:
         """Take a decoding request out of the batch, keeping its blocks (as if prefilled)

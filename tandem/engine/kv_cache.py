@@ -67,6 +67,9 @@ class KVBlocks:
     spec: KVSpec
     num_tokens: int
     data: torch.Tensor
+    # False when the KV is an approximation (decoded from a lossy code): it may be computed on,
+    # but never shared as a prefix, where it would pass for the exact KV of its tokens.
+    exact: bool = True
 
     def __post_init__(self) -> None:
         s = self.spec

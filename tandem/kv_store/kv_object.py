@@ -235,4 +235,5 @@ def decode_object(data: bytes | memoryview, fingerprint: str, spec: KVSpec,
         raise KVFormatError(f"KV payload is {len(view) - start} bytes, the header says "
                             f"{header.payload_bytes}")
     return KVBlocks(spec, header.num_tokens,
-                    decode_layers(header, view[start:], range(spec.num_layers)))
+                    decode_layers(header, view[start:], range(spec.num_layers)),
+                    exact=get_codec(header.codec).lossless)

@@ -99,11 +99,12 @@ class TieredStore:
             kv = self.get(key, num_tokens=self.chunk_tokens)
             if kv is None:
                 break
-            chunks.append(kv.data)
+            chunks.append(kv)
         if not chunks:
             return None
-        data = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
-        return KVBlocks(self.spec, len(chunks) * self.chunk_tokens, data)
+        data = chunks[0].data if len(chunks) == 1 else torch.cat([c.data for c in chunks], dim=2)
+        return KVBlocks(self.spec, len(chunks) * self.chunk_tokens, data,
+                        exact=all(c.exact for c in chunks))
 
     def _worth_loading(self, key: str, budget_s: float, recompute_s_per_token: float) -> bool:
         """The controller's call for the first tier holding `key`: load it, or recompute."""

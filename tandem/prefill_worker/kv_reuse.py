@@ -38,6 +38,13 @@ class KVReuse:
         return segments is not None and segments.blend and bool(segments.chunks) \
             and self.planner is not None
 
+    def exact_tokens(self, cached: KVBlocks | None, blended: BlendResult | None) -> int | None:
+        """How many leading prompt tokens have exact KV after loading `cached` and blending
+        (None: all): blended chunks are approximate, and so is KV a lossy codec stored."""
+        if cached is not None and not cached.exact:
+            return 0
+        return blended.exact_tokens if blended is not None else None
+
     def measure_prefill(self, computed_tokens: int, seconds: float) -> None:
         """Keep a running prefill time per token (it includes queueing: what a chunk that is
         not loaded really costs)."""

@@ -181,7 +181,8 @@ class PrefillWorker(EngineWorker):
             prefilled = self._computed_at.pop(request_id, time.perf_counter())
             if streamer.restarted:  # preempted midway: the KV goes again, in one piece
                 session = await self._restream(request_id, session, streamer, ranges, n)
-            await session.finish(Handoff(request_id, item.token_ids),
+            await session.finish(Handoff(request_id, item.token_ids,
+                                         reuse.exact_tokens(cached, blended)),
                                  timeout=self.config.handoff_timeout_s)
             handed_off = True
             publish = self.store is not None

@@ -34,6 +34,17 @@ class Handoff:
 
     request_id: str
     output_token_ids: list[int]
+    # Leading prompt tokens whose KV is exact (None: all of it). KV past them (blended, or
+    # decoded from a lossy code) must not enter the receiver's prefix cache.
+    exact_tokens: int | None = None
+
+    def limited_to(self, exact_tokens: int | None) -> Handoff:
+        """This handoff with no more exact tokens than `exact_tokens` (None: no new limit)."""
+        if exact_tokens is None:
+            return self
+        mine = exact_tokens if self.exact_tokens is None else min(self.exact_tokens,
+                                                                   exact_tokens)
+        return Handoff(self.request_id, self.output_token_ids, mine)
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,7 @@ class GrpcReceiver:
         except ValueError as e:
             raise _Refused(grpc.StatusCode.FAILED_PRECONDITION,
                            f"request {request_id}: {e}") from None
-        piece, buf, filled, codec = None, bytearray(), 0, None
+        piece, buf, filled, codec, lossy = None, bytearray(), 0, None, False
         async for wire in stream:
             try:
                 part = _payload_view(wire)
@@ -155,6 +155,7 @@ class GrpcReceiver:
             if kind == "piece":
                 piece, filled = self._start_piece(message.piece, reception), 0
                 codec = self._codec(message.piece)
+                lossy = lossy or (codec is not None and not codec.lossless)
                 raw_bytes = piece.num_bytes(reception.spec)
                 if codec is not None and message.piece.payload_bytes > raw_bytes:
                     raise _Refused(grpc.StatusCode.INVALID_ARGUMENT,
@@ -162,7 +163,10 @@ class GrpcReceiver:
                                    f"larger than its raw KV ({raw_bytes})")
                 buf = bytearray(message.piece.payload_bytes if codec else raw_bytes)
             elif kind == "end":
-                handoff = Handoff(request_id, list(message.end.output_token_ids))
+                end = message.end
+                handoff = Handoff(request_id, list(end.output_token_ids),
+                                  end.exact_tokens if end.HasField("exact_tokens") else None)
+                handoff = handoff.limited_to(0 if lossy else None)
                 self._check_end(message.end.kv_header, header, reception)
                 try:
                     await self.sink.complete(handoff, header.num_tokens)

@@ -255,7 +255,8 @@ class _GrpcSession(SendSession):
         header = transfer_header(self.fingerprint, spec, self.target.num_tokens,
                                  combined_checksum(self._pieces))
         yield pb.KVChunk(end=pb.End(kv_header=header.encode(),
-                                    output_token_ids=handoff.output_token_ids)).SerializeToString()
+                                    output_token_ids=handoff.output_token_ids,
+                                    exact_tokens=handoff.exact_tokens)).SerializeToString()
 
     async def _piece(self, layers: range, first_block: int, src_blocks: list[int]) \
             -> AsyncIterator[bytes]:

@@ -179,7 +179,10 @@ class NixlInbox:
                 code = "corrupted"
                 raise TransferRejected(f"request {request_id}: KV checksum mismatch over the "
                                        "transfer: the data was corrupted")
-            await self.sink.complete(Handoff(request_id, tokens), header.num_tokens)
+            exact = fields.get("x")
+            await self.sink.complete(Handoff(request_id, tokens,
+                                             None if exact is None else int(exact)),
+                                     header.num_tokens)
             code = "ok"
         except (TransferRejected, KVFormatError, ValueError, KeyError, TypeError) as e:
             message = message or str(e)

@@ -194,6 +194,7 @@ class NixlSession(SendSession):
                                      combined_checksum(self.pieces))
             self.transport.send(self.target.receiver.address, "E", r=self.request_id,
                                  h=header.encode().hex(), t=handoff.output_token_ids,
+                                 x=handoff.exact_tokens,
                                  p=len(self.pieces))
             try:
                 reply = await asyncio.wait_for(self._reply, max(0.0, deadline - time.monotonic()))

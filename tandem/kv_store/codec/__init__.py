@@ -20,6 +20,7 @@ class Codec(ABC):
     the first `num_tokens` token slots hold data (the rest is padding, decoded as zeros)."""
 
     name: str
+    lossless: bool = True  # decoded KV equals the encoded KV: it may be reused as exact
 
     @abstractmethod
     def encode_layer(self, layer: int, kv: torch.Tensor, num_tokens: int,

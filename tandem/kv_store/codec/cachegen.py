@@ -51,6 +51,7 @@ NAME = re.compile(r"cachegen:([0-4]):([0-9a-f]{16})")
 
 
 class CacheGenCodec(Codec):
+    lossless = False
     def __init__(self, profile: CacheGenProfile, level: int) -> None:
         if level not in LEVELS:
             raise ValueError(f"CacheGen level {level} does not exist (levels: {list(LEVELS)})")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btandem/v1/kv_transfer.proto\x12\ttandem.v1\".\n\x05\x42\x65gin\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tkv_header\x18\x02 \x01(\x0c\"\x97\x01\n\x0bPieceHeader\x12\x13\n\x0b\x66irst_layer\x18\x01 \x01(\r\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\x06\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12\x15\n\rpayload_bytes\x18\x07 \x01(\x04\"2\n\x03\x45nd\x12\x11\n\tkv_header\x18\x01 \x01(\x0c\x12\x18\n\x10output_token_ids\x18\x02 \x03(\r\"\x8f\x01\n\x07KVChunk\x12!\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x10.tandem.v1.BeginH\x00\x12\x11\n\x07payload\x18\x02 \x01(\x0cH\x00\x12\'\n\x05piece\x18\x03 \x01(\x0b\x32\x16.tandem.v1.PieceHeaderH\x00\x12\x1d\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x0e.tandem.v1.EndH\x00\x42\x06\n\x04part\"\r\n\x0bPushKVReply2D\n\nKVTransfer\x12\x36\n\x06PushKV\x12\x12.tandem.v1.KVChunk\x1a\x16.tandem.v1.PushKVReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btandem/v1/kv_transfer.proto\x12\ttandem.v1\".\n\x05\x42\x65gin\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tkv_header\x18\x02 \x01(\x0c\"\x97\x01\n\x0bPieceHeader\x12\x13\n\x0b\x66irst_layer\x18\x01 \x01(\r\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x13\n\x0b\x66irst_block\x18\x03 \x01(\r\x12\x12\n\nnum_blocks\x18\x04 \x01(\r\x12\x10\n\x08\x63hecksum\x18\x05 \x01(\x06\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12\x15\n\rpayload_bytes\x18\x07 \x01(\x04\"^\n\x03\x45nd\x12\x11\n\tkv_header\x18\x01 \x01(\x0c\x12\x18\n\x10output_token_ids\x18\x02 \x03(\r\x12\x19\n\x0c\x65xact_tokens\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x0f\n\r_exact_tokens\"\x8f\x01\n\x07KVChunk\x12!\n\x05\x62\x65gin\x18\x01 \x01(\x0b\x32\x10.tandem.v1.BeginH\x00\x12\x11\n\x07payload\x18\x02 \x01(\x0cH\x00\x12\'\n\x05piece\x18\x03 \x01(\x0b\x32\x16.tandem.v1.PieceHeaderH\x00\x12\x1d\n\x03\x65nd\x18\x04 \x01(\x0b\x32\x0e.tandem.v1.EndH\x00\x42\x06\n\x04part\"\r\n\x0bPushKVReply2D\n\nKVTransfer\x12\x36\n\x06PushKV\x12\x12.tandem.v1.KVChunk\x1a\x16.tandem.v1.PushKVReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PIECEHEADER']._serialized_start=91
   _globals['_PIECEHEADER']._serialized_end=242
   _globals['_END']._serialized_start=244
-  _globals['_END']._serialized_end=294
-  _globals['_KVCHUNK']._serialized_start=297
-  _globals['_KVCHUNK']._serialized_end=440
-  _globals['_PUSHKVREPLY']._serialized_start=442
-  _globals['_PUSHKVREPLY']._serialized_end=455
-  _globals['_KVTRANSFER']._serialized_start=457
-  _globals['_KVTRANSFER']._serialized_end=525
+  _globals['_END']._serialized_end=338
+  _globals['_KVCHUNK']._serialized_start=341
+  _globals['_KVCHUNK']._serialized_end=484
+  _globals['_PUSHKVREPLY']._serialized_start=486
+  _globals['_PUSHKVREPLY']._serialized_end=499
+  _globals['_KVTRANSFER']._serialized_start=501
+  _globals['_KVTRANSFER']._serialized_end=569
 # @@protoc_insertion_point(module_scope)

@@ -33,12 +33,14 @@ class PieceHeader(_message.Message):
     def __init__(self, first_layer: _Optional[int] = ..., num_layers: _Optional[int] = ..., first_block: _Optional[int] = ..., num_blocks: _Optional[int] = ..., checksum: _Optional[int] = ..., codec: _Optional[str] = ..., payload_bytes: _Optional[int] = ...) -> None: ...
 
 class End(_message.Message):
-    __slots__ = ("kv_header", "output_token_ids")
+    __slots__ = ("kv_header", "output_token_ids", "exact_tokens")
     KV_HEADER_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    EXACT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     kv_header: bytes
     output_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, kv_header: _Optional[bytes] = ..., output_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    exact_tokens: int
+    def __init__(self, kv_header: _Optional[bytes] = ..., output_token_ids: _Optional[_Iterable[int]] = ..., exact_tokens: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("begin", "payload", "piece", "end")
