@@ -31,6 +31,8 @@ before any timing; their prefix is computed in full each time, like the question
   (the example's "answer_chunk", else the first chunk that contains the answer): a set the model
   answers from its context scores near 0 there.
 
+`--hard` runs bench/blend_hard.py instead (the hard set; see its docstring for its options).
+
 Targets: speedup >= 3; F1 of blend within 0.02 of full; KL of blend below half of reuse's.
 
     python bench/blend.py [--data FILE.jsonl] [--num N] [--ratio 0.15] [--dtype bfloat16]
@@ -48,24 +50,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import string
 import sys
-import time
-from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from statistics import fmean
 
 import torch
 from blend_data import generate  # bench/blend_data.py, next to this script
+from blend_eval import (
+    MAX_ANSWER_TOKENS,
+    Example,
+    Totals,
+    answer,
+    f1,
+    kl,
+    load_examples,
+    log,
+    rouge_l,
+    run_blended,
+    run_full,
+    run_prefix,
+    truncated,
+    warm_chunks,
+)
 
-from tandem.engine.blend import BlendResult, compute_kv
 from tandem.engine.blend_planner import BlendPlanner
 from tandem.engine.config import EngineConfig
 from tandem.engine.engine import LLMEngine
-from tandem.engine.kv_cache import KVBlocks
-from tandem.engine.outputs import RequestOutput
 from tandem.engine.sampling_params import SamplingParams
 from tandem.engine.segments import DEFAULT_RECOMPUTE_RATIO, SegmentedPrompt
 from tandem.kv_store.chunk_cache import StoreChunkCache
@@ -73,8 +83,6 @@ from tandem.kv_store.store import TieredStore
 from tandem.kv_store.tiers.memory import MemoryTier
 
 DEFAULT_NUM = 8
-PUNCTUATION = set(string.punctuation)
-MAX_ANSWER_TOKENS = 16
 TARGET_SPEEDUP, TARGET_F1_GAP, TARGET_KL_SHARE = 3.0, 0.02, 0.5
 CPU_TIER_BYTES = 2 * 2**30
 METHODS = ("full", "prefix", "reuse", "blend")
@@ -82,220 +90,11 @@ LABELS = {"full": "full prefill", "prefix": "prefix caching", "reuse": "full reu
           "blend": "CacheBlend"}
 
 
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-# -- examples --------------------------------------------------------------------------------
-
-
-@dataclass
-class Example:
-    prefix: str
-    chunks: list[str]
-    question: str
-    answer: str
-    answer_prefix: str = ""
-    answer_chunk: int | None = None  # the chunk that holds the answer, when known
-
-    def segments(self, drop: int | None = None) -> list[str]:
-        tail = f"\n\nQuestion: {self.question}\nAnswer:"
-        if self.answer_prefix:
-            tail += " " + self.answer_prefix
-        return [self.prefix, *("\n\n" + c for i, c in enumerate(self.chunks) if i != drop), tail]
-
-    def answering_chunk(self) -> int | None:
-        if self.answer_chunk is not None:
-            return self.answer_chunk
-        gold = self.answer.lower()
-        return next((i for i, c in enumerate(self.chunks) if gold and gold in c.lower()), None)
-
-    @classmethod
-    def parse(cls, line: dict, where: str) -> Example:
-        def text(key: str, default: str | None = None) -> str:
-            value = line.get(key, default)
-            if not isinstance(value, str):
-                raise ValueError(f"{where}: {key!r} must be a string")
-            return value
-
-        chunks = line.get("chunks")
-        if not isinstance(chunks, list) or not chunks or \
-                not all(isinstance(c, str) and c for c in chunks):
-            raise ValueError(f"{where}: 'chunks' must be a list of non-empty strings")
-        index = line.get("answer_chunk")
-        if not isinstance(index, int) or not 0 <= index < len(chunks):
-            index = None
-        return cls(text("prefix", ""), chunks, text("question"), text("answer"),
-                   text("answer_prefix", ""), index)
-
-
-def load_examples(path: Path, num: int | None) -> list[Example]:
-    examples = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                examples.append(Example.parse(json.loads(line), f"{path}:{number}"))
-    if not examples:
-        sys.exit(f"error: {path} holds no examples")
-    return examples[:num] if num else examples
-
-
-# -- scores ----------------------------------------------------------------------------------
-
-
-def normalize(text: str) -> list[str]:
-    """SQuAD's answer normalization, as tokens."""
-    text = "".join(ch for ch in text.lower() if ch not in PUNCTUATION)
-    return re.sub(r"\b(a|an|the)\b", " ", text).split()
-
-
-def f1(prediction: str, gold: str) -> float:
-    pred, ref = normalize(prediction), normalize(gold)
-    if not pred or not ref:
-        return float(pred == ref)
-    same = sum((Counter(pred) & Counter(ref)).values())
-    if same == 0:
-        return 0.0
-    precision, recall = same / len(pred), same / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    pred, ref = normalize(prediction), normalize(reference)
-    if not pred or not ref:
-        return float(pred == ref)
-    row = [0] * (len(ref) + 1)  # row[j]: LCS of the tokens of pred so far and ref[:j]
-    for p in pred:
-        above_left = 0
-        for j, r in enumerate(ref, start=1):
-            above = row[j]
-            row[j] = above_left + 1 if p == r else max(above, row[j - 1])
-            above_left = above
-    lcs = row[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(pred), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-def kl(reference: torch.Tensor, other: torch.Tensor) -> float:
-    """KL(reference || other) of two next-token logit rows, in float32."""
-    p, q = torch.log_softmax(reference.float(), -1), torch.log_softmax(other.float(), -1)
-    return float((p.exp() * (p - q)).sum())
-
-
-# -- runs ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    ttft_s: float
-    answer: str
-    cached_tokens: int = 0
-    recomputed_tokens: int = 0
-    plan_s: float = 0.0  # reuse and blend: of the TTFT, the chunks' reads and the blend
-    kv: KVBlocks | None = field(default=None, repr=False)  # full: the prompt's exact KV
-
-
-def first_output(engine: LLMEngine, request_id: str) -> RequestOutput:
-    """Step until the request produces an output (its next token, or its end)."""
-    while True:
-        for out in engine.step():
-            if out.request_id == request_id:
-                return out
-
-
-def finish(engine: LLMEngine, request_id: str) -> RequestOutput:
-    while not (out := first_output(engine, request_id)).finished:
-        pass
-    return out
-
-
-def timed(engine: LLMEngine, request_id: str, start: float) -> tuple[float, RequestOutput]:
-    """(seconds from `start` to the request's first token, its final output)."""
-    out = first_output(engine, request_id)
-    elapsed = time.perf_counter() - start
-    return elapsed, out if out.finished else finish(engine, request_id)
-
-
-def run_full(engine: LLMEngine, ids: list[int], params: SamplingParams) -> Run:
-    """Full prefill to the first token (prefill only, to keep the KV), then the answer decoded
-    on from that token and KV."""
-    start = time.perf_counter()
-    engine.add_request("full", ids, params, prefill_only=True)
-    first = first_output(engine, "full")
-    ttft = time.perf_counter() - start
-    kv = engine.export_kv("full")
-    engine.release("full")
-    engine.reserve("full", ids, params)
-    out = engine.adopt("full", kv, first.token_ids)
-    if not out.finished:
-        out = finish(engine, "full")
-    return Run(ttft, out.text, kv=kv)
-
-
-def run_prefix(engine: LLMEngine, prompt: SegmentedPrompt, params: SamplingParams) -> Run:
-    """On a fresh engine: the prefix alone (untimed, to fill the prefix cache), then the prompt."""
-    if prompt.prefix:
-        engine.add_request("warm", prompt.prefix, params, prefill_only=True)
-        first_output(engine, "warm")
-        engine.release("warm")
-    start = time.perf_counter()
-    engine.add_request("prefix", prompt.token_ids, params)
-    ttft, out = timed(engine, "prefix", start)
-    return Run(ttft, out.text, out.num_cached_tokens)
-
-
-def run_blended(engine: LLMEngine, planner: BlendPlanner, prompt: SegmentedPrompt,
-                params: SamplingParams, name: str) -> tuple[Run, BlendResult]:
-    start = time.perf_counter()
-    result = planner.plan(prompt)
-    plan_s = time.perf_counter() - start
-    engine.add_request(name, prompt.token_ids, params, blended=result)
-    ttft, out = timed(engine, name, start)
-    return Run(ttft, out.text, result.cached_tokens, result.recomputed_tokens, plan_s), result
-
-
-def answer(engine: LLMEngine, ids: list[int], params: SamplingParams) -> str:
-    engine.add_request("answer", ids, params)
-    return finish(engine, "answer").text
-
-
-def truncated(kv: KVBlocks, num_tokens: int) -> KVBlocks:
-    blocks = kv.spec.num_blocks_for(num_tokens)
-    return KVBlocks(kv.spec, num_tokens, kv.data[:, :, :blocks].contiguous())
-
-
-# -- the bench -------------------------------------------------------------------------------
-
-
-@dataclass
-class Totals:
-    values: dict[str, list[float]] = field(default_factory=dict)
-
-    def add(self, key: str, value: float) -> None:
-        self.values.setdefault(key, []).append(value)
-
-    def mean(self, key: str) -> float:
-        return fmean(self.values[key])
-
-
-def warm_chunks(engine: LLMEngine, cache: StoreChunkCache, store: TieredStore,
-                prompts: list[SegmentedPrompt]) -> int:
-    """Write every distinct chunk's KV (computed on its own) to the CPU tier."""
-    distinct = list({tuple(c): c for p in prompts for c in p.chunks}.values())
-    for i, chunk in enumerate(distinct, start=1):
-        cache.put(chunk, compute_kv(engine.loaded.model, engine.kv_spec, chunk))
-        if i % 16 == 0 or i == len(distinct):
-            store.flush(120)
-            log(f"  {i}/{len(distinct)} chunks in the CPU tier")
-    missing = sum(not cache.contains(c) for c in distinct)
-    if missing:
-        raise RuntimeError(f"{missing} of {len(distinct)} chunks did not reach the CPU tier")
-    return len(distinct)
-
-
 def main() -> None:
+    if "--hard" in sys.argv[1:]:  # the hard set has a bench of its own
+        from blend_hard import main as hard_main
+
+        return hard_main(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=None,
                         help="JSON lines of examples (default: bench/blend_data.py's set)")

@@ -19,6 +19,11 @@ a few instructions with a worked example of the answer format (a fact no passage
 
     python bench/blend_data.py --out FILE.jsonl [--num 8] [--seed 0] [--chunks 6]
         [--chunk-tokens 512] [--pool 12]
+    python bench/blend_data.py --hard --out FILE.jsonl [--history-out FILE.jsonl]
+
+`--hard` writes the hard set instead (bench/blend_hard_data.py: distractors of the same kind,
+the answer position balanced; 96 items and 96 history prompts from its frozen seed 2026 unless
+`--num` / `--seed` say otherwise).
 
 Each line: {"prefix", "chunks", "question", "answer", "answer_prefix", "answer_chunk"} (the
 index in "chunks" of the passage that answers).
@@ -297,19 +302,37 @@ def token_counter(model: str | None = None) -> Callable[[str], int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="the .jsonl file to write")
-    parser.add_argument("--num", type=int, default=8)
+    parser.add_argument("--num", type=int, default=None, help="default: 8 (--hard: 96)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chunks", type=int, default=6, help="passages per example")
     parser.add_argument("--chunk-tokens", type=int, default=512, help="tokens per passage")
     parser.add_argument("--pool", type=int, default=12, help="distinct passages")
     parser.add_argument("--model", default=None, help="whose tokenizer sizes the passages")
+    parser.add_argument("--hard", action="store_true", help="the hard set (see above)")
+    parser.add_argument("--history-out", type=Path, default=None,
+                        help="with --hard: where to write the history prompts")
     args = parser.parse_args()
-    examples = generate(token_counter(args.model), args.num, seed=args.seed, chunks=args.chunks,
-                        chunk_tokens=args.chunk_tokens, pool_size=args.pool)
-    with args.out.open("w", encoding="utf-8") as f:
+    if args.hard:
+        from blend_hard_data import HARD_NUM, HARD_SEED, hard_sets
+
+        seed = args.seed or HARD_SEED
+        examples, history = hard_sets(token_counter(args.model), num=args.num or HARD_NUM,
+                                      seed=seed, chunks=args.chunks,
+                                      chunk_tokens=args.chunk_tokens)
+        if args.history_out is not None:
+            write_jsonl(args.history_out, history)
+    else:
+        examples = generate(token_counter(args.model), args.num or 8, seed=args.seed,
+                            chunks=args.chunks, chunk_tokens=args.chunk_tokens,
+                            pool_size=args.pool)
+    write_jsonl(args.out, examples)
+
+
+def write_jsonl(path: Path, examples: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
         for example in examples:
             f.write(json.dumps(example) + "\n")
-    print(f"wrote {len(examples)} examples to {args.out}", file=sys.stderr)
+    print(f"wrote {len(examples)} examples to {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":
