@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hard", action="store_true", help="(how bench/blend.py hands over)")
     parser.add_argument("--num", type=int, default=HARD_NUM)
     parser.add_argument("--seed", type=int, default=HARD_SEED)
+    parser.add_argument("--history", type=int, default=HARD_NUM,
+                        help="history prompts whose full prefills leave chunk variants")
     parser.add_argument("--methods", default=",".join(BASELINE),
                         help=f"comma-separated, from: {', '.join(METHODS)} (blend@R: any R)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
@@ -78,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     def count(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False))
 
-    raw_items, raw_history = hard_sets(count, num=args.num, history=HARD_NUM, seed=args.seed)
+    raw_items, raw_history = hard_sets(count, num=args.num, history=args.history,
+                                       seed=args.seed)
     digest = hashlib.sha256(json.dumps(raw_items, sort_keys=True).encode()).hexdigest()[:16]
     log(f"hard set: {len(raw_items)} items, seed {args.seed}, digest {digest}")
     items = [Example.parse(e, f"item {i}") for i, e in enumerate(raw_items)]
@@ -92,7 +95,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in methods:
         if name not in ("full", "without"):
             ctx.method(name)  # unknown names fail before anything runs
-    reference = load_reference(engine, items, prompts, params, args, digest)
+    reference = load_reference(engine, items, prompts, params, args,
+                               [item_digest(e) for e in raw_items])
 
     ctx.warm(prompts)
     f1s: dict[str, list[float]] = {m: [] for m in methods}
@@ -141,32 +145,38 @@ def run_method(ctx: Context, name: str, item: Example, prompt: SegmentedPrompt,
 
 
 def load_reference(engine: LLMEngine, items: list[Example], prompts: list[SegmentedPrompt],
-                   params: SamplingParams, args: argparse.Namespace, digest: str) -> list[dict]:
-    """Full prefill's answer and last-position logits per item, from the disk cache or
-    computed (and cached)."""
-    path = args.cache_dir / f"{digest}-{args.dtype}-t{args.threads}.pt"
-    if path.exists():
-        log(f"full-prefill reference from {path}")
-        return torch.load(path, weights_only=True)
-    out = []
-    for i, prompt in enumerate(prompts):
+                   params: SamplingParams, args: argparse.Namespace, digests: list[str]) \
+        -> list[dict]:
+    """Full prefill's answer and last-position logits per item, from the disk cache (keyed by
+    each item's digest) or computed and cached."""
+    path = args.cache_dir / f"reference-{args.dtype}-t{args.threads}.pt"
+    cached: dict[str, dict] = torch.load(path, weights_only=True) if path.exists() else {}
+    missing = [i for i, d in enumerate(digests) if d not in cached]
+    log(f"full-prefill reference: {len(digests) - len(missing)} items cached in {path}, "
+        f"{len(missing)} to compute")
+    for done, i in enumerate(missing, start=1):
+        prompt = prompts[i]
         ids = prompt.token_ids
         engine.add_request("ref", ids, params, prefill_only=True)
         first = first_output(engine, "ref")
         kv = engine.export_kv("ref")
         engine.release("ref")
         engine.reserve("ref", ids, params)
-        done = engine.adopt("ref", kv, first.token_ids)
-        while not done.finished:
-            done = first_output(engine, "ref")
+        out = engine.adopt("ref", kv, first.token_ids)
+        while not out.finished:
+            out = first_output(engine, "ref")
         chunks_end = len(prompt.prefix) + prompt.num_chunk_tokens
         logits = engine.score(ids, prefix_kv=truncated(kv, chunks_end))[-1]
-        out.append({"answer": done.text, "logits": logits.float()})
-        if (i + 1) % 8 == 0:
-            log(f"  reference {i + 1}/{len(prompts)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(out, path)
-    return out
+        cached[digests[i]] = {"answer": out.text, "logits": logits.float().clone()}
+        if done % 8 == 0 or done == len(missing):
+            log(f"  reference {done}/{len(missing)}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(cached, path)
+    return [cached[d] for d in digests]
+
+
+def item_digest(item: dict) -> str:
+    return hashlib.sha256(json.dumps(item, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def summarize(methods: list[str], f1s, kls, ttfts, extra, reference) -> dict:

@@ -145,6 +145,8 @@ class WorkerStats:
     drain_requested: bool = False  # it got a SIGTERM: the pool manager drains it
     attention: Any = None  # an attention worker's `AttentionStats`
     offload: Any = None  # a decode worker's `OffloadStats` (attention offload)
+    # A prefill worker's chunk-cache reuse (`ChunkReuseSnapshot`): totals and the top chunks
+    chunk_reuse: Any = None
 
 
 class WorkerStepError(RuntimeError):
@@ -260,7 +262,12 @@ class EngineWorker:
                            dict(self.handoffs), self.store.stats() if self.store else None,
                            self.codec_choices(), self.handoff_bytes, self.handoff_s,
                            dict(self.calls), resident_bytes(), self.drain_requested,
-                           offload=await self.offload_stats())
+                           offload=await self.offload_stats(),
+                           chunk_reuse=self.chunk_reuse_stats())
+
+    def chunk_reuse_stats(self) -> Any:
+        """A prefill worker's `ChunkReuseSnapshot` (chunk caches, variants); None elsewhere."""
+        return None
 
     async def offload_stats(self) -> Any:
         """A decode worker's attention-offload figures (`OffloadStats`); None elsewhere."""

@@ -63,6 +63,8 @@ def test_keys_moved_to_an_offset_equal_keys_computed_there(engine):
     moved = shift_keys(engine.loaded.model, alone[0, 0], 40)
     assert torch.allclose(moved, within[0, 0, 40:], atol=1e-5, rtol=1e-4)
     assert not torch.allclose(alone[0, 0], within[0, 0, 40:], atol=1e-2)  # RoPE did differ
+    back = shift_keys(engine.loaded.model, within[0, 0, 40:], -40)  # and back to position 0
+    assert torch.allclose(back, alone[0, 0], atol=1e-5, rtol=1e-4)
 
 
 def test_full_recompute_equals_full_prefill(engine):
@@ -154,6 +156,7 @@ def test_the_next_layer_is_fetched_while_a_layer_computes(engine):
 def test_llm_serves_segmented_prompts_and_keeps_blended_kv_out_of_its_prefix_cache(
         loaded_fp32):
     from tandem.engine.chunk_cache import MemoryChunkCache
+    from tandem.engine.chunk_variants import context_of
     from tandem.engine.config import EngineConfig
     from tandem.engine.engine import LLMEngine
     from tandem.engine.llm import LLM
@@ -164,20 +167,24 @@ def test_llm_serves_segmented_prompts_and_keeps_blended_kv_out_of_its_prefix_cac
     llm = LLM.from_engine(engine, cache)
     paragraphs = [p for p in TEXT.split("\n") if len(p) > 300]
     segments = [paragraphs[0], paragraphs[1], paragraphs[2], "Question: Who kept it?\nAnswer:"]
+    tokens = [engine.tokenizer.encode(s, add_special_tokens=False) for s in segments[1:3]]
+    # Cold (no chunk cached): prefilled in full, exactly; its chunks' KV kept as variants.
     first = llm.generate({"segments": segments}, greedy(4))[0]
-    chunk_tokens = sum(len(engine.tokenizer.encode(s, add_special_tokens=False))
-                       for s in segments[1:3])
-    assert first.num_cached_tokens == 0 and first.num_recomputed_tokens > 0
-    assert cache.contains(engine.tokenizer.encode(segments[1], add_special_tokens=False))
-    again = llm.generate({"segments": segments}, greedy(4))[0]
-    prefix_blocks = len(engine.tokenizer.encode(segments[0])) // engine.config.block_size
-    assert again.num_cached_tokens == prefix_blocks * engine.config.block_size + chunk_tokens
-    assert again.token_ids == first.token_ids
-    # The same tokens as one plain prompt: only the prefix's blocks may be prefix-cache hits.
-    plain = llm.generate(first.prompt_token_ids, greedy(4))[0]
-    assert plain.num_cached_tokens == prefix_blocks * engine.config.block_size
+    assert first.num_cached_tokens == 0
+    assert first.num_recomputed_tokens == sum(map(len, tokens))
+    assert [v.context for v in cache.variants(tokens[1])] == [context_of(tokens, 1)]
     exact = llm.generate({"segments": segments, "blend": False}, greedy(4))[0]
-    assert exact.num_recomputed_tokens == 0 and exact.token_ids == plain.token_ids
+    assert exact.num_recomputed_tokens == 0 and exact.token_ids == first.token_ids
+    # In another order after another prefix: the chunks are blended (the first computed on
+    # its own, the second from its variant), and nothing past the prefix enters the prefix
+    # cache: the same tokens as one plain prompt find only the prefix's blocks.
+    other = ["Another prefix, for another reader.", segments[1], segments[2], segments[3]]
+    again = llm.generate({"segments": other}, greedy(4))[0]
+    prefix_blocks = len(engine.tokenizer.encode(other[0])) // engine.config.block_size
+    assert again.num_recomputed_tokens > 0
+    assert again.num_cached_tokens == prefix_blocks * engine.config.block_size + len(tokens[1])
+    plain = llm.generate(again.prompt_token_ids, greedy(4))[0]
+    assert plain.num_cached_tokens == prefix_blocks * engine.config.block_size
     with pytest.raises(ValueError, match="recompute_ratio"):
         llm.generate({"segments": segments, "recompute_ratio": 2})
     with pytest.raises(ValueError, match=r"segments\[1\]"):
@@ -200,14 +207,17 @@ def test_a_chunk_evicted_during_the_blend_is_computed_and_the_blend_redone(engin
     class Forgetful(MemoryChunkCache):
         """Loses the second chunk once layer 5 is asked for."""
 
-        def layer(self, token_ids, layer):
+        def layer(self, token_ids, layer, context=()):
             if token_ids == chunks[1] and layer == 5 and not forgotten:
                 forgotten.append(True)
                 return None
-            return cache.layer(token_ids, layer)
+            return cache.layer(token_ids, layer, context)
 
-        def contains(self, token_ids):
-            return cache.contains(token_ids)
+        def contains(self, token_ids, context=()):
+            return cache.contains(token_ids, context)
+
+        def variants(self, token_ids):
+            return cache.variants(token_ids)
 
     forgotten: list[bool] = []
     got = BlendPlanner(model, spec, Forgetful(0)).plan(prompt)

@@ -1,10 +1,12 @@
-"""CacheBlend through the cluster (real Ray workers, the gRPC SDK, the prefill worker's tiered
-store): the same greedy output as blending in one engine, chunk caches reused in another order
-after another prefix, usage counts, ratio 1 and blend=False equal to full prefill."""
+"""Chunk-cache reuse through the cluster (real Ray workers, the gRPC SDK, the prefill worker's
+tiered store): with the default policy (Cache-Craft) the same greedy output as `LLM` replaying
+the same requests, chunk caches and variants reused in another order after another prefix,
+usage counts, ratio 1 and blend=False equal to full prefill."""
 
 from __future__ import annotations
 
-import time
+import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -24,9 +26,8 @@ PARAGRAPHS = [p for p in (Path(__file__).parents[1] / "bench" / "data" / "harbou
 QUESTION = "Question: What did the keeper write in the ledger?\nAnswer:"
 
 
-@pytest.fixture(scope="module")
-def reference(loaded_fp32):
-    """Blending in one engine, as the worker's: fp32, one thread, its own chunk cache."""
+def fresh_llm(loaded_fp32):
+    """Blending in one engine, as the worker's: fp32, one thread, a chunk cache of its own."""
     from tandem.engine.chunk_cache import MemoryChunkCache
     from tandem.engine.config import EngineConfig
     from tandem.engine.engine import LLMEngine
@@ -37,6 +38,11 @@ def reference(loaded_fp32):
     return LLM.from_engine(engine, MemoryChunkCache(1 << 30))
 
 
+@pytest.fixture(scope="module")
+def reference(loaded_fp32):
+    return fresh_llm(loaded_fp32)
+
+
 def ask(server, segments: list[str], **options):
     with Client(server.address, timeout=300) as client:
         return client.generate(segments=segments, max_tokens=MAX_TOKENS, temperature=0,
@@ -44,7 +50,8 @@ def ask(server, segments: list[str], **options):
 
 
 def local(llm, segments: list[str], **options):
-    return llm.generate({"segments": segments, **options}, greedy(MAX_TOKENS))[0]
+    params = replace(greedy(MAX_TOKENS), cache_salt=options.pop("cache_salt", None))
+    return llm.generate({"segments": segments, **options}, params)[0]
 
 
 def chunk_tokens(llm, segments: list[str]) -> int:
@@ -52,36 +59,36 @@ def chunk_tokens(llm, segments: list[str]) -> int:
     return sum(len(llm.tokenizer.encode(s, add_special_tokens=False)) for s in segments[1:-1])
 
 
-def ask_until_cached(server, segments: list[str], cached: int):
-    """The chunks are written to the store in the background: ask until the write landed."""
-    deadline = time.monotonic() + 30
-    while True:
-        completion = ask(server, segments)
-        if completion.usage.cached_tokens >= cached or time.monotonic() > deadline:
-            return completion
-        time.sleep(0.2)
+def stored(server) -> None:
+    """Wait until the prefill worker's store has written everything queued (variants are
+    written in the background)."""
+    server.wait_until(lambda stats: all(s.kv_store.pending_writes == 0 for s in stats
+                                        if s.kv_store is not None))
 
 
-def test_blending_through_the_cluster_equals_blending_in_one_engine(server, reference):
-    segments = ["You read old ledgers.", *PARAGRAPHS[:3], QUESTION]
-    n = chunk_tokens(reference, segments)
-    first = ask(server, segments)
-    want = local(reference, segments)
-    assert first.token_ids == want.token_ids
-    assert first.usage.recomputed_tokens == want.num_recomputed_tokens == round(0.15 * n)
-    again = ask_until_cached(server, segments, n)
-    assert again.usage.cached_tokens == n  # every chunk from the store (the prefix is short)
-    assert again.token_ids == local(reference, segments).token_ids == want.token_ids
-
-
-def test_a_chunk_in_another_order_after_another_prefix_is_a_store_hit(server, reference):
-    first = ["A first prefix.", *PARAGRAPHS[3:6], QUESTION]
-    ask_until_cached(server, first, chunk_tokens(reference, first))
-    segments = ["Some other prefix, longer than the first one.", PARAGRAPHS[5], PARAGRAPHS[3],
-                PARAGRAPHS[4], QUESTION]
-    got = ask(server, segments)
-    assert got.usage.cached_tokens == chunk_tokens(reference, segments)
-    assert got.token_ids == local(reference, segments).token_ids
+def test_the_default_policy_through_the_cluster_equals_llm_replaying_the_same_requests(
+        server, loaded_fp32):
+    """The same request sequence on fresh caches (a salt of its own on the cluster): a cold
+    prompt (prefilled in full, its variants kept), the chunks in another order after another
+    prefix (one from a variant, two computed on their own), then the first prompt again
+    (every chunk from a cache)."""
+    llm = fresh_llm(loaded_fp32)
+    salt = f"craft-{uuid.uuid4().hex}"
+    sequence = [["You read old ledgers.", *PARAGRAPHS[:3], QUESTION],
+                ["Some other prefix.", PARAGRAPHS[2], PARAGRAPHS[0], PARAGRAPHS[1], QUESTION],
+                ["You read old ledgers.", *PARAGRAPHS[:3], QUESTION]]
+    usages = []
+    for segments in sequence:
+        got = ask(server, segments, cache_salt=salt)
+        stored(server)
+        want = local(llm, segments, cache_salt=salt)
+        assert got.token_ids == want.token_ids
+        assert got.usage.recomputed_tokens == want.num_recomputed_tokens
+        usages.append((got.usage.cached_tokens, got.usage.recomputed_tokens))
+    n = chunk_tokens(llm, sequence[0])
+    assert usages[0] == (0, n)  # cold: every chunk computed
+    assert 0 < usages[1][0] < n and 0 < usages[1][1] < n  # blended, one chunk from a variant
+    assert usages[2][0] >= n  # every chunk from a cache (prefix chunks maybe too)
 
 
 def test_full_recompute_and_no_blend_through_the_cluster_equal_full_prefill(server, reference):
@@ -93,6 +100,8 @@ def test_full_recompute_and_no_blend_through_the_cluster_equal_full_prefill(serv
     full = ask(server, segments, recompute_ratio=1.0)
     assert full.token_ids == plain
     assert full.usage.recomputed_tokens == chunk_tokens(reference, segments)
+    again = ask(server, segments, recompute_ratio=1.0)  # its chunks cached now: blended
+    assert again.token_ids == plain
     ordinary = ask(server, segments, blend=False)
     assert ordinary.token_ids == plain
     assert ordinary.usage.recomputed_tokens == 0

@@ -48,6 +48,18 @@ class TierFigures:
     corrupt: int = 0
 
 
+CHUNK_REUSE_COUNTERS = {  # ChunkReuseSnapshot field -> the metric's help, summed over workers
+    "blends": "Segmented prompts whose chunks were blended from chunk caches.",
+    "chunk_hits": "Chunks whose KV came from a chunk cache (their own or a variant).",
+    "variant_hits": "Chunks whose KV came from a variant computed in a real context.",
+    "matched_context_chunks": "Preceding chunks matched by the variants used, summed.",
+    "recomputed_tokens": "Chunk tokens recomputed while blending.",
+    "saved_tokens": "Chunk tokens loaded from chunk caches and not recomputed.",
+    "captured": "Chunk variants kept from full prefills.",
+    "cold": "Segmented prompts with no chunk cached, prefilled in full.",
+}
+
+
 @dataclass(frozen=True)
 class WorkerFigures:
     """What the gateway last gathered from the workers (`worker_status.WorkerMonitor`)."""
@@ -58,6 +70,7 @@ class WorkerFigures:
     pool_workers: dict[str, int] = field(default_factory=dict)  # role -> workers
     num_running: int = 0  # sequences in the decode workers' batches
     offload: OffloadFigures = field(default_factory=OffloadFigures)
+    chunk_reuse: dict[str, int] = field(default_factory=dict)  # CHUNK_REUSE_COUNTERS -> sum
 
 
 class _WorkerCollector(Collector):
@@ -106,6 +119,11 @@ class _WorkerCollector(Collector):
         for level, count in sorted(f.cachegen_levels.items()):
             levels.add_metric([model, level], count)
         yield levels
+        for name, text in CHUNK_REUSE_COUNTERS.items():  # aggregates only: no chunk labels
+            family = CounterMetricFamily(f"{PREFIX}chunk_cache_{name}", text,
+                                         labels=["model_name"])
+            family.add_metric([model], f.chunk_reuse.get(name, 0))
+            yield family
         pools = GaugeMetricFamily(PREFIX + "pool_workers", "Workers in each pool.",
                                   labels=["model_name", "role"])
         for role, count in sorted(f.pool_workers.items()):

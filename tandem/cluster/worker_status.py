@@ -14,7 +14,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from tandem.cluster.metrics import ClusterMetrics, TierFigures, WorkerFigures
+from tandem.cluster.metrics import (
+    CHUNK_REUSE_COUNTERS,
+    ClusterMetrics,
+    TierFigures,
+    WorkerFigures,
+)
 from tandem.cluster.offload_metrics import offload_figures
 from tandem.cluster.periodic import Periodic
 from tandem.cluster.pools import PoolManager, PoolWorker
@@ -108,6 +113,7 @@ class WorkerMonitor:
         live = [w for w in self.workers if w.member.state == "ready"]
         tiers: dict[str, TierFigures] = {}
         levels: Counter[str] = Counter()
+        reuse: Counter[str] = Counter()
         for w in live:
             if w.stats is None:
                 continue
@@ -120,6 +126,9 @@ class WorkerMonitor:
                         old.evictions + t.evictions, old.corrupt + t.corrupt)
             for choice, count in w.stats.kv_codec_choices.items():
                 levels[choice.removeprefix("cachegen:")] += count
+            if w.stats.chunk_reuse is not None:
+                for name in CHUNK_REUSE_COUNTERS:
+                    reuse[name] += getattr(w.stats.chunk_reuse, name)
         return WorkerFigures(
             kv_cache_usage={(w.id, w.role): w.kv_cache_usage for w in live
                             if w.stats is not None},
@@ -127,4 +136,5 @@ class WorkerMonitor:
             pool_workers=dict(Counter(w.role for w in live)),
             num_running=sum(w.stats.engine.num_running for w in live
                             if w.stats is not None and w.role in ("decode", "colocated")),
-            offload=offload_figures([(w.id, w.stats) for w in live if w.stats is not None]))
+            offload=offload_figures([(w.id, w.stats) for w in live if w.stats is not None]),
+            chunk_reuse=dict(reuse))

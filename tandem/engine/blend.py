@@ -19,6 +19,10 @@ full reuse 0.323; gradual filtering by absolute K+V deviation 0.095, by relative
 Uncached prefix tokens are computed in every layer. `recompute_ratio=1` is full
 prefill; `0` uses the chunks' KV as loaded. While layer i computes, layer i + 1's chunk KV is
 fetched.
+`BlendOptions` (blend_select) change what is recomputed: per-chunk budgets (fixed, or from each
+chunk's dependence measured at layer 1: Cache-Craft), each chunk's first tokens, question-aware
+selection (the question's tokens but its last are blended too, as the tail). The tokens kept
+through a layer are run by `blend_layer.LayerStep`.
 Dense, one sequence at a time: blending is a prefill-side step before the engine takes over.
 """
 
@@ -27,24 +31,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 
+from tandem.engine.blend_layer import LayerStep
+from tandem.engine.blend_select import BlendOptions
 from tandem.engine.errors import EngineError
 from tandem.engine.kv_cache import KVBlocks, KVSpec
-from tandem.engine.model import DecoderLayer, LlamaModel
-from tandem.engine.rotary import Positions, rotate
+from tandem.engine.model import LlamaModel
+from tandem.engine.rotary import rotate
 
 ChunkLayer = Callable[[int], torch.Tensor]
 """layer -> the chunks' KV of that layer [2, chunk tokens, kv_heads, head_dim], each chunk's
 keys as computed from position 0."""
 
-GRADUAL_START = 3.0  # x recompute_ratio: the share kept at layer 1, shrunk to the ratio
-SHRINK_UNTIL = 0.5  # ... at this fraction of the layers
-ATTENTION_GROUPS = 4  # scattered queries attend in this many groups, each to the keys it needs
 FETCH_TIMEOUT_S = 30.0  # one layer's chunk KV; the source bounds each of its own reads
+DEFAULT_OPTIONS = BlendOptions()
 
 
 class ChunkKVUnavailable(EngineError):
@@ -61,45 +64,49 @@ class BlendResult:
     exact_tokens: int  # leading tokens whose KV is exact (the prefix): cacheable as a prefix
     cached_tokens: int  # tokens whose KV was loaded from a cache rather than computed
     recomputed_tokens: int  # chunk tokens recomputed through the deepest layers
+    # Per chunk, the attention mass its tokens put on earlier ones (with
+    # BlendOptions.measure_dependence and chunks computed at layer 1), else None.
+    dependence: list[float] | None = None
+    # Per chunk, how many of its nearest preceding chunks its cached KV was computed behind
+    # (a matched variant; 0: its own KV), as the planner chose.
+    matched: tuple[int, ...] | None = None
 
 
 def shift_keys(model: LlamaModel, keys: torch.Tensor, delta: int | torch.Tensor) -> torch.Tensor:
     """Keys [n, kv_heads, head_dim] computed at positions p, moved to p + `delta` (one offset,
-    or one per key), rotated in float32."""
+    or one per key; negative moves back), rotated in float32."""
     if isinstance(delta, int):
         if delta == 0:
             return keys
         delta = torch.full((keys.shape[0],), delta, dtype=torch.long)
-    rope = model.rotary.lookup(delta.to(keys.device), torch.float32)
-    return rotate(keys.float(), rope).to(keys.dtype)
-
-
-def kept_tokens(layer: int, num_layers: int, ratio: float, n: int) -> int:
-    """How many of `n` chunk tokens stay selected at `layer`: all at layer 0, then
-    GRADUAL_START x ratio of them, shrinking linearly to `ratio` at the middle layer."""
-    if ratio == 0 or n == 0:
-        return 0
-    if layer == 0:
-        return n
-    last = max(2, int(num_layers * SHRINK_UNTIL))
-    start = min(1.0, GRADUAL_START * ratio)
-    t = min(1.0, (layer - 1) / (last - 1))
-    return max(1, min(n, round((start + (ratio - start) * t) * n)))
+    delta = delta.to(keys.device)
+    cos, sin = model.rotary.lookup(delta.abs(), torch.float32)  # R(-d) = R(d) transposed
+    sin = torch.where(delta.view(-1, 1, 1) < 0, -sin, sin)
+    return rotate(keys.float(), (cos, sin)).to(keys.dtype)
 
 
 @torch.inference_mode()
 def blend(model: LlamaModel, spec: KVSpec, prefix_kv: KVBlocks | None, fresh_ids: list[int],
           chunks: list[list[int]], chunk_layer: ChunkLayer, recompute_ratio: float, *,
+          tail_ids: list[int] = (), options: BlendOptions = DEFAULT_OPTIONS,
           cached_tokens: int = 0, fetch_timeout_s: float = FETCH_TIMEOUT_S,
           cancelled: Callable[[], bool] | None = None) -> BlendResult:
     """Blend `chunks` (their KV from `chunk_layer`) after the prefix: `prefix_kv` (exact KV of
-    its first tokens, or None) then `fresh_ids` (its tokens without KV, computed in full)."""
+    its first tokens, or None) then `fresh_ids` (its tokens without KV, computed in full);
+    `tail_ids` (the question but its last token) follow the chunks, computed in full."""
     if not 0.0 <= recompute_ratio <= 1.0 or math.isnan(recompute_ratio):
         raise ValueError(f"recompute_ratio: {recompute_ratio} is not in [0, 1]")
+    if options.matched is not None and len(options.matched) != len(chunks):
+        raise ValueError(f"matched: {len(options.matched)} entries for {len(chunks)} chunks")
+    budgets = options.budgets
+    if budgets is not None and (len(budgets) != len(chunks) or any(
+            not 0 <= b <= len(ch) for b, ch in zip(budgets, chunks, strict=True))):
+        raise ValueError(f"budgets: {list(budgets)} do not fit chunks of "
+                         f"{[len(ch) for ch in chunks]} tokens")
     device = next(model.parameters()).device
     c = prefix_kv.num_tokens if prefix_kv is not None else 0
-    f, n = len(fresh_ids), sum(map(len, chunks))
-    total = c + f + n
+    f, n, t = len(fresh_ids), sum(map(len, chunks)), len(tail_ids)
+    total = c + f + n + t
     out = torch.zeros((spec.num_layers, 2, spec.num_blocks_for(total) * spec.block_size,
                        spec.num_kv_heads, spec.head_dim), dtype=spec.torch_dtype, device=device)
     if prefix_kv is not None:
@@ -107,12 +114,28 @@ def blend(model: LlamaModel, spec: KVSpec, prefix_kv: KVBlocks | None, fresh_ids
         out[:, :, :c] = flat[:, :, :c].to(device)
     lengths = torch.tensor([len(chunk) for chunk in chunks], dtype=torch.long)
     starts = (c + f + lengths.cumsum(0) - lengths).repeat_interleave(lengths)  # per chunk token
-    shift = model.rotary.lookup(starts.to(device), torch.float32)  # R(start), for every layer
-    ids = torch.tensor([*fresh_ids, *(t for chunk in chunks for t in chunk)], dtype=torch.long,
-                       device=device)
-    active = torch.arange(c, c + f + (n if recompute_ratio > 0 else 0), device=device)
-    forced = torch.arange(len(active), device=device) < f  # the fresh prefix: always computed
-    x = model.embed_tokens(ids[:len(active)]) if len(active) else None
+    rope_dtype = torch.float32 if options.rope_fp32 else spec.torch_dtype
+    shift = model.rotary.lookup(starts.to(device), rope_dtype)  # R(start), for every layer
+    # Without budgets, CacheBlend's selection: the chunk tokens compete as one group.
+    if recompute_ratio >= 1.0:  # everything recomputed: full prefill, whatever the policy
+        options = replace(options, budgets=None, dependence_budgets=False)
+        budgets = None
+    per_chunk = budgets is not None or options.dependence_budgets
+    groups = [len(ch) for ch in chunks] if per_chunk else [n]
+    if budgets is None:
+        budgets = tuple(round(recompute_ratio * g) for g in groups)
+    computing = any(budgets) or options.sink_tokens > 0
+    chunk_of = _chunk_of(chunks, options.sink_tokens, f, t, computing, per_chunk, device)
+    chunk_ids = [tok for chunk in chunks for tok in chunk] if computing else []
+    ids = torch.tensor([*fresh_ids, *chunk_ids, *tail_ids], dtype=torch.long, device=device)
+    active = torch.cat((torch.arange(c, c + f + (n if computing else 0)),
+                        torch.arange(c + f + n, total))).to(device)
+    x = model.embed_tokens(ids) if len(active) else None
+    spans = [(int(s), int(s) + len(chunk)) for s, chunk in
+             zip((c + f + lengths.cumsum(0) - lengths).tolist(), chunks, strict=True)]
+    step = LayerStep(model, chunk_of, budgets, groups, spans, options,
+                      c + f + n if options.question_aware and t else None,
+                      round(recompute_ratio * n))
     with LayerPrefetch(chunk_layer, spec.num_layers if n else 0, fetch_timeout_s) as fetch:
         for index, layer in enumerate(model.layers):
             if cancelled is not None and cancelled():
@@ -120,84 +143,42 @@ def blend(model: LlamaModel, spec: KVSpec, prefix_kv: KVBlocks | None, fresh_ids
             keys, values = out[index, 0, :total], out[index, 1, :total]
             if n:
                 loaded = fetch.get(index).to(device)
-                keys[c + f:] = rotate(loaded[0].float(), shift).to(keys.dtype)
-                values[c + f:] = loaded[1]
-            if x is None:
-                continue
-            want = f + kept_tokens(index, len(model.layers), recompute_ratio, n)
-            active, x, forced = _layer(model, layer, x, active, keys, values, forced, want)
-    recomputed = len(active) - f if x is not None else 0
+                keys[c + f:c + f + n] = rotate(loaded[0].to(rope_dtype), shift).to(keys.dtype)
+                values[c + f:c + f + n] = loaded[1]
+            if x is not None:
+                active, x = step(index, layer, x, active, keys, values)
+    recomputed = int((step.chunk_of != -1).sum()) if x is not None else 0
     kv = KVBlocks(spec, total, out.view(spec.num_layers, 2, -1, spec.block_size,
                                         spec.num_kv_heads, spec.head_dim).cpu())
     exact = c + f if prefix_kv is None or prefix_kv.exact else 0  # a lossy prefix: none
-    return BlendResult(kv, exact, cached_tokens, recomputed)
+    return BlendResult(kv, exact, cached_tokens, recomputed, step.dependence)
+
+
+def _chunk_of(chunks: list[list[int]], sinks: int, f: int, t: int, computing: bool,
+              per_chunk: bool, device: torch.device) -> torch.Tensor:
+    """Per token the blend computes at layer 0: its selection group (its chunk, or 0 for all
+    of them), -1 (always computed: the fresh prefix, the tail) or -2 (a chunk's first `sinks`
+    tokens: always recomputed)."""
+    parts = [torch.full((f,), -1, dtype=torch.long)]
+    if computing:
+        for j, chunk in enumerate(chunks):
+            part = torch.full((len(chunk),), j if per_chunk else 0, dtype=torch.long)
+            part[:sinks] = -2
+            parts.append(part)
+    parts.append(torch.full((t,), -1, dtype=torch.long))
+    return torch.cat(parts).to(device)
 
 
 @torch.inference_mode()
 def compute_kv(model: LlamaModel, spec: KVSpec, token_ids: list[int]) -> torch.Tensor:
     """The KV of `token_ids` computed on their own from position 0: [layers, 2, n, heads, dim]."""
-    result = blend(model, spec, None, token_ids, [], _no_chunks, 1.0)
+    result = blend(model, spec, None, token_ids, [], no_chunks, 1.0)
     data = result.kv.data.reshape(spec.num_layers, 2, -1, spec.num_kv_heads, spec.head_dim)
     return data[:, :, :len(token_ids)]
 
 
-def _no_chunks(layer: int) -> torch.Tensor:
+def no_chunks(layer: int) -> torch.Tensor:
     raise AssertionError("no chunks to fetch")
-
-
-def _layer(model: LlamaModel, layer: DecoderLayer, x: torch.Tensor, active: torch.Tensor,
-           keys: torch.Tensor, values: torch.Tensor, forced: torch.Tensor, want: int) \
-        -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One decoder layer for the `active` positions (the first `num_fresh` of them always kept,
-    hidden states `x`): write their new K/V into this layer's `keys`/`values` [tokens, heads,
-    dim], keep the `want` whose K/V moved most, run attention and the MLP for those; returns
-    (the kept positions, their new hidden states)."""
-    q, k, v, residual = layer.pre_attn(x, Positions(active, model.rotary))
-    if want < len(active):  # keep the chunk tokens whose K/V deviate most from the reused ones
-        deviation = _relative_deviation(k, keys[active]) + _relative_deviation(v, values[active])
-        deviation[forced] = float("inf")
-        keep = torch.topk(deviation, want).indices.sort().values
-    else:
-        keep = None
-    keys[active], values[active] = k, v
-    if keep is not None:
-        active, residual, q, forced = active[keep], residual[keep], q[keep], forced[keep]
-    out = _attend(q, keys, values, active, layer.self_attn.scale)
-    x = layer.post_attn(out, residual)
-    return active, x, forced
-
-
-def _relative_deviation(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """|new - old|^2 / |new|^2 per token: scale-free, so neither keys nor values (nor a few
-    large-norm tokens) drown out the rest."""
-    new = new.float().flatten(1)
-    return (new - old.float().flatten(1)).pow(2).sum(1) / new.pow(2).sum(1).clamp_min(1e-12)
-
-
-def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-            scale: float) -> torch.Tensor:
-    """Queries q [m, heads, dim] at ascending `positions` attend to every key up to their own."""
-    m, first, end = len(positions), int(positions[0]), int(positions[-1]) + 1
-    if end - first == m and first <= m:  # one run: causal, queries padded to start at 0
-        q = torch.cat((q.new_zeros(first, *q.shape[1:]), q))
-        return _sdpa(q, keys[:end], values[:end], None, scale)[-m:]
-    # Scattered queries: in groups by position, each group reads keys only up to its last.
-    parts = []
-    for rows in torch.arange(m, device=q.device).tensor_split(min(ATTENTION_GROUPS, m)):
-        group = positions[rows]
-        stop = int(group[-1]) + 1
-        mask = torch.arange(stop, device=q.device).unsqueeze(0) <= group.unsqueeze(1)
-        parts.append(_sdpa(q[rows], keys[:stop], values[:stop], mask, scale))
-    return torch.cat(parts)
-
-
-def _sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-          scale: float) -> torch.Tensor:
-    # 4-D [1, H, T, D] inputs: torch's CPU flash kernel ignores 3-D ones.
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
-        attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
-    return out[0].transpose(0, 1)
 
 
 class LayerPrefetch:

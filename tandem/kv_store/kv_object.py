@@ -29,7 +29,7 @@ from tandem.kv_store.codec import Codec, get_codec
 from tandem.kv_store.errors import KVChecksumError, KVFormatError
 
 MAGIC = b"TDKV"
-FORMAT_VERSION = 3  # 3: the model fingerprint is a digest of the weights' bytes
+FORMAT_VERSION = 4  # 3: the model fingerprint is a digest of the weights' bytes; 4: dependence
 MAX_META_BYTES = 1 << 16
 MAX_TOKENS = 1 << 22  # more than any context: a header claiming more is damaged
 PREFIX = struct.Struct("<4sHI")
@@ -47,6 +47,8 @@ class KVHeader:
     layer_bytes: tuple[int, ...] = ()
     layer_checksums: tuple[int, ...] = ()
     first_position: int = 0  # where the KV's first token sits in its sequence
+    # A chunk variant's dependence on the chunks before it (chunk_variants); None: not measured
+    dependence: float | None = None
 
     def encode(self) -> bytes:
         meta = json.dumps({
@@ -54,7 +56,7 @@ class KVHeader:
             "num_tokens": self.num_tokens, "codec": self.codec,
             "payload_bytes": self.payload_bytes, "checksum": self.checksum,
             "layer_bytes": list(self.layer_bytes), "layer_checksums": list(self.layer_checksums),
-            "first_position": self.first_position,
+            "first_position": self.first_position, "dependence": self.dependence,
         }, sort_keys=True).encode()
         # Pad the JSON with spaces (still valid JSON) so the payload starts 16-byte aligned:
         # an object held in device memory then decodes as a view of its bytes, not a copy.
@@ -76,13 +78,17 @@ class KVHeader:
                          checksum=int(meta["checksum"]),
                          layer_bytes=tuple(int(n) for n in meta["layer_bytes"]),
                          layer_checksums=tuple(int(c) for c in meta["layer_checksums"]),
-                         first_position=int(meta["first_position"]))
+                         first_position=int(meta["first_position"]),
+                         dependence=None if meta["dependence"] is None
+                         else float(meta["dependence"]))
         except (ValueError, KeyError, TypeError, ArithmeticError, ValidationError) as e:
             raise KVFormatError(f"KV header metadata is malformed: {e}") from None
         header._check_sizes()
         return header
 
     def _check_sizes(self) -> None:
+        if self.dependence is not None and not 0.0 <= self.dependence <= 1.0:
+            raise KVFormatError(f"KV header says dependence {self.dependence}, not in [0, 1]")
         if not 0 < self.num_tokens <= MAX_TOKENS or self.first_position < 0:
             raise KVFormatError(f"KV header says {self.num_tokens} tokens from position "
                                 f"{self.first_position}")
@@ -180,15 +186,15 @@ def decode_tensor(data: torch.Tensor, fingerprint: str, spec: KVSpec,
     return KVBlocks(spec, header.num_tokens, payload.view(spec.torch_dtype).view(shape))
 
 
-def encode_object(kv: KVBlocks, fingerprint: str, codec: Codec, first_position: int = 0) \
-        -> bytes:
+def encode_object(kv: KVBlocks, fingerprint: str, codec: Codec, first_position: int = 0,
+                  dependence: float | None = None) -> bytes:
     """`kv` (whose first token sits at `first_position` in its sequence) as a stored object:
     header, then each layer as `codec` encodes it."""
     sections = [codec.encode_layer(layer, kv.data[layer], kv.num_tokens, first_position)
                 for layer in range(kv.spec.num_layers)]
     sums = tuple(checksum(s) for s in sections)
     header = KVHeader(fingerprint, kv.spec, kv.num_tokens, sum(map(len, sections)), 0,
-                      codec.name, tuple(map(len, sections)), sums, first_position)
+                      codec.name, tuple(map(len, sections)), sums, first_position, dependence)
     header = dataclasses.replace(header, checksum=header.object_checksum())
     return b"".join([header.encode(), *sections])
 

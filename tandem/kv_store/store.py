@@ -34,6 +34,7 @@ from tandem.kv_store.kv_object import (
 from tandem.kv_store.stats import StoreStats, TierStats
 from tandem.kv_store.store_writes import HEADER_READ_BYTES, StoreWriter, TierSet
 from tandem.kv_store.tiers.base import Buffer, Tier
+from tandem.kv_store.values import KeyValues
 from tandem.kv_store.write_queue import WriteQueue
 
 logger = logging.getLogger(__name__)
@@ -56,9 +57,10 @@ class TieredStore:
             health={t.name: TierHealth(t) for t in tiers}, codecs=codec_of,
             stats={t.name: TierStats(t.name, t.shared, codec_of[t.name].name,
                                      capacity_bytes=t.capacity_bytes) for t in tiers},
-            index=IndexLog(), fingerprint=fingerprint, spec=spec)
-        self.local, self.tiers, self.health, self.codecs, self.index = (
-            self.t.local, self.t.tiers, self.t.health, self.t.codecs, self.t.index)
+            index=IndexLog(), values=KeyValues(), fingerprint=fingerprint, spec=spec)
+        self.local, self.tiers, self.health, self.codecs, self.index, self.values = (
+            self.t.local, self.t.tiers, self.t.health, self.t.codecs, self.t.index,
+            self.t.values)
         self._stats = self.t.stats
         self.promote_on_hit = promote_on_hit
         for tier in self.local:
@@ -207,6 +209,7 @@ class TieredStore:
     def _hit(self, tier: Tier, key: str, blob: Buffer | None) -> None:
         stats = self._stats[tier.name]
         stats.hits += 1
+        self.values.hit(key)
         if blob is not None:
             stats.bytes_read += len(blob)
             if self.promote_on_hit and self.local and tier is not self.local[0]:
@@ -221,10 +224,13 @@ class TieredStore:
 
     # -- writes (on the writer thread) ---------------------------------------------------------
 
-    def put(self, key: str, kv: KVBlocks, first_position: int = 0) -> bool:
-        """Store `kv` (whose first token sits at `first_position` in its sequence) under `key`
-        in the background; False if the write queue was full."""
-        return self._writes.submit(("put", key, (kv, first_position)))
+    def put(self, key: str, kv: KVBlocks, first_position: int = 0,
+            dependence: float | None = None) -> bool:
+        """Store `kv` (whose first token sits at `first_position` in its sequence; a chunk
+        variant's `dependence` goes in its header) under `key` in the background; False if the
+        write queue was full."""
+        self.values.stored(key, kv.num_tokens, dependence)
+        return self._writes.submit(("put", key, (kv, first_position, dependence)))
 
     def free_write_slots(self) -> int:
         """How many more writes the queue takes now."""

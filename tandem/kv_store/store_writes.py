@@ -19,6 +19,7 @@ from tandem.kv_store.index_log import IndexLog
 from tandem.kv_store.kv_object import decode_object, encode_object, read_header
 from tandem.kv_store.stats import TierStats
 from tandem.kv_store.tiers.base import Tier
+from tandem.kv_store.values import KeyValues
 
 HEADER_READ_BYTES = 8192  # a first ranged read that holds the header of any stored object
 
@@ -31,6 +32,7 @@ class TierSet:
     codecs: dict[str, Codec]
     stats: dict[str, TierStats]
     index: IndexLog
+    values: KeyValues  # eviction by value in the local tiers
     fingerprint: str
     spec: KVSpec
 
@@ -49,15 +51,17 @@ class StoreWriter:
         self.t = tiers
         self.puts = 0
 
-    def write(self, item: tuple[str, str, tuple[KVBlocks, int] | bytes]) -> None:
-        """One queued write: ("put", key, (kv, first_position)) or ("promote", key, bytes)."""
+    def write(self, item: tuple[str, str, tuple[KVBlocks, int, float | None] | bytes]) -> None:
+        """One queued write: ("put", key, (kv, first_position, dependence)) or ("promote", key,
+        bytes)."""
         kind, key, value = item
         if kind == "put":
             self._store(key, *value)
         else:  # a promotion: the object's bytes, into the first local tier
             self._put_local(0, key, value)
 
-    def _store(self, key: str, kv: KVBlocks, first_position: int) -> None:
+    def _store(self, key: str, kv: KVBlocks, first_position: int,
+               dependence: float | None = None) -> None:
         self.puts += 1
         encoded: dict[str, bytes] = {}
 
@@ -65,7 +69,7 @@ class StoreWriter:
             codec = self.t.codecs[tier.name]
             if codec.name not in encoded:
                 encoded[codec.name] = encode_object(kv, self.t.fingerprint, codec,
-                                                    first_position)
+                                                    first_position, dependence)
             return encoded[codec.name]
 
         if self.t.local:
@@ -84,7 +88,7 @@ class StoreWriter:
         if not self.t.health[tier.name].writable() or len(blob) > tier.capacity_bytes:
             self._put_local(i + 1, key, blob)
             return
-        for victim in tier.victims(len(blob)):
+        for victim in tier.victims(len(blob), self.t.values.value):
             try:
                 demoted = tier.get(victim) if i + 1 < len(self.t.local) else None
             except TierError:
@@ -119,4 +123,5 @@ class StoreWriter:
         if header.codec == codec.name:
             return blob
         return encode_object(decode_object(blob, self.t.fingerprint, self.t.spec),
-                             self.t.fingerprint, codec, header.first_position)
+                             self.t.fingerprint, codec, header.first_position,
+                             header.dependence)

@@ -14,6 +14,7 @@ import logging
 from tandem.engine.async_engine import AsyncEngine
 from tandem.engine.blend import BlendCancelled, BlendResult
 from tandem.engine.blend_planner import BlendPlanner
+from tandem.engine.chunk_reuse_stats import TOP_CHUNKS, ChunkReuseSnapshot
 from tandem.engine.engine import LLMEngine
 from tandem.engine.kv_cache import KVBlocks
 from tandem.engine.segments import SegmentedPrompt
@@ -32,6 +33,10 @@ class KVReuse:
         self.prefill_s_per_token: float | None = None  # measured: the store's controller
         self.planner = None if store is None else BlendPlanner(
             engine.engine.loaded.model, engine.engine.kv_spec, StoreChunkCache(store))
+
+    def chunk_reuse(self) -> ChunkReuseSnapshot | None:
+        """Chunk-cache reuse so far: totals and the most reused chunks (by hash)."""
+        return self.planner.stats.snapshot(TOP_CHUNKS) if self.planner is not None else None
 
     def can_blend(self, segments: SegmentedPrompt | None) -> bool:
         """Whether `segments` asks for blending and there are chunk caches to blend from."""

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 from tandem.engine.blend import BlendResult
+from tandem.engine.chunk_reuse_stats import ChunkReuseSnapshot
 from tandem.engine.config import EngineConfig
 from tandem.engine.engine import LLMEngine
 from tandem.engine.errors import OutOfBlocksError
@@ -90,6 +91,9 @@ class PrefillWorker(EngineWorker):
                                              e.kv_spec, f"prefill-{self.index}")
         self.reuse = KVReuse(self.store, self._engine, self.config.kv_store.lookup_timeout_s)
         return self.info()
+
+    def chunk_reuse_stats(self) -> ChunkReuseSnapshot | None:
+        return self.reuse.chunk_reuse() if self.reuse is not None else None
 
     def engine_config(self) -> EngineConfig:
         # With a store, reuse comes from it (whole chunks, shared across workers), so the

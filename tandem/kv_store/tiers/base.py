@@ -10,8 +10,10 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from collections.abc import Callable
 
 Buffer = bytes | bytearray | memoryview
+KeyValue = Callable[[str, int], float]  # (key, size in bytes) -> what keeping it is worth
 
 
 class Tier(ABC):
@@ -48,8 +50,9 @@ class Tier(ABC):
     def remove(self, key: str) -> bool:
         """Delete the object; True if this call removed it (False: it was not there)."""
 
-    def victims(self, num_bytes: int) -> list[str]:
-        """Least recently used keys to remove so that `num_bytes` more fit ([] if they do)."""
+    def victims(self, num_bytes: int, value: KeyValue | None = None) -> list[str]:
+        """Keys to remove so that `num_bytes` more fit ([] if they do): the least valuable
+        first by `value(key, size)` (ties, or no `value`: the least recently used)."""
         return []
 
     def stored_keys(self) -> list[str]:
@@ -102,10 +105,15 @@ class LruIndex:
             self.used_bytes -= self._sizes.pop(key)
             return True
 
-    def victims(self, num_bytes: int) -> list[str]:
+    def victims(self, num_bytes: int, value: KeyValue | None = None) -> list[str]:
         with self._lock:
             excess, out = self.used_bytes + num_bytes - self.capacity_bytes, []
-            for key, size in self._sizes.items():
+            if excess <= 0:
+                return out
+            order = list(self._sizes.items())  # least recently used first
+            if value is not None:  # sorted is stable: LRU breaks ties
+                order.sort(key=lambda item: value(*item))
+            for key, size in order:
                 if excess <= 0:
                     break
                 out.append(key)
@@ -127,8 +135,8 @@ class LocalTier(Tier):
     def contains(self, key: str) -> bool:
         return key in self._index
 
-    def victims(self, num_bytes: int) -> list[str]:
-        return self._index.victims(num_bytes)
+    def victims(self, num_bytes: int, value: KeyValue | None = None) -> list[str]:
+        return self._index.victims(num_bytes, value)
 
     def stored_keys(self) -> list[str]:
         return self._index.keys()
