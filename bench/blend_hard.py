@@ -39,6 +39,7 @@ from blend_eval import (
     kl,
     log,
     paired_bootstrap,
+    run_full,
     truncated,
 )
 from blend_hard_data import HARD_NUM, HARD_SEED, hard_sets
@@ -156,18 +157,11 @@ def load_reference(engine: LLMEngine, items: list[Example], prompts: list[Segmen
         f"{len(missing)} to compute")
     for done, i in enumerate(missing, start=1):
         prompt = prompts[i]
-        ids = prompt.token_ids
-        engine.add_request("ref", ids, params, prefill_only=True)
-        first = first_output(engine, "ref")
-        kv = engine.export_kv("ref")
-        engine.release("ref")
-        engine.reserve("ref", ids, params)
-        out = engine.adopt("ref", kv, first.token_ids)
-        while not out.finished:
-            out = first_output(engine, "ref")
+        full = run_full(engine, prompt.token_ids, params)
+        assert full.kv is not None
         chunks_end = len(prompt.prefix) + prompt.num_chunk_tokens
-        logits = engine.score(ids, prefix_kv=truncated(kv, chunks_end))[-1]
-        cached[digests[i]] = {"answer": out.text, "logits": logits.float().clone()}
+        logits = engine.score(prompt.token_ids, prefix_kv=truncated(full.kv, chunks_end))[-1]
+        cached[digests[i]] = {"answer": full.answer, "logits": logits.float().clone()}
         if done % 8 == 0 or done == len(missing):
             log(f"  reference {done}/{len(missing)}")
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -177,3 +177,26 @@ def test_a_variant_keeps_its_context_and_dependence_through_the_store(engine):
         assert read_header(blob, "fp", s).dependence == 0.25
     finally:
         store.close()
+
+
+def test_chunk_reuse_reaches_worker_stats_as_a_top_list_and_metrics_as_totals(engine):
+    from prometheus_client import generate_latest
+
+    from tandem.cluster.metrics import ClusterMetrics, WorkerFigures
+
+    cache = MemoryChunkCache(1 << 30)
+    planner = BlendPlanner(engine.loaded.model, engine.kv_spec, cache)
+    planner.plan(prompt_of(engine, [0, 1, 2]))  # cold: two variants kept
+    planner.plan(prompt_of(engine, [1, 2, 0]))
+    planner.plan(prompt_of(engine, [1, 2, 0]))
+    snap = planner.stats.snapshot(top_n=2)
+    assert (snap.blends, snap.cold, snap.captured) == (2, 1, 2)
+    assert snap.chunk_hits == 1 + 3 and snap.variant_hits == 2  # chunk 2 behind chunk 1, twice
+    assert len(snap.top) == 2 and snap.top[0][1].saved_tokens >= snap.top[1][1].saved_tokens
+    assert snap.top[0][0] in {chunk_hash(c) for c in prompt_of(engine, [0, 1, 2]).chunks}
+    metrics = ClusterMetrics("m")
+    metrics.workers = WorkerFigures(chunk_reuse={"variant_hits": 2, "saved_tokens": 300})
+    page = generate_latest(metrics.registry).decode()
+    assert 'tandem:chunk_cache_variant_hits_total{model_name="m"} 2.0' in page
+    assert 'tandem:chunk_cache_saved_tokens_total{model_name="m"} 300.0' in page
+    assert "chunk_hash" not in page and "chunk=" not in page  # no per-chunk labels

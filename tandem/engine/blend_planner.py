@@ -1,6 +1,17 @@
 """`BlendPlanner`: a segmented prompt's chunks found in a `ChunkCache` (or computed and cached),
 then blended after the prefix.
 
+The default policy (`blend_select.DEFAULT_POLICY`, Cache-Craft):
+- each chunk's KV is the cached variant whose preceding chunks match the prompt's most
+  (`chunk_variants.choose`), else the chunk's own KV (computed from position 0 on a miss);
+- a prompt none of whose chunks is cached is prefilled in full (exact KV), and its chunks' KV
+  kept as variants (`capture`): cold prompts pay full prefill once and leave context behind;
+- per-chunk recompute budgets come from each chunk's dependence on what precedes it (measured
+  at layer 1, where the blend is still exact, less the matched context), capped in total by the
+  prompt's recompute_ratio.
+`options=blend_select.CACHEBLEND` is CacheBlend as published (one HKVD selection of ratio x
+the chunk tokens, no cold prefill).
+
 The planner runs where the model runs (the engine's thread); the cache's reads happen one layer
 ahead on the blend's prefetch thread. A chunk that goes missing between the lookup and its read
 (evicted, or its tier failed) is computed on the spot and the blend starts again.
