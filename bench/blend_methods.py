@@ -13,8 +13,9 @@
 - `craft@CAP`: Cache-Craft: chunk variants captured from the history prompts' full prefills
   (the best-matching one, else the chunk's own KV), per-chunk budgets from each chunk's
   dependence measured at layer 1 (`dependence_scale` x dependence x tokens), their total
-  capped at CAP of the chunk tokens; `craft` alone is the default policy. Modifiers as above,
-  and `+novariants` (own KV only), `+scaleX` (the dependence scale).
+  capped at CAP of the chunk tokens, question-aware: the default policy
+  (`blend_select.DEFAULT_POLICY`) at CAP (`craft` alone: the default ratio, 0.15). Modifiers as
+  above, and `+novariants` (own KV only), `+scaleX` (the dependence scale).
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ from blend_eval import first_output, log, run_blended
 
 from tandem.engine.blend import compute_kv, shift_keys
 from tandem.engine.blend_planner import BlendPlanner
-from tandem.engine.blend_select import BlendOptions
+from tandem.engine.blend_select import CACHEBLEND, DEFAULT_POLICY, BlendOptions
 from tandem.engine.chunk_cache import MemoryChunkCache
 from tandem.engine.engine import LLMEngine
 from tandem.engine.kv_cache import KVBlocks
 from tandem.engine.sampling_params import SamplingParams
-from tandem.engine.segments import SegmentedPrompt
+from tandem.engine.segments import DEFAULT_RECOMPUTE_RATIO, SegmentedPrompt
 from tandem.engine.tokenizer import Tokenizer
 
 BASELINE = ("full", "without", "reuse", "blend@0.1", "blend@0.15", "blend@0.2", "blend@0.3",
@@ -40,7 +41,7 @@ DIAGNOSIS = ("blend@0.15+sink8", "blend@0.15+neutral", "blend@0.15+once",
              "blend@0.15+question", "blend@0.15+rope16", "blend@0.15+perchunk")
 METHODS = ("full", "without", "reuse", "blend@R[+modifiers]")
 CACHE_BYTES = 4 << 30
-DEFAULT_CAP = 0.3
+DEFAULT_CAP = DEFAULT_RECOMPUTE_RATIO
 DEFAULT_SCALE = 1.0
 NEUTRAL = "The following passage is one of several retrieved documents.\n\n"
 
@@ -100,7 +101,7 @@ class Context:
             engine.release("history")
             planner.capture(prompt, kv)
             if (i + 1) % 16 == 0:
-                log(f"  history {i + 1}/{len(self.history)}: {planner.stats.captured} "
+                log(f"  history {i + 1}/{len(self.history)}: {planner.stats.totals.captured} "
                     "variants captured")
         self.captured = True
 
@@ -110,10 +111,11 @@ class Context:
             cap = _ratio(name, head.split("@", 1)[1]) if "@" in head else DEFAULT_CAP
             options, _, _ = _options(name, [m for m in modifiers
                                                   if m != "novariants"
-                                                  and not m.startswith("scale")])
+                                                  and not m.startswith("scale")],
+                                     DEFAULT_POLICY)
             scale = next((float(m[5:]) for m in modifiers if m.startswith("scale")),
                          DEFAULT_SCALE)
-            options = replace(options, dependence_budgets=True, dependence_scale=scale)
+            options = replace(options, dependence_scale=scale)
             if "novariants" in modifiers:
                 return self._blend(cap, options, "isolated")
             self.capture_history()
@@ -168,8 +170,9 @@ def _ratio(name: str, text: str) -> float:
     return ratio
 
 
-def _options(name: str, modifiers: list[str]) -> tuple[BlendOptions, str, bool]:
-    options, cache, per_chunk = BlendOptions(), "isolated", False
+def _options(name: str, modifiers: list[str], base: BlendOptions = CACHEBLEND) \
+        -> tuple[BlendOptions, str, bool]:
+    options, cache, per_chunk = base, "isolated", False
     for m in modifiers:
         if m.startswith("sink") and m[4:].isdigit():
             options = replace(options, sink_tokens=int(m[4:]))

@@ -48,9 +48,11 @@ def full_kv(engine, prompt: SegmentedPrompt) -> torch.Tensor:
     return compute_kv(engine.loaded.model, engine.kv_spec, prompt.token_ids[:n])
 
 
-def flat(result, spec) -> torch.Tensor:
+def flat(result, spec, prompt: SegmentedPrompt) -> torch.Tensor:
+    """The blended KV of the prefix and chunks (a question-aware blend covers more)."""
+    n = len(prompt.prefix) + prompt.num_chunk_tokens
     data = result.kv.data.reshape(spec.num_layers, 2, -1, spec.num_kv_heads, spec.head_dim)
-    return data[:, :, :result.kv.num_tokens]
+    return data[:, :, :n]
 
 
 def test_the_planner_picks_the_most_overlapping_variant_then_the_isolated_one():
@@ -69,8 +71,8 @@ def test_captured_variants_are_used_where_their_context_matches(engine):
     planner = BlendPlanner(engine.loaded.model, engine.kv_spec, cache)
     seen = prompt_of(engine, [0, 1, 2])
     result = planner.plan(seen)  # cold: prefilled in full, its variants kept
-    assert planner.stats.cold == 1 and planner.stats.captured == 2
-    torch.testing.assert_close(flat(result, engine.kv_spec), full_kv(engine, seen))
+    assert planner.stats.totals.cold == 1 and planner.stats.totals.captured == 2
+    torch.testing.assert_close(flat(result, engine.kv_spec, seen), full_kv(engine, seen))
     variant = cache.variants(seen.chunks[2])
     assert [v.context for v in variant] == [context_of(seen.chunks, 2)]
     assert 0.0 < variant[0].dependence < 1.0
@@ -111,7 +113,7 @@ def test_everything_recomputed_equals_full_prefill_whatever_the_variants(engine)
     prompt = prompt_of(engine, [3, 1, 2, 0], ratio=1.0)
     for options in (DEFAULT_POLICY, CACHEBLEND):
         result = planner.plan(prompt, options=options)
-        torch.testing.assert_close(flat(result, engine.kv_spec), full_kv(engine, prompt),
+        torch.testing.assert_close(flat(result, engine.kv_spec, prompt), full_kv(engine, prompt),
                                    atol=1e-4, rtol=1e-4)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from tandem.engine.blend_planner import BlendPlanner
+from tandem.engine.blend_select import CACHEBLEND
 from tandem.engine.chunk_cache import MemoryChunkCache
 from tandem.engine.segments import SegmentedPrompt
 from tandem.engine.sequence import SequenceStatus
@@ -59,8 +60,8 @@ def _preempt_and_recompute(engine, request_id: str) -> int:
 def test_a_preempted_request_that_arrived_with_blended_kv_is_recomputed_exactly(make_engine):
     decode = make_engine(enable_prefix_caching=True, max_num_batched_tokens=2048)
     prompt = SegmentedPrompt.tokenize(decode.tokenizer, SEGMENTS, 0.0)  # full reuse: far off
-    blended = BlendPlanner(decode.loaded.model, decode.kv_spec,
-                           MemoryChunkCache(1 << 28)).plan(prompt)
+    blended = BlendPlanner(decode.loaded.model, decode.kv_spec,  # CacheBlend: no cold prefill
+                           MemoryChunkCache(1 << 28)).plan(prompt, options=CACHEBLEND)
     ids = prompt.token_ids
     chunks_end = blended.kv.num_tokens
     assert blended.exact_tokens == len(prompt.prefix) < chunks_end
@@ -127,7 +128,7 @@ def test_a_handoff_limits_its_exact_tokens_but_never_widens_them():
     assert Handoff("r", [1]).limited_to(16).exact_tokens == 16
 
 
-async def _blended_over_grpc(loaded) -> tuple[int | None, int]:
+async def _blended_over_grpc(loaded) -> list[tuple[int | None, int]]:
     from tandem.decode_worker.worker import DecodeWorker
     from tandem.engine.config import EngineConfig
     from tandem.prefill_worker.worker import PrefillWorker
@@ -145,15 +146,21 @@ async def _blended_over_grpc(loaded) -> tuple[int | None, int]:
     try:
         segments = SegmentedPrompt.tokenize(decode.engine.engine.tokenizer, SEGMENTS, 0.15)
         params = greedy(200)  # still decoding when it is looked at
-        blocks = await decode.reserve("r", segments.token_ids, params)
         receiver = replace(decode.kv_receivers[0], control=InProcessControl(decode))
-        await prefill.prefill("r", segments.token_ids, params, receiver, blocks, segments)
-        seq = await decode.engine.call(lambda e: e.seqs.get("r"))
-        return (None if seq is None else seq.cacheable_tokens), len(segments.prefix)
+        seen = []
+        for request_id in ("cold", "blended"):  # no chunk cached, then one from a variant
+            blocks = await decode.reserve(request_id, segments.token_ids, params)
+            await prefill.prefill(request_id, segments.token_ids, params, receiver, blocks,
+                                  segments)
+            seq = await decode.engine.call(lambda e, r=request_id: e.seqs.get(r))
+            seen.append((None if seq is None else seq.cacheable_tokens, seq is not None))
+            await asyncio.to_thread(prefill.store.flush, 30)  # the variants are written
+        return [(c, len(segments.prefix)) for c, _ in seen]
     finally:
         await asyncio.gather(prefill.shutdown(), decode.shutdown())
 
 
 def test_blended_kv_sent_over_grpc_arrives_marked_approximate_past_its_prefix(loaded_fp32):
-    cacheable, prefix = asyncio.run(_blended_over_grpc(loaded_fp32))
-    assert cacheable == prefix
+    (cold, _), (blended, prefix) = asyncio.run(_blended_over_grpc(loaded_fp32))
+    assert cold is None  # prefilled in full: all of it exact, all of it shareable
+    assert blended == prefix

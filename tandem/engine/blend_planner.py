@@ -114,7 +114,7 @@ class BlendPlanner:
         result = blend(self.model, self.spec, prefix_kv, rest, [], no_chunks, 1.0,
                        cached_tokens=cached_prefix, cancelled=cancelled)
         self.capture(prompt, result.kv, salt)
-        self.stats.cold += 1
+        self.stats.counted(cold=1)
         result.recomputed_tokens = prompt.num_chunk_tokens  # every chunk token was computed
         return result
 
@@ -133,7 +133,7 @@ class BlendPlanner:
                            prompt.chunks)
         for variant in captured:
             cache.put(variant.token_ids, variant.kv, variant.context, variant.dependence)
-        self.stats.captured += len(captured)
+        self.stats.counted(captured=len(captured))
         return len(captured)
 
     def _variant(self, cache: ChunkCache, chunks: list[list[int]], j: int) -> Context:

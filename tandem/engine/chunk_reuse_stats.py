@@ -41,21 +41,11 @@ class ChunkReuseStats:
         self._per_chunk: dict[str, ChunkUse] = {}
         self._lock = threading.Lock()
 
-    @property
-    def cold(self) -> int:
-        return self.totals.cold
-
-    @cold.setter
-    def cold(self, value: int) -> None:
-        self.totals.cold = value
-
-    @property
-    def captured(self) -> int:
-        return self.totals.captured
-
-    @captured.setter
-    def captured(self, value: int) -> None:
-        self.totals.captured = value
+    def counted(self, *, cold: int = 0, captured: int = 0) -> None:
+        """Count prompts prefilled in full, and the variants kept from them."""
+        with self._lock:
+            self.totals.cold += cold
+            self.totals.captured += captured
 
     def record(self, chunks: list[list[int]], contexts: list[Context],
                computed: dict[int, torch.Tensor], result) -> None:

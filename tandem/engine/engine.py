@@ -101,8 +101,8 @@ class LLMEngine(PhaseHandoff):
                 raise ValueError(
                     f"prefix_kv covers {kv.num_tokens} tokens; it must leave at least "
                     f"one of the {seq.num_tokens} prompt tokens to compute")
-            if blended is not None:  # nothing after approximate KV is exact either
-                seq.cacheable_tokens = blended.exact_tokens
+            if blended is not None and blended.exact_tokens < kv.num_tokens:
+                seq.cacheable_tokens = blended.exact_tokens  # nothing after it is exact either
             elif not kv.exact:
                 seq.cacheable_tokens = 0
             self._load_kv(seq, kv)

@@ -48,7 +48,9 @@ class KVReuse:
         (None: all): blended chunks are approximate, and so is KV a lossy codec stored."""
         if cached is not None and not cached.exact:
             return 0
-        return blended.exact_tokens if blended is not None else None
+        if blended is None or blended.exact_tokens >= blended.kv.num_tokens:
+            return None  # all exact (a cold prompt's full prefill): the rest is computed on it
+        return blended.exact_tokens
 
     def measure_prefill(self, computed_tokens: int, seconds: float) -> None:
         """Keep a running prefill time per token (it includes queueing: what a chunk that is
