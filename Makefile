@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 SERVE_FLAGS ?=
 
-.PHONY: run test envtest lint bench bench-gpu bench-tls bench-api bench-soak bench-migration bench-offload bench-autoscale bench-sim-fidelity bench-serve bench-transfer bench-store bench-codec bench-blend proto install clean
+.PHONY: run test envtest lint bench bench-gpu bench-tls bench-api bench-soak bench-migration bench-offload bench-autoscale bench-sim-fidelity bench-serve bench-transfer bench-store bench-codec bench-blend bench-blend-hard proto install clean
 
 # Local Ray, one prefill + one decode worker, the shipped model, gateway on 127.0.0.1:50051.
 run: install
@@ -68,6 +68,9 @@ bench-codec: install
 
 bench-blend: install
 	$(BIN)/python bench/blend.py
+
+bench-blend-hard: install
+	$(BIN)/python bench/blend.py --hard
 
 # Regenerate tandem/proto/v1 from proto/tandem/v1/*.proto.
 proto: install

@@ -11,12 +11,17 @@ balanced) runs under each method:
 - blend@R: CacheBlend, ratio R of the chunk tokens recomputed.
 - more methods come from blend_methods.py (the diagnosis and the chunk-cache policies).
 
+By default: full, reuse, CacheBlend at 0.1 / 0.15 / 0.3 / 0.5 and the default policy at caps
+0.1 / 0.15 / 0.3 (`blend_methods.CURVES`), the policy's variants from 48 history prompts. The
+frozen baseline ran `blend_methods.BASELINE`; the diagnosis `blend_methods.DIAGNOSIS` and the
+`craft` rows of the README.
+
 F1 (SQuAD-style, greedy answers of at most 16 tokens) with a paired bootstrap 95% interval of
 the difference to full prefill; KL(full || method) of the next-token distribution at the last
 prompt position; TTFT from the request to the first token; speedup = full's mean TTFT / the
 method's.
 
-    python bench/blend.py --hard [--num 96] [--methods full,reuse,...] [--threads 2]
+    python bench/blend.py --hard [--num 96] [--history 48] [--methods full,reuse,...] [--threads 2]
         [--dtype bfloat16] [--seed 2026] [--json]
 """
 
@@ -43,7 +48,7 @@ from blend_eval import (
     truncated,
 )
 from blend_hard_data import HARD_NUM, HARD_SEED, hard_sets
-from blend_methods import BASELINE, METHODS, Context, MethodRun
+from blend_methods import CURVES, METHODS, Context, MethodRun
 
 from tandem.engine.config import EngineConfig
 from tandem.engine.engine import LLMEngine
@@ -58,9 +63,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hard", action="store_true", help="(how bench/blend.py hands over)")
     parser.add_argument("--num", type=int, default=HARD_NUM)
     parser.add_argument("--seed", type=int, default=HARD_SEED)
-    parser.add_argument("--history", type=int, default=HARD_NUM,
+    parser.add_argument("--history", type=int, default=HARD_NUM // 2,
                         help="history prompts whose full prefills leave chunk variants")
-    parser.add_argument("--methods", default=",".join(BASELINE),
+    parser.add_argument("--methods", default=",".join(CURVES),
                         help=f"comma-separated, from: {', '.join(METHODS)} (blend@R: any R)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--threads", type=int, default=2)

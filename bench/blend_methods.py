@@ -36,7 +36,9 @@ from tandem.engine.segments import DEFAULT_RECOMPUTE_RATIO, SegmentedPrompt
 from tandem.engine.tokenizer import Tokenizer
 
 BASELINE = ("full", "without", "reuse", "blend@0.1", "blend@0.15", "blend@0.2", "blend@0.3",
-            "blend@0.5")
+            "blend@0.5")  # the frozen baseline's run (docs/blend_hard_baseline.md)
+CURVES = ("full", "reuse", "blend@0.1", "blend@0.15", "blend@0.3", "blend@0.5", "craft@0.1",
+          "craft", "craft@0.3")  # the default: F1 against speedup, CacheBlend and the policy
 DIAGNOSIS = ("blend@0.15+sink8", "blend@0.15+neutral", "blend@0.15+once",
              "blend@0.15+question", "blend@0.15+rope16", "blend@0.15+perchunk")
 METHODS = ("full", "without", "reuse", "blend@R[+modifiers]")
