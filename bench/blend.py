@@ -13,7 +13,8 @@ Methods, per example, in this order:
 - prefix: the engine's prefix cache holds the prefix segment (whole 16-token blocks of it, from a
   run of the prefix alone on a fresh engine), then the whole prompt;
 - reuse: every chunk's KV as cached (computed on its own), nothing recomputed (ratio 0);
-- blend: CacheBlend at `--ratio` of the chunk tokens recomputed.
+- blend: the default chunk-reuse policy (blend_select.DEFAULT_POLICY: Cache-Craft, at most
+  `--ratio` of the chunk tokens recomputed).
 Reuse and blend read the chunks' KV from a tiered store with one CPU (memory) tier, written there
 before any timing; their prefix is computed in full each time, like the question.
 
