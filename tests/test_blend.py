@@ -195,6 +195,7 @@ def test_llm_serves_segmented_prompts_and_keeps_blended_kv_out_of_its_prefix_cac
 
 def test_a_chunk_evicted_during_the_blend_is_computed_and_the_blend_redone(engine):
     from tandem.engine.blend_planner import BlendPlanner
+    from tandem.engine.blend_select import CACHEBLEND
     from tandem.engine.chunk_cache import MemoryChunkCache
     from tandem.engine.segments import SegmentedPrompt
 
@@ -202,7 +203,8 @@ def test_a_chunk_evicted_during_the_blend_is_computed_and_the_blend_redone(engin
     prompt = SegmentedPrompt(prefix, chunks, question)
     cache = MemoryChunkCache(1 << 30)
     model, spec = engine.loaded.model, engine.kv_spec
-    want = BlendPlanner(model, spec, cache).plan(prompt)  # computes and caches every chunk
+    # CacheBlend (no cold prefill): computes every chunk on its own and caches it
+    want = BlendPlanner(model, spec, cache).plan(prompt, options=CACHEBLEND)
 
     class Forgetful(MemoryChunkCache):
         """Loses the second chunk once layer 5 is asked for."""
@@ -220,7 +222,7 @@ def test_a_chunk_evicted_during_the_blend_is_computed_and_the_blend_redone(engin
             return cache.variants(token_ids)
 
     forgotten: list[bool] = []
-    got = BlendPlanner(model, spec, Forgetful(0)).plan(prompt)
+    got = BlendPlanner(model, spec, Forgetful(0)).plan(prompt, options=CACHEBLEND)
     assert forgotten and torch.equal(got.kv.data, want.kv.data)
     assert got.cached_tokens == len(chunks[0]) + len(chunks[2])
 
